@@ -1,0 +1,327 @@
+//! Loading: text → [`ConfigFile`] → cross-section checks → [`Config`] holding a valid
+//! [`State`]. Every error carries the file, line, column and key path it is about.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use toml_edit::{Document, Item, Table, Value};
+use vhost_routing::{State, ValidationError};
+
+use crate::schema::{
+    ConfigFile, HealthCheckConfig, LetsEncryptConfig, LogOutput, LoggingConfig, MetricsConfig,
+    ProxyConfig,
+};
+
+/// A loaded, validated configuration: settings plus the routing [`State`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `[proxy]`.
+    pub proxy: ProxyConfig,
+    /// `[logging]`.
+    pub logging: LoggingConfig,
+    /// `[metrics]`.
+    pub metrics: MetricsConfig,
+    /// `[health_check]`.
+    pub health_check: HealthCheckConfig,
+    /// `[lets_encrypt]`.
+    pub lets_encrypt: Option<LetsEncryptConfig>,
+    /// Virtual hosts and backends.
+    pub state: State,
+}
+
+/// Where in the file a problem is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The file (or a label such as `<string>`).
+    pub origin: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+    /// Key path, e.g. `virtual_hosts[1].domain`.
+    pub key: String,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.origin, self.line, self.column, self.key
+        )
+    }
+}
+
+/// Loading failed; nothing was applied.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML or breaks a rule of the schema or the model.
+    #[error("{location}: {message}")]
+    Invalid {
+        /// Where.
+        location: Box<Location>,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The location of an [`ConfigError::Invalid`] error.
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            Self::Invalid { location, .. } => Some(location),
+            Self::Read { .. } => None,
+        }
+    }
+}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Validates configuration text; `origin` names it in errors.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let locator = Locator { text, origin };
+    let deserializer = toml::Deserializer::parse(text)
+        .map_err(|e| locator.error(e.span(), String::new(), e.message()))?;
+    let file: ConfigFile = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        let inner = e.into_inner();
+        let span = inner.span().or_else(|| locator.span_of(&key));
+        locator.error(span, key, inner.message())
+    })?;
+    check_sections(&file).map_err(|(key, message)| locator.at_key(&key, &message))?;
+    let ConfigFile {
+        proxy,
+        logging,
+        metrics,
+        health_check,
+        lets_encrypt,
+        virtual_hosts,
+        backends,
+    } = file;
+    let state = State::new(virtual_hosts.clone(), backends.clone()).map_err(|e| {
+        let key = validation_key(&virtual_hosts, &backends)(&e);
+        locator.at_key(&key, &e.to_string())
+    })?;
+    Ok(Config {
+        proxy,
+        logging,
+        metrics,
+        health_check,
+        lets_encrypt,
+        state,
+    })
+}
+
+/// Rules between keys of the settings sections: `(key path, message)` of the first one broken.
+fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
+    let fail = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
+    let p = &file.proxy;
+    if p.listen_addr == p.listen_addr_http {
+        return fail(
+            "proxy.listen_addr_http",
+            "listen_addr and listen_addr_http must differ",
+        );
+    }
+    if p.default_cert_path.is_some() != p.default_key_path.is_some() {
+        return fail(
+            "proxy.default_cert_path",
+            "set both default_cert_path and default_key_path, or neither",
+        );
+    }
+    if p.management_api_token.as_deref().is_some_and(str::is_empty) {
+        return fail(
+            "proxy.management_api_token",
+            "the token is empty; remove the key to disable authentication",
+        );
+    }
+    for (key, value) in [
+        ("proxy.connect_timeout_ms", p.connect_timeout_ms),
+        ("proxy.read_timeout_ms", p.read_timeout_ms),
+        ("proxy.write_timeout_ms", p.write_timeout_ms),
+        ("proxy.idle_timeout_ms", p.idle_timeout_ms),
+    ] {
+        if value == 0 {
+            return fail(key, "must be at least 1 millisecond");
+        }
+    }
+    if file.logging.output == LogOutput::File && file.logging.file_path.is_none() {
+        return fail(
+            "logging.output",
+            "output = \"file\" needs logging.file_path",
+        );
+    }
+    let h = &file.health_check;
+    for (key, value) in [
+        ("health_check.interval_secs", h.interval_secs),
+        ("health_check.timeout_secs", h.timeout_secs),
+        (
+            "health_check.unhealthy_threshold",
+            u64::from(h.unhealthy_threshold),
+        ),
+        (
+            "health_check.healthy_threshold",
+            u64::from(h.healthy_threshold),
+        ),
+    ] {
+        if value == 0 {
+            return fail(key, "must be at least 1");
+        }
+    }
+    if let Some(le) = &file.lets_encrypt {
+        if !le.email.contains('@') {
+            return fail("lets_encrypt.email", "must be an e-mail address");
+        }
+    }
+    Ok(())
+}
+
+/// Maps a model error to the key path of the record it names.
+fn validation_key<'a>(
+    vhosts: &'a [vhost_routing::VirtualHost],
+    backends: &'a [vhost_routing::Backend],
+) -> impl Fn(&ValidationError) -> String + 'a {
+    move |e| {
+        let vhost_index = |domain: &vhost_routing::DomainName| {
+            // For duplicates, the second occurrence is the one to point at.
+            vhosts.iter().rposition(|v| &v.domain == domain)
+        };
+        let backend_index =
+            |id: &vhost_routing::BackendId| backends.iter().rposition(|b| &b.id == id);
+        let (section, index) = match e {
+            ValidationError::DuplicateDomain { domain }
+            | ValidationError::IncompleteTlsPair { domain }
+            | ValidationError::EmptyTlsPath { domain } => ("virtual_hosts", vhost_index(domain)),
+            ValidationError::DuplicateBackend { id }
+            | ValidationError::EmptyTagList { id }
+            | ValidationError::DuplicateTag { id, .. }
+            | ValidationError::InvalidWeight { id, .. } => ("backends", backend_index(id)),
+        };
+        match index {
+            Some(i) => format!("{section}[{i}].{}", e.field()),
+            None => section.to_owned(),
+        }
+    }
+}
+
+struct Locator<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Locator<'_> {
+    fn error(&self, span: Option<Range<usize>>, key: String, message: &str) -> ConfigError {
+        let offset = span.map_or(0, |s| s.start);
+        let (line, column) = line_column(self.text, offset);
+        ConfigError::Invalid {
+            location: Box::new(Location {
+                origin: self.origin.to_owned(),
+                line,
+                column,
+                key,
+            }),
+            message: message.trim().to_owned(),
+        }
+    }
+
+    fn at_key(&self, key: &str, message: &str) -> ConfigError {
+        self.error(self.span_of(key), key.to_owned(), message)
+    }
+
+    /// The span of the deepest existing item along a key path such as `backends[2].tags`.
+    fn span_of(&self, key: &str) -> Option<Range<usize>> {
+        let doc = Document::parse(self.text).ok()?;
+        let mut node = Node::Item(doc.as_item());
+        let mut best = None;
+        for segment in parse_key_path(key) {
+            let Some(next) = node.child(&segment) else {
+                break;
+            };
+            best = next.span().or(best);
+            node = next;
+        }
+        best
+    }
+}
+
+/// A position while walking a parsed document.
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Item(&'a Item),
+    Table(&'a Table),
+    Value(&'a Value),
+}
+
+impl<'a> Node<'a> {
+    fn child(self, segment: &Segment<'_>) -> Option<Node<'a>> {
+        match (self, segment) {
+            (Node::Item(Item::Table(t)) | Node::Table(t), Segment::Key(k)) => {
+                t.get(k).map(Node::Item)
+            }
+            (Node::Item(Item::Value(v)) | Node::Value(v), Segment::Key(k)) => {
+                v.as_inline_table()?.get(k).map(Node::Value)
+            }
+            (Node::Item(Item::ArrayOfTables(a)), Segment::Index(i)) => a.get(*i).map(Node::Table),
+            (Node::Item(Item::Value(v)) | Node::Value(v), Segment::Index(i)) => {
+                v.as_array()?.get(*i).map(Node::Value)
+            }
+            _ => None,
+        }
+    }
+
+    fn span(self) -> Option<Range<usize>> {
+        match self {
+            Node::Item(i) => i.span(),
+            Node::Table(t) => t.span(),
+            Node::Value(v) => v.span(),
+        }
+    }
+}
+
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn parse_key_path(path: &str) -> Vec<Segment<'_>> {
+    let mut out = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (name, mut rest) = part.split_once('[').map_or((part, ""), |(n, r)| (n, r));
+        if !name.is_empty() {
+            out.push(Segment::Key(name));
+        }
+        while let Some((num, after)) = rest.split_once(']') {
+            if let Ok(i) = num.parse() {
+                out.push(Segment::Index(i));
+            }
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    out
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}

@@ -1,0 +1,293 @@
+//! Write-back of runtime changes: the config file stays the single source of truth.
+//!
+//! The admin API applies a [`Command`](vhost_routing::Command) to the model, then hands the
+//! resulting [`Change`] to [`ConfigWriter::persist`], which edits only the affected
+//! `[[virtual_hosts]]` / `[[backends]]` entry of the parsed document (comments, ordering and
+//! formatting of everything else are kept, thanks to `toml_edit`) and replaces the file
+//! atomically: temp file in the same directory, fsync, rename, fsync of the directory. A crash at
+//! any instant leaves either the old or the new file. If anything fails, the file and the
+//! writer's document are both unchanged.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, Value};
+use vhost_routing::{Backend, BackendId, Change, DomainName, VirtualHost};
+
+/// Persisting failed; the file on disk is unchanged.
+#[derive(Debug, Error)]
+pub enum PersistError {
+    /// The file could not be read or parsed when the writer was opened.
+    #[error("cannot open {} for write-back: {message}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// `virtual_hosts` or `backends` is not an array of tables.
+    #[error("cannot edit {}: `{key}` is not an array of tables", path.display())]
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+    },
+    /// The entry to change is not in the file (it was edited by hand since it was loaded).
+    #[error("cannot edit {}: no `{key}` entry for {name}; was the file edited by hand?", path.display())]
+    MissingEntry {
+        /// The file.
+        path: PathBuf,
+        /// `virtual_hosts` or `backends`.
+        key: &'static str,
+        /// The domain or id looked for.
+        name: String,
+    },
+    /// Writing the new file failed.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Owns the parsed config file and writes changes back to it.
+#[derive(Debug)]
+pub struct ConfigWriter {
+    path: PathBuf,
+    doc: DocumentMut,
+}
+
+const VHOSTS: &str = "virtual_hosts";
+const BACKENDS: &str = "backends";
+
+impl ConfigWriter {
+    /// Opens the file for write-back (following a symlink to the real file).
+    pub fn open(path: &Path) -> Result<Self, PersistError> {
+        let open_err = |message: String| PersistError::Open {
+            path: path.to_owned(),
+            message,
+        };
+        let real = std::fs::canonicalize(path).map_err(|e| open_err(e.to_string()))?;
+        let text = std::fs::read_to_string(&real).map_err(|e| open_err(e.to_string()))?;
+        let doc = text
+            .parse::<DocumentMut>()
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(Self { path: real, doc })
+    }
+
+    /// The file written to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The document as it is on disk.
+    pub fn document(&self) -> &DocumentMut {
+        &self.doc
+    }
+
+    /// Applies `change` to the file. On error nothing changed, on disk or in memory.
+    pub fn persist(&mut self, change: &Change) -> Result<(), PersistError> {
+        let mut next = self.doc.clone();
+        self.edit(&mut next, change)?;
+        write_atomically(&self.path, next.to_string().as_bytes()).map_err(|source| {
+            PersistError::Write {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        self.doc = next;
+        Ok(())
+    }
+
+    fn edit(&self, doc: &mut DocumentMut, change: &Change) -> Result<(), PersistError> {
+        match change {
+            Change::DomainAdded(v) => self
+                .entries(doc, VHOSTS)?
+                .push(vhost_table(v, Table::new())),
+            Change::DomainUpdated { after: v, .. } | Change::TagSwitched { vhost: v, .. } => {
+                let i = self.find_vhost(doc, &v.domain)?;
+                let entries = self.entries(doc, VHOSTS)?;
+                if let Some(t) = entries.get_mut(i) {
+                    let old = std::mem::take(t);
+                    *t = vhost_table(v, old);
+                }
+            }
+            Change::DomainDeleted(v) => {
+                let i = self.find_vhost(doc, &v.domain)?;
+                self.entries(doc, VHOSTS)?.remove(i);
+            }
+            Change::BackendAdded(b) => {
+                self.entries(doc, BACKENDS)?
+                    .push(backend_table(b, Table::new()));
+            }
+            Change::BackendUpdated { after: b, .. } => {
+                let i = self.find_backend(doc, &b.id)?;
+                let entries = self.entries(doc, BACKENDS)?;
+                if let Some(t) = entries.get_mut(i) {
+                    let old = std::mem::take(t);
+                    *t = backend_table(b, old);
+                }
+            }
+            Change::BackendDeleted(b) => {
+                let i = self.find_backend(doc, &b.id)?;
+                self.entries(doc, BACKENDS)?.remove(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// The array of tables under `key`, created if absent; an inline array of inline tables is
+    /// converted to `[[key]]` form.
+    fn entries<'d>(
+        &self,
+        doc: &'d mut DocumentMut,
+        key: &'static str,
+    ) -> Result<&'d mut ArrayOfTables, PersistError> {
+        let shape_err = || PersistError::Shape {
+            path: self.path.clone(),
+            key,
+        };
+        if let Some(Item::Value(Value::Array(_))) = doc.get(key) {
+            // The key's own comment would end up inside the `[[key]]` header: move it in front
+            // of the first table instead.
+            let prefix = doc.as_table_mut().key_mut(key).and_then(|mut k| {
+                let prefix = k.leaf_decor().prefix().cloned();
+                k.leaf_decor_mut().clear();
+                prefix
+            });
+            if let Some(item) = doc.get_mut(key) {
+                let mut converted = std::mem::take(item)
+                    .into_array_of_tables()
+                    .map_err(|_| shape_err())?;
+                if let (Some(prefix), Some(first)) = (prefix, converted.get_mut(0)) {
+                    first.decor_mut().set_prefix(prefix);
+                }
+                *item = Item::ArrayOfTables(converted);
+            }
+        }
+        doc.entry(key)
+            .or_insert_with(|| Item::ArrayOfTables(ArrayOfTables::new()))
+            .as_array_of_tables_mut()
+            .ok_or_else(shape_err)
+    }
+
+    fn find_vhost(
+        &self,
+        doc: &mut DocumentMut,
+        domain: &DomainName,
+    ) -> Result<usize, PersistError> {
+        let entries = self.entries(doc, VHOSTS)?;
+        entries
+            .iter()
+            .position(|t| {
+                t.get("domain")
+                    .and_then(Item::as_str)
+                    .and_then(|s| DomainName::parse(s).ok())
+                    .is_some_and(|d| &d == domain)
+            })
+            .ok_or_else(|| PersistError::MissingEntry {
+                path: self.path.clone(),
+                key: VHOSTS,
+                name: domain.to_string(),
+            })
+    }
+
+    fn find_backend(&self, doc: &mut DocumentMut, id: &BackendId) -> Result<usize, PersistError> {
+        let entries = self.entries(doc, BACKENDS)?;
+        entries
+            .iter()
+            .position(|t| t.get("id").and_then(Item::as_str) == Some(id.as_str()))
+            .ok_or_else(|| PersistError::MissingEntry {
+                path: self.path.clone(),
+                key: BACKENDS,
+                name: id.to_string(),
+            })
+    }
+}
+
+/// Sets `key` to `new`, keeping the comment and spacing around the old value if there was one.
+fn set(table: &mut Table, key: &str, new: Value) {
+    match table.get_mut(key).and_then(Item::as_value_mut) {
+        Some(old) => {
+            let decor = old.decor().clone();
+            *old = new;
+            *old.decor_mut() = decor;
+        }
+        None => {
+            table.insert(key, Item::Value(new));
+        }
+    }
+}
+
+/// Sets an optional key; `None` removes it.
+fn set_opt(table: &mut Table, key: &str, new: Option<Value>) {
+    match new {
+        Some(v) => set(table, key, v),
+        None => {
+            table.remove(key);
+        }
+    }
+}
+
+fn str_value(s: &str) -> Value {
+    Value::from(s)
+}
+
+fn vhost_table(v: &VirtualHost, mut t: Table) -> Table {
+    set(&mut t, "domain", str_value(v.domain.as_str()));
+    set(
+        &mut t,
+        "enabled_backends_tag",
+        str_value(v.enabled_backends_tag.as_str()),
+    );
+    if v.http_to_https || t.contains_key("http_to_https") {
+        set(&mut t, "http_to_https", Value::from(v.http_to_https));
+    }
+    set_opt(
+        &mut t,
+        "tls_cert_path",
+        v.tls_cert_path.as_deref().map(str_value),
+    );
+    set_opt(
+        &mut t,
+        "tls_key_path",
+        v.tls_key_path.as_deref().map(str_value),
+    );
+    t
+}
+
+fn backend_table(b: &Backend, mut t: Table) -> Table {
+    set(&mut t, "id", str_value(b.id.as_str()));
+    set(&mut t, "address", str_value(b.address.as_str()));
+    let tags: Array = b.tags.iter().map(|tag| tag.as_str()).collect();
+    set(&mut t, "tags", Value::Array(tags));
+    if b.weight != 1 || t.contains_key("weight") {
+        set(&mut t, "weight", Value::from(i64::from(b.weight)));
+    }
+    t
+}
+
+/// Replaces `path` with `contents` so that a crash leaves the old or the new file, never a mix:
+/// write a temp file beside it, fsync it, rename it over `path`, fsync the directory.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".pingora-vhost-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        tmp.as_file().set_permissions(meta.permissions())?;
+    }
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! The TOML schema: the seed's sections and keys, every optional key with a default.
+//!
+//! First stage of the File → Config pipeline: text is deserialised into [`ConfigFile`] (unknown
+//! keys rejected everywhere), then [`crate::load`] checks the cross-section rules and builds the
+//! model's [`vhost_routing::State`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vhost_routing::{Backend, VirtualHost};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Listeners, timeouts, certificates and the admin API.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Application and access logs.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Active health checks.
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    /// Let's Encrypt (ACME) settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lets_encrypt: Option<LetsEncryptConfig>,
+    /// Domains served.
+    #[serde(default)]
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// Upstream servers.
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// HTTPS listener (default `0.0.0.0:443`); started when at least one certificate is configured.
+    pub listen_addr: SocketAddr,
+    /// Plain-HTTP listener (default `0.0.0.0:80`).
+    pub listen_addr_http: SocketAddr,
+    /// Admin REST API (default `127.0.0.1:8080`).
+    pub management_api_addr: SocketAddr,
+    /// Bearer token required by the admin API (also read from `PINGORA_VHOST_API_TOKEN`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub management_api_token: Option<String>,
+    /// Certificate for clients whose SNI matches no domain certificate (PEM, chain allowed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_cert_path: Option<PathBuf>,
+    /// Key of `default_cert_path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_key_path: Option<PathBuf>,
+    /// Worker threads of the proxy service (default 0 = one per CPU core).
+    pub threads: usize,
+    /// TCP connect timeout to a backend, in milliseconds (default 3000).
+    pub connect_timeout_ms: u64,
+    /// Timeout for each read from a backend, in milliseconds (default 60000).
+    pub read_timeout_ms: u64,
+    /// Timeout for each write to a backend, in milliseconds (default 60000).
+    pub write_timeout_ms: u64,
+    /// How long an idle upstream keep-alive connection is kept, in milliseconds (default 60000).
+    pub idle_timeout_ms: u64,
+    /// Other backends of the same tag tried after a connection failure (default 2).
+    pub max_retries: usize,
+    /// Idle upstream connections kept per proxy process (default 128).
+    pub upstream_keepalive_pool_size: usize,
+    /// On SIGTERM, how long in-flight requests get to finish, in seconds (default 10).
+    pub grace_period_secs: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], 443)),
+            listen_addr_http: SocketAddr::from(([0, 0, 0, 0], 80)),
+            management_api_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            management_api_token: None,
+            default_cert_path: None,
+            default_key_path: None,
+            threads: 0,
+            connect_timeout_ms: 3_000,
+            read_timeout_ms: 60_000,
+            write_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            max_retries: 2,
+            upstream_keepalive_pool_size: 128,
+            grace_period_secs: 10,
+        }
+    }
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything.
+    Trace,
+    /// Debugging detail.
+    Debug,
+    /// Normal operation (default).
+    #[default]
+    Info,
+    /// Problems worth a look.
+    Warn,
+    /// Failures only.
+    Error,
+}
+
+impl LogLevel {
+    /// The level's name as `tracing` filters spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trace => "trace",
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where logs go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogOutput {
+    /// Standard output (default).
+    #[default]
+    Console,
+    /// The file at `file_path` (appended to).
+    File,
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Verbosity (default `info`).
+    pub level: LogLevel,
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
+    /// `console` (default) or `file`.
+    pub output: LogOutput,
+    /// Log file, required when `output = "file"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file_path: Option<PathBuf>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Record metrics and serve them (default true).
+    pub enabled: bool,
+    /// Prometheus listener (default `0.0.0.0:9090`), serving `/metrics` and `/api/v1/metrics`.
+    pub listen_addr: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
+        }
+    }
+}
+
+/// `[health_check]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// Seconds between probes of one backend (default 10).
+    pub interval_secs: u64,
+    /// Seconds before a probe counts as failed (default 5).
+    pub timeout_secs: u64,
+    /// Consecutive failures that mark a backend down (default 3).
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes that mark a backend up again (default 2).
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 10,
+            timeout_secs: 5,
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+/// `[lets_encrypt]` (planned in the seed: parsed and validated; certificates are not yet issued
+/// automatically, and the binary says so at start-up).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LetsEncryptConfig {
+    /// ACME account e-mail.
+    pub email: String,
+    /// Use the staging directory (default true).
+    #[serde(default = "default_true")]
+    pub staging: bool,
+    /// Where certificates are cached.
+    pub cache_dir: PathBuf,
+}
+
+fn default_true() -> bool {
+    true
+}

@@ -1,0 +1,322 @@
+//! Loading and write-back against real files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+use vhost_config::{load, parse, ConfigError, ConfigWriter, LogFormat};
+use vhost_routing::{
+    Backend, BackendAddress, BackendId, BackendUpdate, Command, DomainName, Tag, VirtualHost,
+    VirtualHostUpdate,
+};
+
+fn example_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config.example.toml")
+}
+
+fn invalid(text: &str) -> (usize, usize, String, String) {
+    match parse(text, "test.toml") {
+        Err(ConfigError::Invalid { location, message }) => {
+            assert_eq!(location.origin, "test.toml");
+            (
+                location.line,
+                location.column,
+                location.key.clone(),
+                message,
+            )
+        }
+        other => panic!("expected an invalid-config error, got {other:?}"),
+    }
+}
+
+const MINIMAL: &str = r#"
+[[virtual_hosts]]
+domain = "example.com"
+enabled_backends_tag = "a"
+
+[[backends]]
+id = "web-v1"
+address = "127.0.0.1:3001"
+tags = ["a"]
+"#;
+
+#[test]
+fn example_config_parses_and_validates() {
+    let config = load(&example_path()).unwrap();
+    assert_eq!(config.state.vhosts().len(), 2);
+    assert_eq!(config.state.backends().len(), 2);
+    assert_eq!(config.proxy.management_api_addr.port(), 8080);
+    assert_eq!(config.logging.format, LogFormat::Text);
+    assert_eq!(config.health_check.unhealthy_threshold, 3);
+}
+
+#[test]
+fn defaults_fill_every_optional_key() {
+    let config = parse(MINIMAL, "t").unwrap();
+    assert_eq!(config.proxy.listen_addr.port(), 443);
+    assert_eq!(config.proxy.listen_addr_http.port(), 80);
+    assert!(config.metrics.enabled);
+    assert_eq!(config.metrics.listen_addr.port(), 9090);
+    assert_eq!(config.health_check.interval_secs, 10);
+    assert_eq!(config.health_check.healthy_threshold, 2);
+    let vhost = config.state.vhosts().next().unwrap();
+    assert!(!vhost.http_to_https);
+    assert_eq!(config.state.backends().next().unwrap().weight, 1);
+    assert!(parse("", "t").unwrap().state.vhosts().len() == 0);
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let (line, col, _, msg) = invalid("[proxy]\nlisten_addr = \n");
+    assert_eq!(line, 2);
+    assert!(col > 1, "column {col}");
+    assert!(!msg.is_empty());
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_position() {
+    let (line, _, key, msg) = invalid("[proxy]\nlisten_adr = \"0.0.0.0:1\"\n");
+    assert_eq!(line, 2);
+    assert_eq!(key, "proxy.listen_adr");
+    assert!(
+        msg.contains("unknown field") && msg.contains("listen_adr"),
+        "{msg}"
+    );
+
+    let (line, _, key, msg) = invalid(&format!("{MINIMAL}colour = \"red\"\n"));
+    assert_eq!(line, 10);
+    assert_eq!(key, "backends[0].colour");
+    assert!(msg.contains("colour"), "{msg}");
+
+    let (line, _, _, msg) = invalid("[extra]\nx = 1\n");
+    assert_eq!(line, 1);
+    assert!(msg.contains("extra"), "{msg}");
+}
+
+#[test]
+fn invalid_values_name_key_and_line() {
+    let text = MINIMAL.replace("domain = \"example.com\"", "domain = \"bad..example.com\"");
+    let (line, col, key, msg) = invalid(&text);
+    assert_eq!((line, key.as_str()), (3, "virtual_hosts[0].domain"));
+    assert_eq!(col, 10);
+    assert!(msg.contains("empty label"), "{msg}");
+
+    let text = MINIMAL.replace("127.0.0.1:3001", "127.0.0.1:70000");
+    let (line, _, key, msg) = invalid(&text);
+    assert_eq!((line, key.as_str()), (8, "backends[0].address"));
+    assert!(msg.contains("70000"), "{msg}");
+
+    let text = MINIMAL.replace("tags = [\"a\"]", "tags = [\"\"]");
+    let (_, _, key, msg) = invalid(&text);
+    assert_eq!(key, "backends[0].tags[0]");
+    assert!(msg.contains("tag is empty"), "{msg}");
+
+    let (line, _, key, _) = invalid("[logging]\nlevel = \"loud\"\n");
+    assert_eq!((line, key.as_str()), (2, "logging.level"));
+}
+
+#[test]
+fn model_rules_are_located_at_the_offending_entry() {
+    let dup = format!(
+        "{MINIMAL}\n[[virtual_hosts]]\ndomain = \"EXAMPLE.com\"\nenabled_backends_tag = \"b\"\n"
+    );
+    let (line, _, key, msg) = invalid(&dup);
+    assert_eq!(key, "virtual_hosts[1].domain");
+    assert_eq!(line, 12);
+    assert!(msg.contains("more than once"), "{msg}");
+
+    let dup = format!(
+        "{MINIMAL}\n[[backends]]\nid = \"web-v1\"\naddress = \"127.0.0.1:1\"\ntags = [\"a\"]\n"
+    );
+    let (line, _, key, _) = invalid(&dup);
+    assert_eq!((line, key.as_str()), (12, "backends[1].id"));
+
+    let (_, _, key, msg) = invalid(&MINIMAL.replace("tags = [\"a\"]", "tags = []"));
+    assert_eq!(key, "backends[0].tags");
+    assert!(msg.contains("empty tag list"), "{msg}");
+
+    let (_, _, key, msg) = invalid(&format!("{MINIMAL}weight = 0\n"));
+    assert_eq!(key, "backends[0].weight");
+    assert!(msg.contains("weight 0"), "{msg}");
+}
+
+#[test]
+fn section_rules() {
+    let (_, _, key, _) = invalid("[logging]\noutput = \"file\"\n");
+    assert_eq!(key, "logging.output");
+    let (_, _, key, _) = invalid("[health_check]\nunhealthy_threshold = 0\n");
+    assert_eq!(key, "health_check.unhealthy_threshold");
+    let (_, _, key, _) = invalid("[proxy]\ndefault_cert_path = \"/x.pem\"\n");
+    assert_eq!(key, "proxy.default_cert_path");
+    let (_, _, key, _) = invalid("[proxy]\nlisten_addr = \"0.0.0.0:80\"\n");
+    assert_eq!(key, "proxy.listen_addr_http");
+    let (_, _, key, _) = invalid("[proxy]\nmanagement_api_token = \"\"\n");
+    assert_eq!(key, "proxy.management_api_token");
+}
+
+#[test]
+fn missing_file_is_a_read_error() {
+    let err = load(std::path::Path::new("/nonexistent/pingora-vhost.toml")).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }));
+    assert!(err.to_string().contains("/nonexistent/pingora-vhost.toml"));
+}
+
+fn d(s: &str) -> DomainName {
+    DomainName::parse(s).unwrap()
+}
+fn t(s: &str) -> Tag {
+    Tag::parse(s).unwrap()
+}
+
+#[test]
+fn write_back_keeps_comments_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::copy(example_path(), &path).unwrap();
+    let mut writer = ConfigWriter::open(&path).unwrap();
+    let mut state = load(&path).unwrap().state;
+
+    let commands = vec![
+        Command::SwitchTag {
+            domain: d("example.com"),
+            tag: t("b"),
+        },
+        Command::AddDomain(VirtualHost::new(d("new.example.org"), t("a"))),
+        Command::AddBackend(Backend::new(
+            BackendId::parse("web-v3").unwrap(),
+            BackendAddress::parse("127.0.0.1:3003").unwrap(),
+            vec![t("b")],
+        )),
+        Command::UpdateBackend {
+            id: BackendId::parse("web-v1").unwrap(),
+            update: BackendUpdate {
+                address: Some(BackendAddress::parse("127.0.0.1:3011").unwrap()),
+                weight: Some(7),
+                ..Default::default()
+            },
+            force: false,
+        },
+        Command::UpdateDomain {
+            domain: d("*.example.com"),
+            update: VirtualHostUpdate {
+                http_to_https: Some(true),
+                ..Default::default()
+            },
+        },
+        Command::DeleteBackend {
+            id: BackendId::parse("web-v2").unwrap(),
+            force: false,
+        },
+    ];
+    for command in commands {
+        let (next, change) = state.apply(command).unwrap();
+        writer.persist(&change).unwrap();
+        state = next;
+        // After every step, the file on disk loads to exactly the state in memory.
+        assert_eq!(load(&path).unwrap().state, state);
+    }
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("# pingora-vhost example configuration."));
+    assert!(
+        text.contains("# Use backends tagged \"a\""),
+        "trailing comment of the switched key kept:\n{text}"
+    );
+    assert!(text.contains("enabled_backends_tag = \"b\"               # Use backends tagged"));
+    assert!(text.contains("# HTTPS port (started when a certificate is configured)"));
+    assert!(!text.contains("web-v2"));
+    assert!(text.contains("weight = 7"));
+    // No temp files left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "config.toml")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn inline_arrays_are_converted_and_edited() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "# top\nvirtual_hosts = [{ domain = \"a.com\", enabled_backends_tag = \"a\" }]\n",
+    )
+    .unwrap();
+    let mut writer = ConfigWriter::open(&path).unwrap();
+    let state = load(&path).unwrap().state;
+    let (next, change) = state
+        .apply(Command::SwitchTag {
+            domain: d("a.com"),
+            tag: t("z"),
+        })
+        .unwrap();
+    writer.persist(&change).unwrap();
+    assert_eq!(load(&path).unwrap().state, next);
+    assert!(std::fs::read_to_string(&path).unwrap().starts_with("# top"));
+}
+
+#[test]
+fn failed_write_leaves_file_and_writer_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, MINIMAL).unwrap();
+    let mut writer = ConfigWriter::open(&path).unwrap();
+    let state = load(&path).unwrap().state;
+    // An entry that is not in the file (hand-edited away) cannot be updated.
+    let ghost = VirtualHost::new(d("ghost.com"), t("a"));
+    let (with_ghost, _) = state.apply(Command::AddDomain(ghost)).unwrap();
+    let (_, change) = with_ghost
+        .apply(Command::SwitchTag {
+            domain: d("ghost.com"),
+            tag: t("b"),
+        })
+        .unwrap();
+    let err = writer.persist(&change).unwrap_err();
+    assert!(err.to_string().contains("ghost.com"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), MINIMAL);
+    assert_eq!(writer.document().to_string(), MINIMAL);
+
+    // A directory we cannot write into: the rename cannot happen, the file stays as it was.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let (_, change) = state
+            .apply(Command::SwitchTag {
+                domain: d("example.com"),
+                tag: t("b"),
+            })
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
+        let probe = dir.path().join("probe");
+        let root_can_write = std::fs::write(&probe, b"x").is_ok();
+        if !root_can_write {
+            assert!(writer.persist(&change).is_err());
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), MINIMAL);
+            assert_eq!(writer.document().to_string(), MINIMAL);
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+}
+
+#[test]
+fn symlinked_config_is_written_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.toml");
+    let link = dir.path().join("config.toml");
+    std::fs::write(&real, MINIMAL).unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut writer = ConfigWriter::open(&link).unwrap();
+    let state = load(&link).unwrap().state;
+    let (next, change) = state
+        .apply(Command::SwitchTag {
+            domain: d("example.com"),
+            tag: t("b"),
+        })
+        .unwrap();
+    writer.persist(&change).unwrap();
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(load(&real).unwrap().state, next);
+}

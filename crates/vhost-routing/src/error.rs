@@ -1,0 +1,123 @@
+//! Typed errors of the model: every variant names the offending item, so the config loader can
+//! point at a line and the admin API at a field.
+
+use thiserror::Error;
+
+use crate::names::{BackendId, DomainName, Tag};
+
+/// A record or a whole configuration breaks a rule of the model.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ValidationError {
+    /// Two virtual hosts with the same domain.
+    #[error("domain {domain} is defined more than once")]
+    DuplicateDomain {
+        /// The repeated domain.
+        domain: DomainName,
+    },
+    /// Two backends with the same id.
+    #[error("backend id {id} is defined more than once")]
+    DuplicateBackend {
+        /// The repeated id.
+        id: BackendId,
+    },
+    /// A backend without tags would never receive traffic.
+    #[error("backend {id} has an empty tag list; give it at least one tag")]
+    EmptyTagList {
+        /// The backend.
+        id: BackendId,
+    },
+    /// The same tag twice in one backend's list.
+    #[error("backend {id} lists tag {tag} more than once")]
+    DuplicateTag {
+        /// The backend.
+        id: BackendId,
+        /// The repeated tag.
+        tag: Tag,
+    },
+    /// Weight outside 1..=256.
+    #[error("backend {id} has weight {weight}; weights go from 1 to {max}", max = crate::MAX_WEIGHT)]
+    InvalidWeight {
+        /// The backend.
+        id: BackendId,
+        /// The rejected weight.
+        weight: u16,
+    },
+    /// Only one of `tls_cert_path` / `tls_key_path` is set.
+    #[error(
+        "domain {domain} sets only one of tls_cert_path and tls_key_path; set both or neither"
+    )]
+    IncompleteTlsPair {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// An empty TLS path.
+    #[error("domain {domain} has an empty tls_cert_path or tls_key_path")]
+    EmptyTlsPath {
+        /// The domain.
+        domain: DomainName,
+    },
+}
+
+impl ValidationError {
+    /// The record field the error is about, as named in the config file and the API.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::DuplicateDomain { .. } => "domain",
+            Self::DuplicateBackend { .. } => "id",
+            Self::EmptyTagList { .. } | Self::DuplicateTag { .. } => "tags",
+            Self::InvalidWeight { .. } => "weight",
+            Self::IncompleteTlsPair { .. } | Self::EmptyTlsPath { .. } => "tls_cert_path",
+        }
+    }
+}
+
+/// A [`crate::Command`] could not be applied; the state it was applied to is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CommandError {
+    /// The resulting record or configuration would be invalid.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// No virtual host with this domain.
+    #[error("domain {domain} not found")]
+    DomainNotFound {
+        /// The domain asked for.
+        domain: DomainName,
+    },
+    /// No backend with this id.
+    #[error("backend {id} not found")]
+    BackendNotFound {
+        /// The id asked for.
+        id: BackendId,
+    },
+    /// Creating a domain that exists.
+    #[error("domain {domain} already exists")]
+    DomainExists {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// Creating a backend that exists.
+    #[error("backend {id} already exists")]
+    BackendExists {
+        /// The id.
+        id: BackendId,
+    },
+    /// Deleting (or retagging) a backend would leave these domains' active tags without backends.
+    #[error(
+        "backend {id} is the last backend of the active tag of {}; switch those domains first or use force",
+        list_domains(domains)
+    )]
+    BackendInUse {
+        /// The backend.
+        id: BackendId,
+        /// Domains that would be left without a backend.
+        domains: Vec<DomainName>,
+    },
+}
+
+fn list_domains(domains: &[DomainName]) -> String {
+    domains
+        .iter()
+        .map(DomainName::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

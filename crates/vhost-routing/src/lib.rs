@@ -1,0 +1,47 @@
+//! # vhost-routing
+//!
+//! The embeddable routing model of pingora-vhost: virtual hosts, tagged backends, A/B tag
+//! selection, and a lock-free routing snapshot for the request path.
+//!
+//! Data flow: user text → validated names ([`names`]) and records ([`model`]) → a valid
+//! [`State`], changed only through [`State::apply`] → an immutable [`RoutingTable`] built by the
+//! single [`RouteWriter`] and published in a [`RouteStore`] → per request:
+//! [`RouteStore::load`] → [`RoutingTable::lookup`] (host) → [`Route::select`] (weighted round robin
+//! over the active tag's healthy backends).
+//!
+//! This crate does no I/O and knows nothing of tokio, Pingora or HTTP servers; DNS resolution is
+//! injected through [`Resolve`].
+//!
+//! ```
+//! use vhost_routing::*;
+//!
+//! let state = State::new(
+//!     vec![VirtualHost::new(DomainName::parse("example.com")?, Tag::parse("a")?)],
+//!     vec![Backend::new(BackendId::parse("web-v1")?, BackendAddress::parse("127.0.0.1:3001")?, vec![Tag::parse("a")?])],
+//! )?;
+//! let (store, _writer) = RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
+//! let table = store.load();
+//! let backend = table.lookup(b"Example.com:443").and_then(|route| route.select());
+//! assert_eq!(backend.map(|b| b.id().as_str()), Some("web-v1"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod error;
+pub mod model;
+pub mod names;
+pub mod state;
+pub mod store;
+pub mod table;
+
+pub use error::{CommandError, ValidationError};
+pub use model::{Backend, BackendUpdate, VirtualHost, VirtualHostUpdate, MAX_WEIGHT};
+pub use names::{
+    AddressError, BackendAddress, BackendId, BackendIdError, DomainName, DomainNameError, Host,
+    Tag, TagError,
+};
+pub use state::{Change, Command, State};
+pub use store::{RouteStore, RouteWriter};
+pub use table::{
+    normalize_host, BackendEntry, BuildOptions, HealthCell, LiteralOnly, Pool, Resolve, Route,
+    RoutingTable,
+};

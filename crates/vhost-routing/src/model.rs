@@ -1,0 +1,307 @@
+//! Virtual hosts and backends: the records users write in the config file and send to the API.
+//!
+//! These are plain data with serde derives (the config's and the API's vocabulary). Their fields
+//! are validated newtypes; the few cross-field rules (weight range, non-empty tag list, TLS file
+//! pairs) are checked by [`VirtualHost::validate`] / [`Backend::validate`], which
+//! [`crate::State`] runs on every record it accepts.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ValidationError;
+use crate::names::{BackendAddress, BackendId, DomainName, Tag};
+
+/// Largest accepted backend weight (as in HAProxy); the default is 1.
+pub const MAX_WEIGHT: u16 = 256;
+
+fn default_weight() -> u16 {
+    1
+}
+
+fn is_default_weight(w: &u16) -> bool {
+    *w == 1
+}
+
+/// A domain served by the proxy and the tag of the backends it currently sends traffic to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHost {
+    /// The domain (exact, or a `*.example.com` wildcard).
+    pub domain: DomainName,
+    /// Requests go to the backends carrying this tag.
+    pub enabled_backends_tag: Tag,
+    /// Answer plain-HTTP requests with a 308 redirect to HTTPS.
+    #[serde(default)]
+    pub http_to_https: bool,
+    /// PEM certificate (chain allowed) presented for this domain's SNI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_path: Option<String>,
+    /// PEM private key matching `tls_cert_path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_path: Option<String>,
+}
+
+impl VirtualHost {
+    /// A virtual host with the given domain and tag, no redirect and no own certificate.
+    pub fn new(domain: DomainName, tag: Tag) -> Self {
+        Self {
+            domain,
+            enabled_backends_tag: tag,
+            http_to_https: false,
+            tls_cert_path: None,
+            tls_key_path: None,
+        }
+    }
+
+    /// Checks the cross-field rules.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        match (&self.tls_cert_path, &self.tls_key_path) {
+            (Some(c), Some(k)) if c.is_empty() || k.is_empty() => {
+                Err(ValidationError::EmptyTlsPath {
+                    domain: self.domain.clone(),
+                })
+            }
+            (Some(_), None) | (None, Some(_)) => Err(ValidationError::IncompleteTlsPair {
+                domain: self.domain.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An upstream server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// Unique id.
+    pub id: BackendId,
+    /// `host:port` to connect to.
+    pub address: BackendAddress,
+    /// Tags grouping this backend into pools (at least one).
+    pub tags: Vec<Tag>,
+    /// Relative share of its pools' traffic, 1..=256 (default 1).
+    #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
+    pub weight: u16,
+}
+
+impl Backend {
+    /// A backend with weight 1.
+    pub fn new(id: BackendId, address: BackendAddress, tags: Vec<Tag>) -> Self {
+        Self {
+            id,
+            address,
+            tags,
+            weight: 1,
+        }
+    }
+
+    /// Checks the cross-field rules.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.tags.is_empty() {
+            return Err(ValidationError::EmptyTagList {
+                id: self.id.clone(),
+            });
+        }
+        for (i, tag) in self.tags.iter().enumerate() {
+            if self.tags[..i].contains(tag) {
+                return Err(ValidationError::DuplicateTag {
+                    id: self.id.clone(),
+                    tag: tag.clone(),
+                });
+            }
+        }
+        if self.weight == 0 || self.weight > MAX_WEIGHT {
+            return Err(ValidationError::InvalidWeight {
+                id: self.id.clone(),
+                weight: self.weight,
+            });
+        }
+        Ok(())
+    }
+
+    /// True if this backend carries `tag`.
+    pub fn has_tag(&self, tag: &Tag) -> bool {
+        self.tags.contains(tag)
+    }
+}
+
+/// A partial change to a virtual host (`PUT /api/v1/domains/:domain`): absent fields keep their
+/// value. `tls_cert_path`/`tls_key_path` set to `""` remove the domain's own certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHostUpdate {
+    /// New active tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled_backends_tag: Option<Tag>,
+    /// New redirect setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_to_https: Option<bool>,
+    /// New certificate path (`""` clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_path: Option<String>,
+    /// New key path (`""` clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_path: Option<String>,
+}
+
+impl VirtualHostUpdate {
+    /// The virtual host after this update.
+    pub fn applied_to(&self, current: &VirtualHost) -> VirtualHost {
+        let mut next = current.clone();
+        if let Some(tag) = &self.enabled_backends_tag {
+            next.enabled_backends_tag = tag.clone();
+        }
+        if let Some(redirect) = self.http_to_https {
+            next.http_to_https = redirect;
+        }
+        if let Some(cert) = &self.tls_cert_path {
+            next.tls_cert_path = (!cert.is_empty()).then(|| cert.clone());
+        }
+        if let Some(key) = &self.tls_key_path {
+            next.tls_key_path = (!key.is_empty()).then(|| key.clone());
+        }
+        next
+    }
+}
+
+/// A partial change to a backend (`PUT /api/v1/backends/:id`): absent fields keep their value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendUpdate {
+    /// New address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<BackendAddress>,
+    /// New tag list (replaces the old one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<Tag>>,
+    /// New weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u16>,
+}
+
+impl BackendUpdate {
+    /// The backend after this update.
+    pub fn applied_to(&self, current: &Backend) -> Backend {
+        let mut next = current.clone();
+        if let Some(address) = &self.address {
+            next.address = address.clone();
+        }
+        if let Some(tags) = &self.tags {
+            next.tags = tags.clone();
+        }
+        if let Some(weight) = self.weight {
+            next.weight = weight;
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(tags: &[&str], weight: u16) -> Backend {
+        Backend {
+            id: BackendId::parse("b1").unwrap(),
+            address: BackendAddress::parse("127.0.0.1:1").unwrap(),
+            tags: tags.iter().map(|t| Tag::parse(t).unwrap()).collect(),
+            weight,
+        }
+    }
+
+    #[test]
+    fn backend_rules() {
+        assert!(backend(&["a"], 1).validate().is_ok());
+        assert!(matches!(
+            backend(&[], 1).validate(),
+            Err(ValidationError::EmptyTagList { .. })
+        ));
+        assert!(matches!(
+            backend(&["a", "a"], 1).validate(),
+            Err(ValidationError::DuplicateTag { .. })
+        ));
+        assert!(matches!(
+            backend(&["a"], 0).validate(),
+            Err(ValidationError::InvalidWeight { weight: 0, .. })
+        ));
+        assert!(matches!(
+            backend(&["a"], 257).validate(),
+            Err(ValidationError::InvalidWeight { weight: 257, .. })
+        ));
+        assert!(backend(&["a"], 256).validate().is_ok());
+    }
+
+    #[test]
+    fn vhost_tls_pair_rules() {
+        let mut v = VirtualHost::new(
+            DomainName::parse("a.com").unwrap(),
+            Tag::parse("a").unwrap(),
+        );
+        assert!(v.validate().is_ok());
+        v.tls_cert_path = Some("c.pem".into());
+        assert!(matches!(
+            v.validate(),
+            Err(ValidationError::IncompleteTlsPair { .. })
+        ));
+        v.tls_key_path = Some(String::new());
+        assert!(matches!(
+            v.validate(),
+            Err(ValidationError::EmptyTlsPath { .. })
+        ));
+        v.tls_key_path = Some("k.pem".into());
+        assert!(v.validate().is_ok());
+    }
+
+    #[test]
+    fn json_shapes_match_the_seed() {
+        let v: VirtualHost = serde_json::from_str(
+            r#"{"domain":"example.com","enabled_backends_tag":"a","http_to_https":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&v).unwrap(),
+            serde_json::json!({"domain":"example.com","enabled_backends_tag":"a","http_to_https":true})
+        );
+        let b: Backend =
+            serde_json::from_str(r#"{"id":"web-v1","address":"localhost:3001","tags":["a"]}"#)
+                .unwrap();
+        assert_eq!(b.weight, 1);
+        assert_eq!(
+            serde_json::to_value(&b).unwrap(),
+            serde_json::json!({"id":"web-v1","address":"localhost:3001","tags":["a"]})
+        );
+        let unknown: Result<Backend, _> =
+            serde_json::from_str(r#"{"id":"x","address":"h:1","tags":["a"],"colour":1}"#);
+        assert!(unknown.unwrap_err().to_string().contains("unknown field"));
+    }
+
+    #[test]
+    fn updates_are_partial() {
+        let v = VirtualHost {
+            tls_cert_path: Some("c".into()),
+            tls_key_path: Some("k".into()),
+            ..VirtualHost::new(
+                DomainName::parse("a.com").unwrap(),
+                Tag::parse("a").unwrap(),
+            )
+        };
+        let u: VirtualHostUpdate =
+            serde_json::from_str(r#"{"enabled_backends_tag":"b","http_to_https":false}"#).unwrap();
+        let next = u.applied_to(&v);
+        assert_eq!(next.enabled_backends_tag.as_str(), "b");
+        assert_eq!(next.tls_cert_path.as_deref(), Some("c"));
+        let clear = VirtualHostUpdate {
+            tls_cert_path: Some(String::new()),
+            tls_key_path: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(clear.applied_to(&v).tls_cert_path, None);
+
+        let b = backend(&["a"], 3);
+        let u: BackendUpdate =
+            serde_json::from_str(r#"{"address":"localhost:3003","tags":["a","b"]}"#).unwrap();
+        let next = u.applied_to(&b);
+        assert_eq!(next.address.as_str(), "localhost:3003");
+        assert_eq!(next.tags.len(), 2);
+        assert_eq!(next.weight, 3);
+    }
+}

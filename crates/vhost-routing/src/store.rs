@@ -1,0 +1,177 @@
+//! Publishing snapshots: many lock-free readers, one writer.
+//!
+//! The request path calls [`RouteStore::load`] once per request and uses that one snapshot for
+//! the whole request. Changes go through the unique [`RouteWriter`], which builds the next
+//! [`RoutingTable`] off the request path (from the previous one, to carry health and rotation
+//! over) and publishes it with a single atomic swap.
+
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+
+use crate::state::State;
+use crate::table::{BuildOptions, Resolve, RoutingTable};
+
+/// The current routing snapshot, readable from any thread without locking.
+#[derive(Debug)]
+pub struct RouteStore {
+    current: ArcSwap<RoutingTable>,
+}
+
+impl RouteStore {
+    /// A cheap, lock-free handle on the current snapshot (hold it for one request).
+    pub fn load(&self) -> Guard<Arc<RoutingTable>> {
+        self.current.load()
+    }
+
+    /// An owned reference to the current snapshot (for long-lived readers).
+    pub fn load_full(&self) -> Arc<RoutingTable> {
+        self.current.load_full()
+    }
+}
+
+/// The single writer of a [`RouteStore`]. Not `Clone`: whoever owns it serialises changes (the
+/// admin API wraps it in an async mutex).
+pub struct RouteWriter {
+    store: Arc<RouteStore>,
+    resolver: Box<dyn Resolve + Send + Sync>,
+    options: BuildOptions,
+}
+
+impl std::fmt::Debug for RouteWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteWriter")
+            .field("generation", &self.store.load().generation())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteWriter {
+    /// Builds the first snapshot of `state` and returns the store and its writer.
+    pub fn new(
+        state: State,
+        resolver: Box<dyn Resolve + Send + Sync>,
+        options: BuildOptions,
+    ) -> (Arc<RouteStore>, Self) {
+        let first = RoutingTable::build(
+            Arc::new(state),
+            &RoutingTable::empty(),
+            resolver.as_ref(),
+            options,
+        );
+        let store = Arc::new(RouteStore {
+            current: ArcSwap::from_pointee(first),
+        });
+        let writer = Self {
+            store: Arc::clone(&store),
+            resolver,
+            options,
+        };
+        (store, writer)
+    }
+
+    /// The store this writer publishes to.
+    pub fn store(&self) -> &Arc<RouteStore> {
+        &self.store
+    }
+
+    /// The snapshot currently published.
+    pub fn current(&self) -> Arc<RoutingTable> {
+        self.store.load_full()
+    }
+
+    /// Builds the snapshot of `state` and makes it the current one; returns it.
+    pub fn publish(&mut self, state: State) -> Arc<RoutingTable> {
+        let previous = self.store.load_full();
+        let next = Arc::new(RoutingTable::build(
+            Arc::new(state),
+            &previous,
+            self.resolver.as_ref(),
+            self.options,
+        ));
+        self.store.current.store(Arc::clone(&next));
+        next
+    }
+
+    /// Rebuilds the current state's snapshot (e.g. to re-resolve DNS names).
+    pub fn refresh(&mut self) -> Arc<RoutingTable> {
+        let state = State::clone(self.current().state());
+        self.publish(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        Backend, BackendAddress, BackendId, Command, DomainName, LiteralOnly, Tag, VirtualHost,
+    };
+
+    #[test]
+    fn publish_is_visible_to_the_next_load_and_old_guards_stay_valid() {
+        let state = State::new(
+            vec![VirtualHost::new(
+                DomainName::parse("a.com").unwrap(),
+                Tag::parse("a").unwrap(),
+            )],
+            vec![
+                Backend::new(
+                    BackendId::parse("one").unwrap(),
+                    BackendAddress::parse("127.0.0.1:1").unwrap(),
+                    vec![Tag::parse("a").unwrap()],
+                ),
+                Backend::new(
+                    BackendId::parse("two").unwrap(),
+                    BackendAddress::parse("127.0.0.1:2").unwrap(),
+                    vec![Tag::parse("b").unwrap()],
+                ),
+            ],
+        )
+        .unwrap();
+        let (store, mut writer) = RouteWriter::new(
+            state.clone(),
+            Box::new(LiteralOnly),
+            BuildOptions::default(),
+        );
+        let old = store.load();
+        assert_eq!(
+            old.lookup(b"a.com")
+                .unwrap()
+                .select()
+                .unwrap()
+                .id()
+                .as_str(),
+            "one"
+        );
+        let (next, _) = state
+            .apply(Command::SwitchTag {
+                domain: DomainName::parse("a.com").unwrap(),
+                tag: Tag::parse("b").unwrap(),
+            })
+            .unwrap();
+        let published = writer.publish(next);
+        let now = store.load();
+        assert_eq!(now.generation(), published.generation());
+        assert_eq!(
+            now.lookup(b"a.com")
+                .unwrap()
+                .select()
+                .unwrap()
+                .id()
+                .as_str(),
+            "two"
+        );
+        // A request that loaded the old snapshot finishes on it.
+        assert_eq!(
+            old.lookup(b"a.com")
+                .unwrap()
+                .select()
+                .unwrap()
+                .id()
+                .as_str(),
+            "one"
+        );
+        assert_eq!(writer.refresh().generation(), now.generation() + 1);
+    }
+}

@@ -1,0 +1,729 @@
+//! The routing snapshot: host → virtual host → pool of the active tag → backend.
+//!
+//! This is what every proxied request reads. A [`RoutingTable`] is immutable once built: the
+//! exact and wildcard indexes, the per-tag pools with their precomputed weighted schedules and the
+//! [`State`] they came from all live in ONE value, published as a whole by
+//! [`crate::RouteWriter`]. The only mutable parts are atomics shared across rebuilds: each
+//! backend's [`HealthCell`] (written by health checking) and each pool's round-robin cursor, so a
+//! rebuild neither resets health nor restarts the rotation of an unchanged pool.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use foldhash::fast::RandomState;
+
+use crate::model::{Backend, VirtualHost};
+use crate::names::{BackendAddress, BackendId, Tag, MAX_DOMAIN_LEN};
+use crate::state::State;
+
+/// Turns a backend address into a socket address when the snapshot is built (never on the
+/// request path). The model does no I/O: an application that wants DNS names passes a resolver
+/// doing the lookup; [`LiteralOnly`] accepts IP literals only.
+pub trait Resolve {
+    /// The socket address to connect to, or `None` if it cannot be resolved now (the backend is
+    /// then skipped by selection until the next rebuild).
+    fn resolve(&self, address: &BackendAddress) -> Option<SocketAddr>;
+}
+
+/// A [`Resolve`] that understands IP literals only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LiteralOnly;
+
+impl Resolve for LiteralOnly {
+    fn resolve(&self, address: &BackendAddress) -> Option<SocketAddr> {
+        address.socket_addr()
+    }
+}
+
+impl<F> Resolve for F
+where
+    F: Fn(&BackendAddress) -> Option<SocketAddr>,
+{
+    fn resolve(&self, address: &BackendAddress) -> Option<SocketAddr> {
+        self(address)
+    }
+}
+
+/// A backend's health, shared by every snapshot that contains the backend (same id and address).
+/// Health checking writes it; selection reads it with one relaxed atomic load.
+#[derive(Debug)]
+pub struct HealthCell {
+    healthy: AtomicBool,
+}
+
+impl HealthCell {
+    /// A cell with the given initial state.
+    pub fn new(healthy: bool) -> Self {
+        Self {
+            healthy: AtomicBool::new(healthy),
+        }
+    }
+
+    /// Current state.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Sets the state and returns the previous one.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed)
+    }
+}
+
+/// A backend as the data plane sees it: its record, its resolved address and its health.
+#[derive(Debug)]
+pub struct BackendEntry {
+    backend: Backend,
+    socket_addr: Option<SocketAddr>,
+    health: Arc<HealthCell>,
+}
+
+impl BackendEntry {
+    /// The configured record.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The backend's id.
+    pub fn id(&self) -> &BackendId {
+        &self.backend.id
+    }
+
+    /// Where to connect, if the address resolved when the snapshot was built.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.socket_addr
+    }
+
+    /// The shared health cell.
+    pub fn health(&self) -> &Arc<HealthCell> {
+        &self.health
+    }
+
+    /// Resolved and healthy.
+    pub fn is_available(&self) -> bool {
+        self.socket_addr.is_some() && self.health.is_healthy()
+    }
+}
+
+/// Number of pseudo-random schedule slots tried after the cursor's slot was unavailable, before
+/// falling back to a linear scan of the members.
+const PROBES: usize = 8;
+
+/// The backends of one tag, with a smooth weighted schedule and a shared round-robin cursor.
+#[derive(Debug)]
+pub struct Pool {
+    tag: Tag,
+    members: Box<[Arc<BackendEntry>]>,
+    schedule: Box<[u32]>,
+    cursor: Arc<AtomicUsize>,
+}
+
+impl Pool {
+    fn new(tag: Tag, members: Vec<Arc<BackendEntry>>, cursor: Arc<AtomicUsize>) -> Self {
+        let weights: Vec<u16> = members.iter().map(|m| m.backend.weight).collect();
+        Self {
+            tag,
+            schedule: smooth_schedule(&weights).into_boxed_slice(),
+            members: members.into_boxed_slice(),
+            cursor,
+        }
+    }
+
+    /// The tag this pool serves.
+    pub fn tag(&self) -> &Tag {
+        &self.tag
+    }
+
+    /// Members, ordered by backend id.
+    pub fn members(&self) -> &[Arc<BackendEntry>] {
+        &self.members
+    }
+
+    /// True if at least one member is available.
+    pub fn any_available(&self) -> bool {
+        self.members.iter().any(|m| m.is_available())
+    }
+
+    /// The next available backend in weighted round-robin order.
+    pub fn select(&self) -> Option<&Arc<BackendEntry>> {
+        self.select_where(|_| true)
+    }
+
+    /// Like [`Pool::select`], also skipping backends `accept` refuses (e.g. ones that already
+    /// failed for this request). Lock-free and allocation-free: one atomic increment, then reads.
+    ///
+    /// The cursor walks a precomputed smooth weighted schedule, so with every member available each
+    /// full turn gives each backend exactly its weight's share, interleaved. A slot whose backend
+    /// is unavailable is replaced by pseudo-random slots of the same schedule, which spreads the
+    /// missing share over the others in proportion to their weights.
+    pub fn select_where(
+        &self,
+        mut accept: impl FnMut(&BackendEntry) -> bool,
+    ) -> Option<&Arc<BackendEntry>> {
+        let slots = self.schedule.len();
+        if slots == 0 {
+            return None;
+        }
+        let ticket = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let mut ok = |m: &Arc<BackendEntry>| m.is_available() && accept(m);
+        let first = &self.members[self.schedule[ticket % slots] as usize];
+        if ok(first) {
+            return Some(first);
+        }
+        let mut seed = ticket as u64;
+        for _ in 0..PROBES {
+            seed = splitmix64(seed);
+            let slot = (seed % slots as u64) as usize;
+            let member = &self.members[self.schedule[slot] as usize];
+            if ok(member) {
+                return Some(member);
+            }
+        }
+        let len = self.members.len();
+        let start = ticket % len;
+        (0..len)
+            .map(|i| &self.members[(start + i) % len])
+            .find(|m| ok(m))
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// A smooth weighted order of member indexes: member `i` appears `weight[i] / g` times (g = the
+/// weights' gcd), its appearances spread evenly over the turn (virtual times (2k+1)/(2w), as in
+/// weighted fair queueing; ties go to the lower index). O(total·log total), total ≤ 256 · members.
+fn smooth_schedule(weights: &[u16]) -> Vec<u32> {
+    let g = weights
+        .iter()
+        .fold(0u64, |acc, &w| gcd(acc, u64::from(w)))
+        .max(1);
+    // (numerator, denominator, member): virtual time = numerator / denominator.
+    let mut slots: Vec<(u64, u64, u32)> = Vec::new();
+    for (i, &w) in weights.iter().enumerate() {
+        let w = u64::from(w) / g;
+        let Ok(idx) = u32::try_from(i) else { break };
+        for k in 0..w {
+            slots.push((2 * k + 1, 2 * w, idx));
+        }
+    }
+    slots.sort_unstable_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)).then(a.2.cmp(&b.2)));
+    slots.into_iter().map(|(_, _, i)| i).collect()
+}
+
+/// A domain's route: its virtual host and the pool of its active tag (`None` when no backend
+/// carries that tag).
+#[derive(Debug, Clone)]
+pub struct Route {
+    vhost: Arc<VirtualHost>,
+    pool: Option<Arc<Pool>>,
+}
+
+impl Route {
+    /// The virtual host.
+    pub fn vhost(&self) -> &VirtualHost {
+        &self.vhost
+    }
+
+    /// The active tag's pool.
+    pub fn pool(&self) -> Option<&Arc<Pool>> {
+        self.pool.as_ref()
+    }
+
+    /// The next available backend of the active tag.
+    pub fn select(&self) -> Option<&Arc<BackendEntry>> {
+        self.pool.as_ref()?.select()
+    }
+
+    /// Like [`Route::select`], also skipping backends `accept` refuses.
+    pub fn select_where(
+        &self,
+        accept: impl FnMut(&BackendEntry) -> bool,
+    ) -> Option<&Arc<BackendEntry>> {
+        self.pool.as_ref()?.select_where(accept)
+    }
+}
+
+/// Options for building snapshots.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildOptions {
+    /// Health of a backend that appears for the first time (or whose address changed).
+    pub new_backends_healthy: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            new_backends_healthy: true,
+        }
+    }
+}
+
+/// An immutable routing snapshot (see the module docs).
+#[derive(Debug)]
+pub struct RoutingTable {
+    generation: u64,
+    state: Arc<State>,
+    exact: HashMap<Box<str>, Route, RandomState>,
+    wildcard: HashMap<Box<str>, Route, RandomState>,
+    pools: BTreeMap<Tag, Arc<Pool>>,
+    backends: BTreeMap<BackendId, Arc<BackendEntry>>,
+}
+
+impl RoutingTable {
+    /// The empty table (generation 0): every lookup misses.
+    pub fn empty() -> Self {
+        Self {
+            generation: 0,
+            state: Arc::new(State::default()),
+            exact: HashMap::default(),
+            wildcard: HashMap::default(),
+            pools: BTreeMap::new(),
+            backends: BTreeMap::new(),
+        }
+    }
+
+    /// Builds the snapshot of `state`, carrying over from `previous` the health cells of backends
+    /// whose id and address are unchanged and the round-robin cursors of tags still in use.
+    pub fn build(
+        state: Arc<State>,
+        previous: &RoutingTable,
+        resolver: &dyn Resolve,
+        options: BuildOptions,
+    ) -> Self {
+        let backends: BTreeMap<BackendId, Arc<BackendEntry>> = state
+            .backends()
+            .map(|b| {
+                let health = previous
+                    .backends
+                    .get(&b.id)
+                    .filter(|old| old.backend.address == b.address)
+                    .map(|old| Arc::clone(&old.health))
+                    .unwrap_or_else(|| Arc::new(HealthCell::new(options.new_backends_healthy)));
+                let entry = BackendEntry {
+                    backend: b.clone(),
+                    socket_addr: resolver.resolve(&b.address),
+                    health,
+                };
+                (b.id.clone(), Arc::new(entry))
+            })
+            .collect();
+
+        let mut pools: BTreeMap<Tag, Arc<Pool>> = BTreeMap::new();
+        for vhost in state.vhosts() {
+            let tag = &vhost.enabled_backends_tag;
+            if pools.contains_key(tag) {
+                continue;
+            }
+            let members: Vec<Arc<BackendEntry>> = backends
+                .values()
+                .filter(|e| e.backend.has_tag(tag))
+                .cloned()
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            let cursor = previous
+                .pools
+                .get(tag)
+                .map(|p| Arc::clone(&p.cursor))
+                .unwrap_or_default();
+            pools.insert(
+                tag.clone(),
+                Arc::new(Pool::new(tag.clone(), members, cursor)),
+            );
+        }
+
+        let mut exact =
+            HashMap::with_capacity_and_hasher(state.vhosts().len(), RandomState::default());
+        let mut wildcard = HashMap::default();
+        for vhost in state.vhosts() {
+            let route = Route {
+                pool: pools.get(&vhost.enabled_backends_tag).cloned(),
+                vhost: Arc::new(vhost.clone()),
+            };
+            match vhost.domain.wildcard_suffix() {
+                Some(suffix) => wildcard.insert(suffix.into(), route),
+                None => exact.insert(vhost.domain.as_str().into(), route),
+            };
+        }
+
+        Self {
+            generation: previous.generation.wrapping_add(1),
+            state,
+            exact,
+            wildcard,
+            pools,
+            backends,
+        }
+    }
+
+    /// Increases by one with every published snapshot (usable as an ETag).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The configuration this snapshot was built from.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// A backend's entry (record, address, health).
+    pub fn backend(&self, id: &BackendId) -> Option<&Arc<BackendEntry>> {
+        self.backends.get(id)
+    }
+
+    /// All backend entries, ordered by id.
+    pub fn backends(&self) -> impl ExactSizeIterator<Item = &Arc<BackendEntry>> {
+        self.backends.values()
+    }
+
+    /// The pool of a tag, if some domain uses the tag and some backend carries it.
+    pub fn pool(&self, tag: &Tag) -> Option<&Arc<Pool>> {
+        self.pools.get(tag)
+    }
+
+    /// The route for a request's host (`Host` header or `:authority`, or the TLS SNI).
+    ///
+    /// The host is matched case-insensitively, without a `:port` suffix and without a trailing
+    /// dot; an exact domain wins over a wildcard, and a wildcard covers exactly one label.
+    /// Allocation-free.
+    pub fn lookup(&self, host: &[u8]) -> Option<&Route> {
+        let mut buf = [0u8; MAX_DOMAIN_LEN];
+        let name = normalize_host(host, &mut buf)?;
+        if let Some(route) = self.exact.get(name) {
+            return Some(route);
+        }
+        if self.wildcard.is_empty() {
+            return None;
+        }
+        let (first, rest) = name.split_once('.')?;
+        if first.is_empty() {
+            return None;
+        }
+        self.wildcard.get(rest)
+    }
+}
+
+/// Lowercases `host` into `buf`, dropping a `:port` suffix and one trailing dot. `None` for IP
+/// literals in brackets, empty or over-long names and bytes that cannot be in a domain name.
+pub fn normalize_host<'b>(host: &[u8], buf: &'b mut [u8; MAX_DOMAIN_LEN]) -> Option<&'b str> {
+    if host.first() == Some(&b'[') {
+        return None;
+    }
+    let host = match host.iter().rposition(|&b| b == b':') {
+        Some(colon) if host[colon + 1..].iter().all(u8::is_ascii_digit) => &host[..colon],
+        Some(_) => return None,
+        None => host,
+    };
+    let host = host.strip_suffix(b".").unwrap_or(host);
+    if host.is_empty() || host.len() > MAX_DOMAIN_LEN {
+        return None;
+    }
+    let out = &mut buf[..host.len()];
+    for (o, &b) in out.iter_mut().zip(host) {
+        let l = b.to_ascii_lowercase();
+        if !(l.is_ascii_lowercase() || l.is_ascii_digit() || l == b'-' || l == b'.') {
+            return None;
+        }
+        *o = l;
+    }
+    std::str::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::DomainName;
+
+    fn t(s: &str) -> Tag {
+        Tag::parse(s).unwrap()
+    }
+
+    fn backend(id: &str, port: u16, tags: &[&str], weight: u16) -> Backend {
+        Backend {
+            weight,
+            ..Backend::new(
+                BackendId::parse(id).unwrap(),
+                BackendAddress::parse(&format!("127.0.0.1:{port}")).unwrap(),
+                tags.iter().map(|x| t(x)).collect(),
+            )
+        }
+    }
+
+    fn vhost(domain: &str, tag: &str) -> VirtualHost {
+        VirtualHost::new(DomainName::parse(domain).unwrap(), t(tag))
+    }
+
+    fn table(vhosts: Vec<VirtualHost>, backends: Vec<Backend>) -> RoutingTable {
+        let state = State::new(vhosts, backends).unwrap();
+        RoutingTable::build(
+            Arc::new(state),
+            &RoutingTable::empty(),
+            &LiteralOnly,
+            BuildOptions::default(),
+        )
+    }
+
+    fn picks(route: &Route, n: usize) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            if let Some(b) = route.select() {
+                *counts.entry(b.id().to_string()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn lookup_normalises_case_port_and_trailing_dot() {
+        let tb = table(
+            vec![vhost("example.com", "a")],
+            vec![backend("x", 1, &["a"], 1)],
+        );
+        for host in [
+            "example.com",
+            "EXAMPLE.com",
+            "example.com:8443",
+            "example.com.",
+            "Example.Com.:80",
+        ] {
+            let route = tb.lookup(host.as_bytes());
+            assert_eq!(
+                route.map(|r| r.vhost().domain.as_str()),
+                Some("example.com"),
+                "{host}"
+            );
+        }
+        for miss in [
+            "",
+            ":80",
+            "other.com",
+            "www.example.com",
+            "example.com:http",
+            "[::1]:80",
+            "exa mple.com",
+            "example.com..",
+        ] {
+            assert!(
+                tb.lookup(miss.as_bytes()).is_none(),
+                "{miss:?} must not match"
+            );
+        }
+        let long = format!("{}.com", "a".repeat(300));
+        assert!(tb.lookup(long.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn exact_beats_wildcard_and_wildcard_covers_one_label() {
+        let tb = table(
+            vec![vhost("*.example.com", "w"), vhost("api.example.com", "e")],
+            vec![backend("w1", 1, &["w"], 1), backend("e1", 2, &["e"], 1)],
+        );
+        let tag_of = |h: &str| {
+            tb.lookup(h.as_bytes())
+                .map(|r| r.vhost().enabled_backends_tag.to_string())
+        };
+        assert_eq!(tag_of("api.example.com").as_deref(), Some("e"));
+        assert_eq!(tag_of("API.example.com:443").as_deref(), Some("e"));
+        assert_eq!(tag_of("www.example.com").as_deref(), Some("w"));
+        assert_eq!(tag_of("example.com"), None);
+        assert_eq!(tag_of("a.b.example.com"), None);
+        assert_eq!(tag_of(".example.com"), None);
+    }
+
+    #[test]
+    fn weights_are_honoured_exactly_over_full_turns() {
+        let tb = table(
+            vec![vhost("a.com", "a")],
+            vec![
+                backend("heavy", 1, &["a"], 5),
+                backend("light-1", 2, &["a"], 1),
+                backend("light-2", 3, &["a"], 1),
+            ],
+        );
+        let route = tb.lookup(b"a.com").unwrap();
+        let counts = picks(route, 7 * 1000);
+        assert_eq!(counts["heavy"], 5000);
+        assert_eq!(counts["light-1"], 1000);
+        assert_eq!(counts["light-2"], 1000);
+    }
+
+    #[test]
+    fn schedule_is_smooth() {
+        // Weight 5 vs 1 vs 1: the heavy backend never waits more than two picks.
+        let s = smooth_schedule(&[5, 1, 1]);
+        assert_eq!(s.len(), 7);
+        let mut gap = 0;
+        for i in s.iter().chain(s.iter()) {
+            if *i == 0 {
+                gap = 0;
+            } else {
+                gap += 1;
+                assert!(gap <= 2, "schedule {s:?} is not smooth");
+            }
+        }
+        // The gcd is divided out.
+        assert_eq!(smooth_schedule(&[4, 2]).len(), 3);
+        assert_eq!(smooth_schedule(&[]).len(), 0);
+    }
+
+    #[test]
+    fn unhealthy_backends_are_skipped_and_the_rest_keep_their_ratio() {
+        let tb = table(
+            vec![vhost("a.com", "a")],
+            vec![
+                backend("b1", 1, &["a"], 3),
+                backend("b2", 2, &["a"], 1),
+                backend("down", 3, &["a"], 4),
+            ],
+        );
+        tb.backend(&BackendId::parse("down").unwrap())
+            .unwrap()
+            .health()
+            .set_healthy(false);
+        let route = tb.lookup(b"a.com").unwrap();
+        let counts = picks(route, 40_000);
+        assert!(!counts.contains_key("down"));
+        assert_eq!(counts.values().sum::<usize>(), 40_000);
+        let ratio = counts["b1"] as f64 / counts["b2"] as f64;
+        assert!(
+            (2.7..3.3).contains(&ratio),
+            "b1:b2 should stay near 3:1, got {counts:?}"
+        );
+    }
+
+    #[test]
+    fn all_unhealthy_or_no_backends_selects_none() {
+        let tb = table(
+            vec![vhost("a.com", "a"), vhost("empty.com", "nobody")],
+            vec![backend("b1", 1, &["a"], 1), backend("b2", 2, &["a"], 1)],
+        );
+        for b in tb.backends() {
+            b.health().set_healthy(false);
+        }
+        assert!(tb.lookup(b"a.com").unwrap().select().is_none());
+        assert!(!tb.lookup(b"a.com").unwrap().pool().unwrap().any_available());
+        let empty = tb.lookup(b"empty.com").unwrap();
+        assert!(empty.pool().is_none());
+        assert!(empty.select().is_none());
+    }
+
+    #[test]
+    fn unresolved_backends_are_skipped() {
+        let state = State::new(
+            vec![vhost("a.com", "a")],
+            vec![Backend::new(
+                BackendId::parse("named").unwrap(),
+                BackendAddress::parse("backend.internal:80").unwrap(),
+                vec![t("a")],
+            )],
+        )
+        .unwrap();
+        let tb = RoutingTable::build(
+            Arc::new(state.clone()),
+            &RoutingTable::empty(),
+            &LiteralOnly,
+            BuildOptions::default(),
+        );
+        assert!(tb.lookup(b"a.com").unwrap().select().is_none());
+        let resolver = |_: &BackendAddress| Some(SocketAddr::from(([10, 0, 0, 1], 80)));
+        let tb = RoutingTable::build(Arc::new(state), &tb, &resolver, BuildOptions::default());
+        let picked = tb.lookup(b"a.com").unwrap().select().unwrap();
+        assert_eq!(
+            picked.socket_addr(),
+            Some(SocketAddr::from(([10, 0, 0, 1], 80)))
+        );
+    }
+
+    #[test]
+    fn select_where_skips_refused_backends() {
+        let tb = table(
+            vec![vhost("a.com", "a")],
+            vec![backend("b1", 1, &["a"], 1), backend("b2", 2, &["a"], 1)],
+        );
+        let route = tb.lookup(b"a.com").unwrap();
+        for _ in 0..10 {
+            let b = route.select_where(|e| e.id().as_str() != "b1").unwrap();
+            assert_eq!(b.id().as_str(), "b2");
+        }
+        assert!(route.select_where(|_| false).is_none());
+    }
+
+    #[test]
+    fn rebuild_keeps_health_and_rotation_of_unchanged_backends() {
+        let vhosts = vec![vhost("a.com", "a")];
+        let backends = vec![
+            backend("b1", 1, &["a"], 1),
+            backend("b2", 2, &["a"], 1),
+            backend("b3", 3, &["a"], 1),
+        ];
+        let first = table(vhosts.clone(), backends.clone());
+        let b2 = BackendId::parse("b2").unwrap();
+        let b3 = BackendId::parse("b3").unwrap();
+        first.backend(&b2).unwrap().health().set_healthy(false);
+        first.backend(&b3).unwrap().health().set_healthy(false);
+        // One pick advances the rotation.
+        let before = first
+            .lookup(b"a.com")
+            .unwrap()
+            .select()
+            .unwrap()
+            .id()
+            .clone();
+        assert_eq!(before.as_str(), "b1");
+
+        // b3 moves to another address: its history restarts (healthy by default); b2 keeps its
+        // "down" state; the domain gets a new sibling.
+        let mut changed = backends.clone();
+        changed[2] = backend("b3", 33, &["a"], 1);
+        let state = State::new(vec![vhosts[0].clone(), vhost("b.com", "a")], changed).unwrap();
+        let second = RoutingTable::build(
+            Arc::new(state),
+            &first,
+            &LiteralOnly,
+            BuildOptions::default(),
+        );
+        assert_eq!(second.generation(), first.generation() + 1);
+        assert!(!second.backend(&b2).unwrap().health().is_healthy());
+        assert!(Arc::ptr_eq(
+            first.backend(&b2).unwrap().health(),
+            second.backend(&b2).unwrap().health()
+        ));
+        assert!(second.backend(&b3).unwrap().health().is_healthy());
+        // The rotation continues where it was: the slot after b1 is b2 (healthy again now),
+        // where a reset cursor would pick b1 again.
+        first.backend(&b2).unwrap().health().set_healthy(true);
+        let next = second.lookup(b"b.com").unwrap().select().unwrap();
+        assert_eq!(next.id().as_str(), "b2");
+    }
+
+    #[test]
+    fn new_backends_can_start_down() {
+        let state =
+            State::new(vec![vhost("a.com", "a")], vec![backend("b1", 1, &["a"], 1)]).unwrap();
+        let tb = RoutingTable::build(
+            Arc::new(state),
+            &RoutingTable::empty(),
+            &LiteralOnly,
+            BuildOptions {
+                new_backends_healthy: false,
+            },
+        );
+        assert!(tb.lookup(b"a.com").unwrap().select().is_none());
+    }
+}
