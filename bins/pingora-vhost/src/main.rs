@@ -1,1 +1,63 @@
-fn main() {}
+//! `pingora-vhost`: the binary. Wiring only — it loads the config ([`vhost_config`]), publishes
+//! the routing snapshot ([`vhost_routing`]), loads certificates and starts the Pingora proxy
+//! service ([`vhost_pingora`]), then waits for SIGTERM/SIGINT and drains in-flight requests.
+
+mod demo;
+mod logging;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A runtime-configurable virtual-host reverse proxy on Cloudflare Pingora.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file.
+    #[arg(short, long, default_value = "config.toml", global = true)]
+    config: PathBuf,
+    /// Validate the configuration (and its certificate files) and exit: 0 if valid, 1 if not.
+    #[arg(long)]
+    check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a self-contained demo: two built-in backends (tags "a" and "b") on loopback and the
+    /// proxy on unprivileged ports; prints curl lines to try.
+    Demo {
+        /// Directory for the demo's config and certificate (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// HTTP port of the proxy (default 8000).
+        #[arg(long, default_value_t = 8000)]
+        http_port: u16,
+    },
+}
+
+#[allow(clippy::print_stderr, clippy::print_stdout)]
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Demo { dir, http_port }) => demo::run(dir, http_port),
+        None if cli.check => match server::check(&cli.config) {
+            Ok(summary) => {
+                println!("{}: OK ({summary})", cli.config.display());
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => Err(e),
+        },
+        None => server::run(&cli.config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pingora-vhost: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -37,7 +37,7 @@ pub use error::{CommandError, ValidationError};
 pub use model::{Backend, BackendUpdate, VirtualHost, VirtualHostUpdate, MAX_WEIGHT};
 pub use names::{
     AddressError, BackendAddress, BackendId, BackendIdError, DomainName, DomainNameError, Host,
-    Tag, TagError,
+    Tag, TagError, MAX_DOMAIN_LEN,
 };
 pub use state::{Change, Command, State};
 pub use store::{RouteStore, RouteWriter};

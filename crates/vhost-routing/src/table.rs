@@ -435,15 +435,33 @@ pub fn normalize_host<'b>(host: &[u8], buf: &'b mut [u8; MAX_DOMAIN_LEN]) -> Opt
         return None;
     }
     let out = &mut buf[..host.len()];
+    let mut invalid = false;
     for (o, &b) in out.iter_mut().zip(host) {
-        let l = b.to_ascii_lowercase();
-        if !(l.is_ascii_lowercase() || l.is_ascii_digit() || l == b'-' || l == b'.') {
-            return None;
-        }
+        let l = HOST_BYTE[usize::from(b)];
+        invalid |= l == 0;
         *o = l;
+    }
+    if invalid {
+        return None;
     }
     std::str::from_utf8(out).ok()
 }
+
+/// Byte → lowercase byte for characters allowed in a host name (`a-z 0-9 - .`), 0 otherwise.
+static HOST_BYTE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0usize;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = match c {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' => c,
+            b'A'..=b'Z' => c + 32,
+            _ => 0,
+        };
+        b += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 mod tests {

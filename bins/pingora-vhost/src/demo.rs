@@ -1,0 +1,191 @@
+//! `pingora-vhost demo`: a working setup on a fresh machine, with no root and no files to write
+//! by hand. Two tiny built-in backends answer on loopback (tag "a" and tag "b"); a config with
+//! two demo domains and a self-signed certificate is written to a directory; the proxy then runs
+//! from that config exactly as `pingora-vhost --config` would.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use openssl::asn1::Asn1Time;
+use openssl::bn::BigNum;
+use openssl::ec::{EcGroup, EcKey};
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::PKey;
+use openssl::x509::extension::SubjectAlternativeName;
+use openssl::x509::{X509NameBuilder, X509};
+
+use crate::server::AppError;
+
+const DOMAIN: &str = "app.demo.test";
+const SECURE_DOMAIN: &str = "secure.demo.test";
+
+fn demo_err(e: impl std::fmt::Display) -> AppError {
+    AppError::Demo(e.to_string())
+}
+
+/// Starts the demo backends, writes the demo config and runs the proxy.
+#[allow(clippy::print_stdout)]
+pub(crate) fn run(dir: Option<PathBuf>, http_port: u16) -> Result<(), AppError> {
+    let (dir, _temp) = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d).map_err(demo_err)?;
+            (d, None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("pingora-vhost-demo-")
+                .tempdir()
+                .map_err(demo_err)?;
+            (t.path().to_owned(), Some(t))
+        }
+    };
+    let https_port = http_port
+        .checked_add(443)
+        .ok_or_else(|| demo_err("port too high"))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(demo_err)?;
+    let a = rt
+        .block_on(start_backend("demo-a", "a"))
+        .map_err(demo_err)?;
+    let b = rt
+        .block_on(start_backend("demo-b", "b"))
+        .map_err(demo_err)?;
+
+    let (cert, key) = write_self_signed(&dir, &[DOMAIN, SECURE_DOMAIN]).map_err(demo_err)?;
+    let config_path = dir.join("config.toml");
+    let config = format!(
+        r#"# pingora-vhost demo configuration (written by `pingora-vhost demo`).
+[proxy]
+listen_addr = "127.0.0.1:{https_port}"
+listen_addr_http = "127.0.0.1:{http_port}"
+default_cert_path = "{cert}"
+default_key_path = "{key}"
+grace_period_secs = 2
+
+[metrics]
+enabled = false
+
+[[virtual_hosts]]
+domain = "{DOMAIN}"
+enabled_backends_tag = "a"
+
+[[virtual_hosts]]
+domain = "{SECURE_DOMAIN}"
+enabled_backends_tag = "b"
+http_to_https = true
+
+[[backends]]
+id = "demo-a"
+address = "{a}"
+tags = ["a"]
+
+[[backends]]
+id = "demo-b"
+address = "{b}"
+tags = ["b"]
+"#,
+        cert = cert.display(),
+        key = key.display(),
+    );
+    std::fs::write(&config_path, config).map_err(demo_err)?;
+    let loaded = vhost_config::load(&config_path)?;
+    crate::logging::init(&loaded.logging)?;
+
+    println!(
+        r#"
+pingora-vhost demo
+  config:    {config}
+  backends:  demo-a (tag "a") on {a}, demo-b (tag "b") on {b}
+  proxy:     http://127.0.0.1:{http_port}  https://127.0.0.1:{https_port}
+
+Try, in another terminal:
+  curl -H 'Host: {DOMAIN}' http://127.0.0.1:{http_port}/hello        # -> backend demo-a (tag a)
+  curl -i -H 'Host: {SECURE_DOMAIN}' http://127.0.0.1:{http_port}/x?y=1  # -> 308 to https
+  curl -k --resolve {SECURE_DOMAIN}:{https_port}:127.0.0.1 https://{SECURE_DOMAIN}:{https_port}/  # -> demo-b over TLS (h2)
+  curl -i -H 'Host: unknown.test' http://127.0.0.1:{http_port}/      # -> 404, never forwarded
+Stop with Ctrl-C.
+"#,
+        config = config_path.display(),
+    );
+    let result = crate::server::run_config(loaded, &config_path);
+    drop(rt);
+    result
+}
+
+/// A minimal HTTP/1.1 + h2c backend answering with its name and tag.
+async fn start_backend(name: &'static str, tag: &'static str) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get(hyper::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let body = format!(
+                            "backend {name} (tag {tag}) answered {} {} for {host}\n",
+                            req.method(),
+                            req.uri()
+                        );
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Writes a self-signed EC certificate for `names` (valid 30 days) and its key.
+fn write_self_signed(
+    dir: &Path,
+    names: &[&str],
+) -> Result<(PathBuf, PathBuf), Box<dyn std::error::Error>> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
+    let key = PKey::from_ec_key(EcKey::generate(&group)?)?;
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_nid(Nid::COMMONNAME, names.first().copied().unwrap_or("demo"))?;
+    let name = name.build();
+    let mut builder = X509::builder()?;
+    builder.set_version(2)?;
+    let serial = BigNum::from_u32(1)?.to_asn1_integer()?;
+    builder.set_serial_number(&serial)?;
+    builder.set_subject_name(&name)?;
+    builder.set_issuer_name(&name)?;
+    builder.set_pubkey(&key)?;
+    builder.set_not_before(&*Asn1Time::days_from_now(0)?)?;
+    builder.set_not_after(&*Asn1Time::days_from_now(30)?)?;
+    let mut san = SubjectAlternativeName::new();
+    for n in names {
+        san.dns(n);
+    }
+    let san = san.build(&builder.x509v3_context(None, None))?;
+    builder.append_extension(san)?;
+    builder.sign(&key, MessageDigest::sha256())?;
+    let cert_path = dir.join("demo.crt");
+    let key_path = dir.join("demo.key");
+    std::fs::write(&cert_path, builder.build().to_pem()?)?;
+    std::fs::write(&key_path, key.private_key_to_pem_pkcs8()?)?;
+    Ok((cert_path, key_path))
+}

@@ -1,0 +1,262 @@
+//! Start-up and shutdown of the proxy process.
+//!
+//! config file → [`vhost_config::Config`] → [`RouteWriter`] (first snapshot) + [`CertStore`]
+//! → Pingora `Server` with the [`vhost_pingora::proxy_service`] → wait for SIGTERM/SIGINT →
+//! stop accepting, drain in-flight requests (bounded by `grace_period_secs`), exit.
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use thiserror::Error;
+use tokio::sync::watch;
+use vhost_config::{Config, ConfigError};
+use vhost_pingora::{proxy_service, CertError, CertStore, ProxyOptions, VhostProxy};
+use vhost_routing::{BackendAddress, BuildOptions, RouteWriter};
+
+/// Why the process could not start or stopped abnormally.
+#[derive(Debug, Error)]
+pub(crate) enum AppError {
+    /// The config file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A certificate file is unusable.
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// The log file cannot be opened.
+    #[error("cannot open log file {}: {source}", path.display())]
+    LogFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A listener address cannot be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The config key it comes from.
+        key: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Pingora refused the setup.
+    #[error("proxy setup failed: {0}")]
+    Setup(String),
+    /// Demo set-up failed.
+    #[error("demo: {0}")]
+    Demo(String),
+    /// Signal handling or the shutdown sequence failed.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Resolves backend host names with the system resolver when a snapshot is built.
+struct SystemResolver;
+
+impl vhost_routing::Resolve for SystemResolver {
+    fn resolve(&self, address: &BackendAddress) -> Option<SocketAddr> {
+        if let Some(addr) = address.socket_addr() {
+            return Some(addr);
+        }
+        let resolved = address
+            .as_str()
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| {
+                let all: Vec<SocketAddr> = addrs.by_ref().collect();
+                all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
+            });
+        if resolved.is_none() {
+            tracing::warn!(
+                address = address.as_str(),
+                "backend address does not resolve; it gets no traffic until it does"
+            );
+        }
+        resolved
+    }
+}
+
+fn cert_store(config: &Config) -> CertStore {
+    let default = match (
+        &config.proxy.default_cert_path,
+        &config.proxy.default_key_path,
+    ) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        _ => None,
+    };
+    CertStore::new(default)
+}
+
+/// `--check`: validates the file and the certificates it references.
+pub(crate) fn check(path: &Path) -> Result<String, AppError> {
+    let config = vhost_config::load(path)?;
+    let certs = cert_store(&config).prepare(&config.state)?;
+    Ok(format!(
+        "{} domains, {} backends, {}",
+        config.state.vhosts().len(),
+        config.state.backends().len(),
+        if certs.is_empty() {
+            "no certificates (HTTPS listener off)"
+        } else {
+            "certificates loaded"
+        }
+    ))
+}
+
+/// Pingora's shutdown trigger, fired by our own signal handling.
+struct ChannelShutdown(watch::Receiver<bool>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        // An error means the sender is gone: shut down as well.
+        let _ = rx.wait_for(|stop| *stop).await;
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+fn ensure_bindable(addr: SocketAddr, key: &'static str) -> Result<(), AppError> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| AppError::Bind { addr, key, source })
+}
+
+/// Runs the proxy described by the config file until SIGTERM or SIGINT.
+pub(crate) fn run(path: &Path) -> Result<(), AppError> {
+    let config = vhost_config::load(path)?;
+    crate::logging::init(&config.logging)?;
+    run_config(config, path)
+}
+
+/// Runs the proxy for an already loaded config.
+pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
+    if config.lets_encrypt.is_some() {
+        tracing::warn!("[lets_encrypt] is configured but automatic certificates are not implemented yet; configure tls_cert_path/tls_key_path instead");
+    }
+    let proxy_conf = &config.proxy;
+    let certs = Arc::new(cert_store(&config));
+    let cert_map = certs.prepare(&config.state)?;
+    let https_enabled = !cert_map.is_empty();
+    certs.publish(cert_map);
+
+    ensure_bindable(proxy_conf.listen_addr_http, "proxy.listen_addr_http")?;
+    if https_enabled {
+        ensure_bindable(proxy_conf.listen_addr, "proxy.listen_addr")?;
+    } else {
+        tracing::warn!("no certificate configured: HTTPS listener not started");
+    }
+
+    let (store, _writer) = RouteWriter::new(
+        config.state.clone(),
+        Box::new(SystemResolver),
+        BuildOptions::default(),
+    );
+
+    let threads = match proxy_conf.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let server_conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(proxy_conf.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: proxy_conf.upstream_keepalive_pool_size,
+        max_retries: proxy_conf.max_retries + 1,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    let proxy = VhostProxy::new(
+        store,
+        ProxyOptions {
+            connect_timeout: Duration::from_millis(proxy_conf.connect_timeout_ms),
+            read_timeout: Duration::from_millis(proxy_conf.read_timeout_ms),
+            write_timeout: Duration::from_millis(proxy_conf.write_timeout_ms),
+            idle_timeout: Duration::from_millis(proxy_conf.idle_timeout_ms),
+            max_retries: proxy_conf.max_retries,
+            https_port: proxy_conf.listen_addr.port(),
+            ..ProxyOptions::default()
+        },
+    );
+    let inflight = proxy.inflight();
+    let http_addr = proxy_conf.listen_addr_http.to_string();
+    let https_addr = proxy_conf.listen_addr.to_string();
+    let service = proxy_service(
+        &server.configuration,
+        proxy,
+        Some(&http_addr),
+        https_enabled.then(|| (https_addr.as_str(), Arc::clone(&certs))),
+    )
+    .map_err(|e| AppError::Setup(e.to_string()))?;
+    server.add_service(service);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut phases = server.watch_execution_phase();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("pingora".into())
+        .spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: Box::new(ChannelShutdown(stop_rx)),
+            });
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| AppError::Runtime(format!("cannot start the server thread: {e}")))?;
+
+    tracing::info!(
+        config = %path.display(),
+        http = %proxy_conf.listen_addr_http,
+        https = %if https_enabled { proxy_conf.listen_addr.to_string() } else { "off".into() },
+        domains = config.state.vhosts().len(),
+        backends = config.state.backends().len(),
+        "pingora-vhost started"
+    );
+
+    let grace = Duration::from_secs(proxy_conf.grace_period_secs);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AppError::Runtime(format!("cannot start the signal runtime: {e}")))?;
+    rt.block_on(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())
+            .map_err(|e| AppError::Runtime(format!("cannot watch SIGTERM: {e}")))?;
+        let mut int = signal(SignalKind::interrupt())
+            .map_err(|e| AppError::Runtime(format!("cannot watch SIGINT: {e}")))?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received: graceful shutdown"),
+            _ = int.recv() => tracing::info!("SIGINT received: graceful shutdown"),
+            _ = done_rx => return Err(AppError::Runtime("the proxy server stopped unexpectedly".into())),
+        }
+        let deadline = Instant::now() + grace;
+        let _ = stop_tx.send(true);
+        // Wait until listeners have stopped accepting (Pingora's grace period begins)...
+        let listeners_closed = async {
+            loop {
+                match phases.recv().await {
+                    Ok(ExecutionPhase::ShutdownGracePeriod | ExecutionPhase::ShutdownRuntimes) => break,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(grace, listeners_closed).await;
+        // ...then until in-flight requests are done, at most until the deadline.
+        while inflight.get() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = inflight.get();
+        if left > 0 {
+            tracing::warn!(requests = left, "grace period over; exiting with requests in flight");
+        } else {
+            tracing::info!("all in-flight requests finished; exiting");
+        }
+        Ok(())
+    })
+}

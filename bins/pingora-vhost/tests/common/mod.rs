@@ -1,0 +1,271 @@
+//! Test harness: real backends (hyper) on loopback `:0` ports, the real `pingora-vhost` binary on
+//! ephemeral ports, self-signed certificates, and HTTP clients. Waits poll a condition with a
+//! deadline; nothing sleeps a fixed time to wait for an event.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use openssl::asn1::Asn1Time;
+use openssl::bn::BigNum;
+use openssl::ec::{EcGroup, EcKey};
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::PKey;
+use openssl::x509::extension::SubjectAlternativeName;
+use openssl::x509::{X509NameBuilder, X509};
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `cond` until it holds or `DEADLINE` passes.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port that was free a moment ago (Pingora binds listeners itself, so it cannot take `:0`).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A loopback HTTP/1.1 + h2c backend that answers JSON describing the request it saw.
+/// `/slow/<ms>` answers after `ms` milliseconds.
+pub struct TestBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+impl TestBackend {
+    pub fn start(rt: &Arc<tokio::runtime::Runtime>, name: &str) -> Self {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (name_c, hits_c) = (name.to_owned(), Arc::clone(&hits));
+        rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (name, hits) = (name_c.clone(), Arc::clone(&hits_c));
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (name, hits) = (name.clone(), Arc::clone(&hits));
+                        async move {
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
+                                let ms: u64 = ms.parse().unwrap_or(1000);
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            let header = |h: &str| {
+                                req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+                            };
+                            let body = serde_json::json!({
+                                "backend": name,
+                                "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
+                                "host": header("host"),
+                                "x-forwarded-for": header("x-forwarded-for"),
+                                "x-forwarded-proto": header("x-forwarded-proto"),
+                                "x-forwarded-host": header("x-forwarded-host"),
+                            });
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            addr,
+            hits,
+            rt: Arc::clone(rt),
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+pub fn runtime() -> Arc<tokio::runtime::Runtime> {
+    Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+    )
+}
+
+/// Writes a self-signed certificate for `names` into `dir`; returns (cert, key) paths.
+pub fn self_signed(dir: &Path, file_stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_nid(Nid::COMMONNAME, names[0]).unwrap();
+    let name = name.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    let serial = BigNum::from_u32(7).unwrap().to_asn1_integer().unwrap();
+    b.set_serial_number(&serial).unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(10).unwrap())
+        .unwrap();
+    let mut san = SubjectAlternativeName::new();
+    for n in names {
+        san.dns(n);
+    }
+    let san = san.build(&b.x509v3_context(None, None)).unwrap();
+    b.append_extension(san).unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    let cert = dir.join(format!("{file_stem}.crt"));
+    let keyp = dir.join(format!("{file_stem}.key"));
+    std::fs::write(&cert, b.build().to_pem().unwrap()).unwrap();
+    std::fs::write(&keyp, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    (cert, keyp)
+}
+
+/// The common name of a DER certificate.
+pub fn common_name(der: &[u8]) -> String {
+    let cert = X509::from_der(der).unwrap();
+    let entry = cert
+        .subject_name()
+        .entries_by_nid(Nid::COMMONNAME)
+        .next()
+        .unwrap();
+    String::from_utf8_lossy(entry.data().as_slice()).into_owned()
+}
+
+/// The real binary, running a config on ephemeral ports.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_pingora-vhost")
+}
+
+impl ProxyProcess {
+    /// `body` is the config without `[proxy]` listener keys (they are added); `proxy_extra` goes
+    /// into `[proxy]`. Waits until the HTTP (and, if `wait_https`, HTTPS) port accepts.
+    pub fn start(dir: tempfile::TempDir, proxy_extra: &str, body: &str, wait_https: bool) -> Self {
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\ngrace_period_secs = 5\n{proxy_extra}\n\n[logging]\nlevel = \"info\"\n\n[metrics]\nenabled = false\n\n{body}"
+        );
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+        let child = Command::new(binary())
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let mut p = Self {
+            child,
+            http,
+            https,
+            dir,
+            config_path,
+        };
+        p.wait_listening(http);
+        if wait_https {
+            p.wait_listening(https);
+        }
+        p
+    }
+
+    fn wait_listening(&mut self, addr: SocketAddr) {
+        let start = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("proxy exited early ({status}):\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "proxy did not listen on {addr}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client that never follows redirects, trusts any certificate, records TLS info and resolves
+/// the given names to the proxy.
+pub fn client(resolve: &[(&str, SocketAddr)], http1_only: bool) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_danger_accept_invalid_certs(true)
+        .tls_info(true)
+        .no_proxy()
+        .timeout(Duration::from_secs(15));
+    for (name, addr) in resolve {
+        b = b.resolve(name, *addr);
+    }
+    if http1_only {
+        b = b.http1_only();
+    }
+    b.build().unwrap()
+}
+
+pub fn backend_of(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["backend"].as_str().unwrap().to_owned()
+}

@@ -1,0 +1,379 @@
+//! The real binary proxying real traffic to real loopback backends.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn backends_toml(list: &[(&str, String, &str)]) -> String {
+    list.iter()
+        .map(|(id, addr, tags)| {
+            format!("[[backends]]\nid = \"{id}\"\naddress = \"{addr}\"\ntags = [{tags}]\n\n")
+        })
+        .collect()
+}
+
+fn vhost_toml(domain: &str, tag: &str, extra: &str) -> String {
+    format!(
+        "[[virtual_hosts]]\ndomain = \"{domain}\"\nenabled_backends_tag = \"{tag}\"\n{extra}\n\n"
+    )
+}
+
+#[test]
+fn two_domains_go_to_their_own_pools_and_unknown_hosts_are_never_forwarded() {
+    let rt = runtime();
+    let a = TestBackend::start(&rt, "a1");
+    let b = TestBackend::start(&rt, "b1");
+    let body = format!(
+        "{}{}{}",
+        vhost_toml("one.test", "a", ""),
+        vhost_toml("two.test", "b", ""),
+        backends_toml(&[
+            ("a1", a.addr.to_string(), "\"a\""),
+            ("b1", b.addr.to_string(), "\"b\"")
+        ])
+    );
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    let c = client(&[], true);
+    rt.block_on(async {
+        for _ in 0..5 {
+            let r = c
+                .get(proxy.http_url("/p?q=1"))
+                .header("host", "ONE.test:80")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let text = r.text().await.unwrap();
+            assert_eq!(backend_of(&text), "a1");
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["path"], "/p?q=1");
+            assert_eq!(v["x-forwarded-for"], "127.0.0.1");
+            assert_eq!(v["x-forwarded-proto"], "http");
+            assert_eq!(v["x-forwarded-host"], "ONE.test:80");
+            let r = c
+                .get(proxy.http_url("/"))
+                .header("host", "two.test")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(backend_of(&r.text().await.unwrap()), "b1");
+        }
+        let before = (a.hits(), b.hits());
+        for host in ["unknown.test", "evil.example.com", "one.test.evil", "[::1]"] {
+            let r = c
+                .get(proxy.http_url("/"))
+                .header("host", host)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 404, "{host}");
+            assert_eq!(r.text().await.unwrap(), "unknown host\n");
+        }
+        // An absolute-form request naming another host is not an open proxy either.
+        assert_eq!(
+            (a.hits(), b.hits()),
+            before,
+            "a request for an unknown host reached a backend"
+        );
+        // X-Forwarded-For is appended to, not replaced.
+        let r = c
+            .get(proxy.http_url("/"))
+            .header("host", "one.test")
+            .header("x-forwarded-for", "203.0.113.9")
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(v["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    });
+}
+
+#[test]
+fn http_to_https_redirects_keep_path_and_query_except_acme_challenges() {
+    let rt = runtime();
+    let a = TestBackend::start(&rt, "a1");
+    let body = format!(
+        "{}{}{}",
+        vhost_toml("secure.test", "a", "http_to_https = true"),
+        vhost_toml("plain.test", "a", ""),
+        backends_toml(&[("a1", a.addr.to_string(), "\"a\"")])
+    );
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    let c = client(&[], true);
+    rt.block_on(async {
+        let r = c
+            .get(proxy.http_url("/a/b?x=1&y=%20z"))
+            .header("host", "Secure.test:8080")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 308);
+        assert_eq!(
+            r.headers()["location"],
+            format!("https://secure.test:{}/a/b?x=1&y=%20z", proxy.https.port()).as_str()
+        );
+        assert_eq!(a.hits(), 0);
+        let r = c
+            .get(proxy.http_url("/.well-known/acme-challenge/token123"))
+            .header("host", "secure.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(a.hits(), 1);
+        let r = c
+            .get(proxy.http_url("/"))
+            .header("host", "plain.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    });
+}
+
+#[test]
+fn tls_serves_each_sni_its_own_certificate_h2_and_rejects_misdirected_hosts() {
+    let rt = runtime();
+    let a = TestBackend::start(&rt, "a1");
+    let b = TestBackend::start(&rt, "b1");
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, ka) = self_signed(dir.path(), "one", &["one.test"]);
+    let (cw, kw) = self_signed(dir.path(), "wild", &["*.wild.test"]);
+    let (cd, kd) = self_signed(dir.path(), "default", &["default.invalid"]);
+    let body = format!(
+        "{}{}{}{}",
+        vhost_toml(
+            "one.test",
+            "a",
+            &format!(
+                "tls_cert_path = \"{}\"\ntls_key_path = \"{}\"",
+                ca.display(),
+                ka.display()
+            )
+        ),
+        vhost_toml(
+            "*.wild.test",
+            "b",
+            &format!(
+                "tls_cert_path = \"{}\"\ntls_key_path = \"{}\"",
+                cw.display(),
+                kw.display()
+            )
+        ),
+        vhost_toml("nocert.test", "a", ""),
+        backends_toml(&[
+            ("a1", a.addr.to_string(), "\"a\""),
+            ("b1", b.addr.to_string(), "\"b\"")
+        ])
+    );
+    let proxy_extra = format!(
+        "default_cert_path = \"{}\"\ndefault_key_path = \"{}\"",
+        cd.display(),
+        kd.display()
+    );
+    let proxy = ProxyProcess::start(dir, &proxy_extra, &body, true);
+    let names = [
+        ("one.test", proxy.https),
+        ("x.wild.test", proxy.https),
+        ("nocert.test", proxy.https),
+    ];
+    let port = proxy.https.port();
+    rt.block_on(async {
+        let h2 = client(&names, false);
+        for (host, cn, backend) in [
+            ("one.test", "one.test", "a1"),
+            ("x.wild.test", "*.wild.test", "b1"),
+            ("nocert.test", "default.invalid", "a1"),
+        ] {
+            let r = h2
+                .get(format!("https://{host}:{port}/s"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{host}");
+            assert_eq!(
+                r.version(),
+                reqwest::Version::HTTP_2,
+                "{host} should negotiate h2"
+            );
+            let der = r
+                .extensions()
+                .get::<reqwest::tls::TlsInfo>()
+                .and_then(|t| t.peer_certificate())
+                .map(<[u8]>::to_vec)
+                .unwrap();
+            assert_eq!(common_name(&der), cn, "{host} got the wrong certificate");
+            let text = r.text().await.unwrap();
+            assert_eq!(backend_of(&text), backend);
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["x-forwarded-proto"], "https");
+        }
+        // SNI one.test, Host of another configured domain: 421, never forwarded.
+        let h1 = client(&names, true);
+        let before = b.hits();
+        let r = h1
+            .get(format!("https://one.test:{port}/"))
+            .header("host", "x.wild.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 421);
+        assert_eq!(r.version(), reqwest::Version::HTTP_11);
+        assert_eq!(b.hits(), before);
+    });
+}
+
+#[test]
+fn a_dead_backend_costs_clients_nothing_while_a_sibling_is_up() {
+    let rt = runtime();
+    let live = TestBackend::start(&rt, "live");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let body = format!(
+        "{}{}",
+        vhost_toml("app.test", "a", ""),
+        backends_toml(&[
+            ("dead", dead, "\"a\""),
+            ("live", live.addr.to_string(), "\"a\"")
+        ])
+    );
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    let c = client(&[], true);
+    rt.block_on(async {
+        for i in 0..40 {
+            let r = c
+                .get(proxy.http_url("/"))
+                .header("host", "app.test")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "request {i} failed");
+            assert_eq!(backend_of(&r.text().await.unwrap()), "live");
+        }
+    });
+    assert_eq!(live.hits(), 40);
+}
+
+#[test]
+fn no_backend_for_the_tag_is_503_with_retry_after_and_all_dead_is_502() {
+    let rt = runtime();
+    let body = format!(
+        "{}{}{}",
+        vhost_toml("empty.test", "nobody", ""),
+        vhost_toml("dead.test", "d", ""),
+        backends_toml(&[("dead", format!("127.0.0.1:{}", free_port()), "\"d\"")])
+    );
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    let c = client(&[], true);
+    rt.block_on(async {
+        let r = c
+            .get(proxy.http_url("/"))
+            .header("host", "empty.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "5");
+        let r = c
+            .get(proxy.http_url("/"))
+            .header("host", "dead.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+    });
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish_then_exits() {
+    let rt = runtime();
+    let slow = TestBackend::start(&rt, "slow");
+    let body = format!(
+        "{}{}",
+        vhost_toml("slow.test", "a", ""),
+        backends_toml(&[("slow", slow.addr.to_string(), "\"a\"")])
+    );
+    let mut proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    let c = client(&[], true);
+    let url = proxy.http_url("/slow/1500");
+    let request = rt.spawn(async move {
+        let r = c.get(url).header("host", "slow.test").send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    wait_until("the slow request to reach the backend", || slow.hits() == 1);
+    proxy.signal("TERM");
+    let (status, text) = rt.block_on(request).unwrap();
+    assert_eq!(
+        status,
+        200,
+        "in-flight request was cut: {text}\n{}",
+        proxy.log()
+    );
+    assert_eq!(backend_of(&text), "slow");
+    let mut exit = None;
+    wait_until("the proxy to exit", || {
+        exit = proxy.child.try_wait().unwrap();
+        exit.is_some()
+    });
+    assert!(exit.unwrap().success(), "{}", proxy.log());
+    // New connections are refused after shutdown.
+    assert!(std::net::TcpStream::connect_timeout(&proxy.http, Duration::from_millis(500)).is_err());
+}
+
+#[test]
+fn check_flag_validates_config_and_certificates() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config.example.toml");
+    let out = Command::new(binary())
+        .args(["--check", "--config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "[[virtual_hosts]]\ndomain = \"bad..name\"\nenabled_backends_tag = \"a\"\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .arg("--check")
+        .arg("--config")
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.toml:2:10: virtual_hosts[0].domain"),
+        "{err}"
+    );
+    assert!(err.contains("empty label"), "{err}");
+
+    let missing_cert = dir.path().join("cert.toml");
+    std::fs::write(
+        &missing_cert,
+        "[[virtual_hosts]]\ndomain = \"a.test\"\nenabled_backends_tag = \"a\"\ntls_cert_path = \"/nonexistent.crt\"\ntls_key_path = \"/nonexistent.key\"\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .arg("--check")
+        .arg("--config")
+        .arg(&missing_cert)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent.crt") && err.contains("a.test"),
+        "{err}"
+    );
+}
