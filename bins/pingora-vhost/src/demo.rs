@@ -46,9 +46,12 @@ pub(crate) fn run(dir: Option<PathBuf>, http_port: u16) -> Result<(), AppError> 
             (t.path().to_owned(), Some(t))
         }
     };
-    let https_port = http_port
-        .checked_add(443)
-        .ok_or_else(|| demo_err("port too high"))?;
+    let port = |offset: u16| {
+        http_port
+            .checked_add(offset)
+            .ok_or_else(|| demo_err("--http-port is too high"))
+    };
+    let (https_port, admin_port, metrics_port) = (port(443)?, port(80)?, port(1090)?);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -71,10 +74,12 @@ listen_addr = "127.0.0.1:{https_port}"
 listen_addr_http = "127.0.0.1:{http_port}"
 default_cert_path = "{cert}"
 default_key_path = "{key}"
+management_api_addr = "127.0.0.1:{admin_port}"
 grace_period_secs = 2
 
 [metrics]
-enabled = false
+enabled = true
+listen_addr = "127.0.0.1:{metrics_port}"
 
 [[virtual_hosts]]
 domain = "{DOMAIN}"
@@ -108,12 +113,18 @@ pingora-vhost demo
   config:    {config}
   backends:  demo-a (tag "a") on {a}, demo-b (tag "b") on {b}
   proxy:     http://127.0.0.1:{http_port}  https://127.0.0.1:{https_port}
+  admin API: http://127.0.0.1:{admin_port}/api/v1   metrics: http://127.0.0.1:{metrics_port}/metrics
 
 Try, in another terminal:
   curl -H 'Host: {DOMAIN}' http://127.0.0.1:{http_port}/hello        # -> backend demo-a (tag a)
+  curl -X POST http://127.0.0.1:{admin_port}/api/v1/domains/{DOMAIN}/switch \
+       -H 'Content-Type: application/json' -d '{{"new_tag": "b"}}'  # A/B switch
+  curl -H 'Host: {DOMAIN}' http://127.0.0.1:{http_port}/hello        # -> now demo-b (tag b)
+  curl http://127.0.0.1:{admin_port}/api/v1/backends                 # backends with health
   curl -i -H 'Host: {SECURE_DOMAIN}' http://127.0.0.1:{http_port}/x?y=1  # -> 308 to https
   curl -k --resolve {SECURE_DOMAIN}:{https_port}:127.0.0.1 https://{SECURE_DOMAIN}:{https_port}/  # -> demo-b over TLS (h2)
   curl -i -H 'Host: unknown.test' http://127.0.0.1:{http_port}/      # -> 404, never forwarded
+Changes made through the API are written back to the config file above.
 Stop with Ctrl-C.
 "#,
         config = config_path.display(),

@@ -4,6 +4,7 @@
 
 mod demo;
 mod logging;
+mod metrics;
 mod server;
 
 use std::path::PathBuf;

@@ -14,9 +14,10 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use thiserror::Error;
 use tokio::sync::watch;
-use vhost_config::{Config, ConfigError};
+use vhost_admin::{AdminState, ApplyHook};
+use vhost_config::{Config, ConfigError, ConfigWriter, PersistError};
 use vhost_pingora::{proxy_service, CertError, CertStore, ProxyOptions, VhostProxy};
-use vhost_routing::{BackendAddress, BuildOptions, RouteWriter};
+use vhost_routing::{BackendAddress, BuildOptions, RouteWriter, State};
 
 /// Why the process could not start or stopped abnormally.
 #[derive(Debug, Error)]
@@ -35,6 +36,12 @@ pub(crate) enum AppError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The config file cannot be opened for write-back.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    /// The admin API would be exposed without authentication.
+    #[error("{0}")]
+    Exposure(String),
     /// A listener address cannot be bound.
     #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
@@ -79,6 +86,18 @@ impl vhost_routing::Resolve for SystemResolver {
             );
         }
         resolved
+    }
+}
+
+/// Admin API hook: a change is accepted only if the certificates it references load; they go
+/// live right after the routing snapshot.
+struct CertificateHook(Arc<CertStore>);
+
+impl ApplyHook for CertificateHook {
+    fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, String> {
+        let map = self.0.prepare(next).map_err(|e| e.to_string())?;
+        let store = Arc::clone(&self.0);
+        Ok(Box::new(move || store.publish(map)))
     }
 }
 
@@ -146,6 +165,19 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
     let https_enabled = !cert_map.is_empty();
     certs.publish(cert_map);
 
+    let token = std::env::var(vhost_admin::TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| proxy_conf.management_api_token.clone());
+    vhost_admin::check_exposure(proxy_conf.management_api_addr, token.as_deref())
+        .map_err(AppError::Exposure)?;
+    let admin_listener =
+        TcpListener::bind(proxy_conf.management_api_addr).map_err(|source| AppError::Bind {
+            addr: proxy_conf.management_api_addr,
+            key: "proxy.management_api_addr",
+            source,
+        })?;
+    let metrics = crate::metrics::install(&config.metrics)?;
     ensure_bindable(proxy_conf.listen_addr_http, "proxy.listen_addr_http")?;
     if https_enabled {
         ensure_bindable(proxy_conf.listen_addr, "proxy.listen_addr")?;
@@ -153,7 +185,7 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         tracing::warn!("no certificate configured: HTTPS listener not started");
     }
 
-    let (store, _writer) = RouteWriter::new(
+    let (store, writer) = RouteWriter::new(
         config.state.clone(),
         Box::new(SystemResolver),
         BuildOptions::default(),
@@ -185,6 +217,12 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         },
     );
     let inflight = proxy.inflight();
+    let mut admin = AdminState::new(writer, Some(ConfigWriter::open(path)?), token)
+        .with_hook(CertificateHook(Arc::clone(&certs)));
+    if let Some(m) = &metrics {
+        admin = admin.with_metrics(m.render.clone());
+    }
+    let admin_router = vhost_admin::router(Arc::new(admin));
     let http_addr = proxy_conf.listen_addr_http.to_string();
     let https_addr = proxy_conf.listen_addr.to_string();
     let service = proxy_service(
@@ -213,6 +251,8 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         config = %path.display(),
         http = %proxy_conf.listen_addr_http,
         https = %if https_enabled { proxy_conf.listen_addr.to_string() } else { "off".into() },
+        admin = %proxy_conf.management_api_addr,
+        metrics = %metrics.as_ref().map_or("off".into(), |m| m.addr.to_string()),
         domains = config.state.vhosts().len(),
         backends = config.state.backends().len(),
         "pingora-vhost started"
@@ -225,6 +265,11 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         .map_err(|e| AppError::Runtime(format!("cannot start the signal runtime: {e}")))?;
     rt.block_on(async move {
         use tokio::signal::unix::{signal, SignalKind};
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+        spawn_http("admin API", admin_listener, admin_router, admin_stop_rx.clone())?;
+        if let Some(m) = metrics {
+            spawn_http("metrics", m.listener, m.router, admin_stop_rx)?;
+        }
         let mut term = signal(SignalKind::terminate())
             .map_err(|e| AppError::Runtime(format!("cannot watch SIGTERM: {e}")))?;
         let mut int = signal(SignalKind::interrupt())
@@ -251,6 +296,7 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         while inflight.get() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let _ = admin_stop_tx.send(true);
         let left = inflight.get();
         if left > 0 {
             tracing::warn!(requests = left, "grace period over; exiting with requests in flight");
@@ -259,4 +305,27 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         }
         Ok(())
     })
+}
+
+/// Serves `router` on `listener` (already bound) on the current runtime until `stop` flips.
+fn spawn_http(
+    what: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), AppError> {
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+        .map(|listener| {
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = vhost_admin::serve(listener, router, shutdown).await {
+                    tracing::error!(error = %e, "{what} listener failed");
+                }
+            });
+        })
+        .map_err(|e| AppError::Runtime(format!("cannot serve the {what}: {e}")))
 }

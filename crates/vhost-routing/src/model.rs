@@ -23,11 +23,14 @@ fn is_default_weight(w: &u16) -> bool {
 
 /// A domain served by the proxy and the tag of the backends it currently sends traffic to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VirtualHost {
     /// The domain (exact, or a `*.example.com` wildcard).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "example.com"))]
     pub domain: DomainName,
     /// Requests go to the backends carrying this tag.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "a"))]
     pub enabled_backends_tag: Tag,
     /// Answer plain-HTTP requests with a 308 redirect to HTTPS.
     #[serde(default)]
@@ -70,15 +73,20 @@ impl VirtualHost {
 
 /// An upstream server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     /// Unique id.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "web-v1"))]
     pub id: BackendId,
     /// `host:port` to connect to.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "127.0.0.1:3001"))]
     pub address: BackendAddress,
     /// Tags grouping this backend into pools (at least one).
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>, example = json!(["a"])))]
     pub tags: Vec<Tag>,
     /// Relative share of its pools' traffic, 1..=256 (default 1).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 256, default = 1))]
     #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
     pub weight: u16,
 }
@@ -127,9 +135,11 @@ impl Backend {
 /// A partial change to a virtual host (`PUT /api/v1/domains/:domain`): absent fields keep their
 /// value. `tls_cert_path`/`tls_key_path` set to `""` remove the domain's own certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VirtualHostUpdate {
     /// New active tag.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "b"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled_backends_tag: Option<Tag>,
     /// New redirect setting.
@@ -165,12 +175,15 @@ impl VirtualHostUpdate {
 
 /// A partial change to a backend (`PUT /api/v1/backends/:id`): absent fields keep their value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BackendUpdate {
     /// New address.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "127.0.0.1:3003"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<BackendAddress>,
     /// New tag list (replaces the old one).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<String>>))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<Tag>>,
     /// New weight.

@@ -166,6 +166,7 @@ pub struct ProxyProcess {
     pub child: Child,
     pub http: SocketAddr,
     pub https: SocketAddr,
+    pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
 }
@@ -180,11 +181,24 @@ impl ProxyProcess {
     pub fn start(dir: tempfile::TempDir, proxy_extra: &str, body: &str, wait_https: bool) -> Self {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!(
-            "[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\ngrace_period_secs = 5\n{proxy_extra}\n\n[logging]\nlevel = \"info\"\n\n[metrics]\nenabled = false\n\n{body}"
+            "# test config\n[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\nmanagement_api_addr = \"{admin}\"\ngrace_period_secs = 5\n{proxy_extra}\n\n[logging]\nlevel = \"info\"\n\n[metrics]\nenabled = false\n\n{body}"
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
+        Self::spawn(dir, config_path, http, https, admin, wait_https)
+    }
+
+    /// Starts the binary on an existing config file (e.g. to restart after changes).
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        http: SocketAddr,
+        https: SocketAddr,
+        admin: SocketAddr,
+        wait_https: bool,
+    ) -> Self {
         let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
         let child = Command::new(binary())
             .arg("--config")
@@ -197,10 +211,12 @@ impl ProxyProcess {
             child,
             http,
             https,
+            admin,
             dir,
             config_path,
         };
         p.wait_listening(http);
+        p.wait_listening(admin);
         if wait_https {
             p.wait_listening(https);
         }
@@ -237,6 +253,22 @@ impl ProxyProcess {
 
     pub fn http_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Stops the process (SIGTERM) and waits for it to exit; returns the temp dir for a restart.
+    pub fn stop(mut self) -> (tempfile::TempDir, PathBuf) {
+        self.signal("TERM");
+        let mut exited = false;
+        wait_until("the proxy to exit", || {
+            exited = self.child.try_wait().unwrap().is_some();
+            exited
+        });
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, self.config_path.clone())
     }
 }
 

@@ -1,0 +1,193 @@
+//! API errors: every failure becomes `{"error": {"code", "message", "field"}}` with the status
+//! that tells the client what to do. Client input never produces a 5xx; only a failure to write
+//! the config file does (and then nothing changed).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+use vhost_routing::CommandError;
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `invalid_value`, `not_found`, `already_exists`.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The request field the error is about, when there is one (e.g. `address`, `tags[0]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// A failed API request. The running configuration and the file are unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not valid JSON.
+    #[error("malformed JSON: {message}")]
+    MalformedJson {
+        /// Parser message.
+        message: String,
+    },
+    /// A field is missing, unknown or has an invalid value.
+    #[error("{message}")]
+    InvalidField {
+        /// The field path.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The body is not `application/json`.
+    #[error("expected a body with Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// The body is over the limit.
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Missing or wrong bearer token.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// No such domain / backend / route.
+    #[error("{message}")]
+    NotFound {
+        /// What was not found.
+        message: String,
+    },
+    /// The request conflicts with the current configuration.
+    #[error("{message}")]
+    Conflict {
+        /// Machine-readable reason.
+        code: &'static str,
+        /// Explanation.
+        message: String,
+        /// The field concerned.
+        field: Option<String>,
+    },
+    /// `If-Match` does not match the resource's current ETag.
+    #[error("the resource changed since it was read (If-Match {given} does not match {current})")]
+    PreconditionFailed {
+        /// The ETag sent.
+        given: String,
+        /// The current ETag.
+        current: String,
+    },
+    /// The change cannot be served (e.g. a certificate file does not load).
+    #[error("{message}")]
+    Unservable {
+        /// The field concerned.
+        field: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The config file could not be written; nothing was changed.
+    #[error("could not persist the change, nothing was changed: {message}")]
+    Persist {
+        /// Why.
+        message: String,
+    },
+}
+
+impl ApiError {
+    /// HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson { .. } | Self::InvalidField { .. } | Self::Unservable { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            Self::Persist { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::MalformedJson { .. } => "malformed_json",
+            Self::InvalidField { .. } => "invalid_value",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound { .. } => "not_found",
+            Self::Conflict { code, .. } => code,
+            Self::PreconditionFailed { .. } => "precondition_failed",
+            Self::Unservable { .. } => "unservable",
+            Self::Persist { .. } => "persist_failed",
+        }
+    }
+
+    fn field(&self) -> Option<String> {
+        match self {
+            Self::InvalidField { field, .. } if !field.is_empty() => Some(field.clone()),
+            Self::Conflict { field, .. } => field.clone(),
+            Self::Unservable { field, .. } => Some((*field).to_owned()),
+            _ => None,
+        }
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        let message = e.to_string();
+        match e {
+            CommandError::Invalid(v) => Self::InvalidField {
+                field: v.field().to_owned(),
+                message,
+            },
+            CommandError::DomainNotFound { .. } | CommandError::BackendNotFound { .. } => {
+                Self::NotFound { message }
+            }
+            CommandError::DomainExists { .. } => Self::Conflict {
+                code: "already_exists",
+                message,
+                field: Some("domain".into()),
+            },
+            CommandError::BackendExists { .. } => Self::Conflict {
+                code: "already_exists",
+                message,
+                field: Some("id".into()),
+            },
+            CommandError::BackendInUse { .. } => Self::Conflict {
+                code: "backend_in_use",
+                message,
+                field: None,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "admin API request failed");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                field: self.field(),
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        if matches!(self, Self::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

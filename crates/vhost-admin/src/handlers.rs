@@ -1,0 +1,567 @@
+//! Route handlers. Reads serve the current snapshot; writes go through [`apply_write`], the one
+//! place where a change is checked, persisted and published.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use vhost_routing::{
+    Backend, BackendEntry, BackendId, BackendUpdate, Change, Command, DomainName, RoutingTable,
+    Tag, VirtualHost, VirtualHostUpdate,
+};
+
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::AdminState;
+
+type AppState = State<Arc<AdminState>>;
+
+/// Body of `POST /api/v1/domains/{domain}/switch`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchRequest {
+    /// The tag whose backends the domain uses from the next request on.
+    #[schema(value_type = String, example = "b")]
+    pub new_tag: Tag,
+}
+
+/// A backend's health as the data plane sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Receives traffic.
+    Up,
+    /// Marked down by health checking.
+    Down,
+    /// Its host name does not resolve; receives no traffic.
+    Unresolved,
+}
+
+/// A backend as the API shows it: the configured record plus its current health (read-only).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackendView {
+    /// Unique id.
+    #[schema(example = "web-v1")]
+    pub id: String,
+    /// `host:port`.
+    #[schema(example = "127.0.0.1:3001")]
+    pub address: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Weight within each tag.
+    pub weight: u16,
+    /// Current health (read-only; ignored if sent).
+    pub health: Health,
+}
+
+impl BackendView {
+    fn of(entry: &BackendEntry) -> Self {
+        let b = entry.backend();
+        let health = if entry.socket_addr().is_none() {
+            Health::Unresolved
+        } else if entry.health().is_healthy() {
+            Health::Up
+        } else {
+            Health::Down
+        };
+        Self {
+            id: b.id.to_string(),
+            address: b.address.to_string(),
+            tags: b.tags.iter().map(Tag::to_string).collect(),
+            weight: b.weight,
+            health,
+        }
+    }
+}
+
+/// A strong ETag of a JSON representation (FNV-1a over its bytes: stable across restarts).
+pub(crate) fn etag_of<T: Serialize>(value: &T) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("\"{hash:016x}\"")
+}
+
+fn json_with_etag<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    let etag = etag_of(value);
+    let mut response = (status, Json(value)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    response
+}
+
+fn check_if_match(headers: &HeaderMap, current: &str) -> Result<(), ApiError> {
+    let Some(given) = headers.get(header::IF_MATCH) else {
+        return Ok(());
+    };
+    let given = given.to_str().unwrap_or("").trim();
+    let matches = given == "*"
+        || given
+            .split(',')
+            .map(|t| t.trim().trim_start_matches("W/"))
+            .any(|t| t == current);
+    if matches {
+        Ok(())
+    } else {
+        Err(ApiError::PreconditionFailed {
+            given: given.to_owned(),
+            current: current.to_owned(),
+        })
+    }
+}
+
+fn force(query: &Option<String>) -> bool {
+    query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "force" | "force=true" | "force=1"))
+    })
+}
+
+fn parse_domain(raw: &str) -> Result<DomainName, ApiError> {
+    DomainName::parse(raw).map_err(|e| ApiError::InvalidField {
+        field: "domain".into(),
+        message: e.to_string(),
+    })
+}
+
+fn parse_id(raw: &str) -> Result<BackendId, ApiError> {
+    BackendId::parse(raw).map_err(|e| ApiError::InvalidField {
+        field: "id".into(),
+        message: e.to_string(),
+    })
+}
+
+fn domain_not_found(domain: &DomainName) -> ApiError {
+    ApiError::NotFound {
+        message: format!("domain {domain} not found"),
+    }
+}
+
+fn backend_not_found(id: &BackendId) -> ApiError {
+    ApiError::NotFound {
+        message: format!("backend {id} not found"),
+    }
+}
+
+fn has_healthy_backend(table: &RoutingTable, tag: &Tag) -> bool {
+    table
+        .backends()
+        .any(|b| b.backend().has_tag(tag) && b.is_available())
+}
+
+fn ensure_serving_tag(table: &RoutingTable, tag: &Tag, force: bool) -> Result<(), ApiError> {
+    if force || has_healthy_backend(table, tag) {
+        return Ok(());
+    }
+    Err(ApiError::Conflict {
+        code: "no_healthy_backend",
+        message: format!(
+            "tag {tag} has no healthy backend: the domain would answer 503; add or fix a backend first, or repeat with ?force=true"
+        ),
+        field: Some("new_tag".into()),
+    })
+}
+
+/// Checks, persists and publishes one change (see the crate docs). `build` sees the current
+/// snapshot and returns the command plus the current ETag of the resource it changes, if any.
+async fn apply_write(
+    state: &AdminState,
+    headers: &HeaderMap,
+    build: impl FnOnce(&RoutingTable) -> Result<(Command, Option<String>), ApiError>,
+) -> Result<(Arc<RoutingTable>, Change), ApiError> {
+    let mut writer = state.writer.lock().await;
+    let result = async {
+        let current = writer.routes.current();
+        let (command, etag) = build(&current)?;
+        if let Some(etag) = etag {
+            check_if_match(headers, &etag)?;
+        }
+        let (next, change) = current.state().apply(command)?;
+        let commit = state
+            .hook
+            .prepare(&next)
+            .map_err(|message| ApiError::Unservable {
+                field: "tls_cert_path",
+                message,
+            })?;
+        if let Some(file) = writer.file.as_mut() {
+            file.persist(&change).map_err(|e| ApiError::Persist {
+                message: e.to_string(),
+            })?;
+        }
+        let table = writer.routes.publish(next);
+        commit();
+        Ok((table, change))
+    }
+    .await;
+    match &result {
+        Ok((table, change)) => {
+            metrics::counter!("config_changes_total", "result" => "applied").increment(1);
+            tracing::info!(generation = table.generation(), change = ?change, "configuration change applied");
+        }
+        Err(e) => {
+            metrics::counter!("config_changes_total", "result" => "rejected").increment(1);
+            tracing::info!(error = %e, "configuration change rejected");
+        }
+    }
+    result
+}
+
+/// Liveness of the proxy process.
+#[utoipa::path(get, path = "/api/v1/health", tag = "health",
+    responses((status = 200, description = "The proxy is running", body = String, content_type = "text/plain", example = "OK")))]
+pub(crate) async fn health() -> &'static str {
+    "OK"
+}
+
+/// Every virtual host.
+#[utoipa::path(get, path = "/api/v1/domains", tag = "domains",
+    responses((status = 200, description = "All domains, ordered by name", body = [VirtualHost])))]
+pub(crate) async fn list_domains(State(s): AppState) -> Response {
+    let table = s.store.load();
+    let list: Vec<&VirtualHost> = table.state().vhosts().collect();
+    json_with_etag(StatusCode::OK, &list)
+}
+
+/// One virtual host.
+#[utoipa::path(get, path = "/api/v1/domains/{domain}", tag = "domains",
+    params(("domain" = String, Path, description = "Domain name", example = "example.com")),
+    responses(
+        (status = 200, description = "The domain (with an ETag)", body = VirtualHost),
+        (status = 400, description = "Invalid domain name", body = crate::ErrorBody),
+        (status = 404, description = "Unknown domain", body = crate::ErrorBody)))]
+pub(crate) async fn get_domain(
+    State(s): AppState,
+    Path(domain): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = parse_domain(&domain)?;
+    let table = s.store.load();
+    let vhost = table
+        .state()
+        .vhost(&domain)
+        .ok_or_else(|| domain_not_found(&domain))?;
+    Ok(json_with_etag(StatusCode::OK, vhost))
+}
+
+/// Creates a virtual host.
+#[utoipa::path(post, path = "/api/v1/domains", tag = "domains", request_body = VirtualHost,
+    responses(
+        (status = 201, description = "Created", body = VirtualHost),
+        (status = 400, description = "Malformed JSON, unknown field or invalid value", body = crate::ErrorBody),
+        (status = 409, description = "The domain exists", body = crate::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::ErrorBody),
+        (status = 415, description = "Not JSON", body = crate::ErrorBody)))]
+pub(crate) async fn create_domain(
+    State(s): AppState,
+    headers: HeaderMap,
+    ApiJson(vhost): ApiJson<VirtualHost>,
+) -> Result<Response, ApiError> {
+    let domain = vhost.domain.clone();
+    let (table, _) = apply_write(&s, &headers, |_| Ok((Command::AddDomain(vhost), None))).await?;
+    let vhost = table
+        .state()
+        .vhost(&domain)
+        .ok_or_else(|| domain_not_found(&domain))?;
+    let mut response = json_with_etag(StatusCode::CREATED, vhost);
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/domains/{domain}")) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+/// Changes some fields of a virtual host (absent fields keep their value).
+#[utoipa::path(put, path = "/api/v1/domains/{domain}", tag = "domains", request_body = VirtualHostUpdate,
+    params(("domain" = String, Path, description = "Domain name"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET"),
+           ("force" = Option<bool>, Query, description = "Allow a tag without healthy backends")),
+    responses(
+        (status = 200, description = "Updated", body = VirtualHost),
+        (status = 400, description = "Invalid request", body = crate::ErrorBody),
+        (status = 404, description = "Unknown domain", body = crate::ErrorBody),
+        (status = 409, description = "New tag has no healthy backend", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody),
+        (status = 415, description = "Not JSON", body = crate::ErrorBody)))]
+pub(crate) async fn update_domain(
+    State(s): AppState,
+    Path(domain): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ApiJson(update): ApiJson<VirtualHostUpdate>,
+) -> Result<Response, ApiError> {
+    let domain = parse_domain(&domain)?;
+    let force = force(&query);
+    let (table, _) = apply_write(&s, &headers, |t| {
+        let current = t
+            .state()
+            .vhost(&domain)
+            .ok_or_else(|| domain_not_found(&domain))?;
+        if let Some(tag) = &update.enabled_backends_tag {
+            if *tag != current.enabled_backends_tag {
+                ensure_serving_tag(t, tag, force)?;
+            }
+        }
+        let etag = etag_of(current);
+        Ok((
+            Command::UpdateDomain {
+                domain: domain.clone(),
+                update,
+            },
+            Some(etag),
+        ))
+    })
+    .await?;
+    let vhost = table
+        .state()
+        .vhost(&domain)
+        .ok_or_else(|| domain_not_found(&domain))?;
+    Ok(json_with_etag(StatusCode::OK, vhost))
+}
+
+/// Deletes a virtual host.
+#[utoipa::path(delete, path = "/api/v1/domains/{domain}", tag = "domains",
+    params(("domain" = String, Path, description = "Domain name"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "Unknown domain", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody)))]
+pub(crate) async fn delete_domain(
+    State(s): AppState,
+    Path(domain): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let domain = parse_domain(&domain)?;
+    apply_write(&s, &headers, |t| {
+        let current = t
+            .state()
+            .vhost(&domain)
+            .ok_or_else(|| domain_not_found(&domain))?;
+        Ok((
+            Command::DeleteDomain(domain.clone()),
+            Some(etag_of(current)),
+        ))
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Points a domain at another tag: the A/B switch, visible to the very next request.
+#[utoipa::path(post, path = "/api/v1/domains/{domain}/switch", tag = "domains", request_body = SwitchRequest,
+    params(("domain" = String, Path, description = "Domain name"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET of the domain"),
+           ("force" = Option<bool>, Query, description = "Switch even if the tag has no healthy backend")),
+    responses(
+        (status = 200, description = "Switched", body = VirtualHost),
+        (status = 400, description = "Invalid request", body = crate::ErrorBody),
+        (status = 404, description = "Unknown domain", body = crate::ErrorBody),
+        (status = 409, description = "The tag has no healthy backend", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody),
+        (status = 415, description = "Not JSON", body = crate::ErrorBody)))]
+pub(crate) async fn switch_domain(
+    State(s): AppState,
+    Path(domain): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<SwitchRequest>,
+) -> Result<Response, ApiError> {
+    let domain = parse_domain(&domain)?;
+    let force = force(&query);
+    let (table, _) = apply_write(&s, &headers, |t| {
+        let current = t
+            .state()
+            .vhost(&domain)
+            .ok_or_else(|| domain_not_found(&domain))?;
+        ensure_serving_tag(t, &request.new_tag, force)?;
+        Ok((
+            Command::SwitchTag {
+                domain: domain.clone(),
+                tag: request.new_tag,
+            },
+            Some(etag_of(current)),
+        ))
+    })
+    .await?;
+    let vhost = table
+        .state()
+        .vhost(&domain)
+        .ok_or_else(|| domain_not_found(&domain))?;
+    Ok(json_with_etag(StatusCode::OK, vhost))
+}
+
+/// Every backend, with its health.
+#[utoipa::path(get, path = "/api/v1/backends", tag = "backends",
+    responses((status = 200, description = "All backends, ordered by id", body = [BackendView])))]
+pub(crate) async fn list_backends(State(s): AppState) -> Response {
+    let table = s.store.load();
+    let list: Vec<BackendView> = table.backends().map(|b| BackendView::of(b)).collect();
+    json_with_etag(StatusCode::OK, &list)
+}
+
+fn backend_view(table: &RoutingTable, id: &BackendId) -> Result<BackendView, ApiError> {
+    table
+        .backend(id)
+        .map(|b| BackendView::of(b))
+        .ok_or_else(|| backend_not_found(id))
+}
+
+fn backend_etag(table: &RoutingTable, id: &BackendId) -> Result<String, ApiError> {
+    // The ETag covers the configured record, not the (changing) health.
+    let record: &Backend = table
+        .state()
+        .backend(id)
+        .ok_or_else(|| backend_not_found(id))?;
+    Ok(etag_of(record))
+}
+
+fn backend_response(
+    status: StatusCode,
+    table: &RoutingTable,
+    id: &BackendId,
+) -> Result<Response, ApiError> {
+    let view = backend_view(table, id)?;
+    let mut response = (status, Json(&view)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&backend_etag(table, id)?) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(response)
+}
+
+/// One backend, with its health.
+#[utoipa::path(get, path = "/api/v1/backends/{id}", tag = "backends",
+    params(("id" = String, Path, description = "Backend id", example = "web-v1")),
+    responses(
+        (status = 200, description = "The backend (with an ETag)", body = BackendView),
+        (status = 400, description = "Invalid id", body = crate::ErrorBody),
+        (status = 404, description = "Unknown backend", body = crate::ErrorBody)))]
+pub(crate) async fn get_backend(
+    State(s): AppState,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    backend_response(StatusCode::OK, &s.store.load(), &id)
+}
+
+/// Creates a backend.
+#[utoipa::path(post, path = "/api/v1/backends", tag = "backends", request_body = Backend,
+    responses(
+        (status = 201, description = "Created", body = BackendView),
+        (status = 400, description = "Malformed JSON, unknown field or invalid value", body = crate::ErrorBody),
+        (status = 409, description = "The id exists", body = crate::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::ErrorBody),
+        (status = 415, description = "Not JSON", body = crate::ErrorBody)))]
+pub(crate) async fn create_backend(
+    State(s): AppState,
+    headers: HeaderMap,
+    ApiJson(backend): ApiJson<Backend>,
+) -> Result<Response, ApiError> {
+    let id = backend.id.clone();
+    let (table, _) =
+        apply_write(&s, &headers, |_| Ok((Command::AddBackend(backend), None))).await?;
+    let mut response = backend_response(StatusCode::CREATED, &table, &id)?;
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/backends/{id}")) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+/// Changes some fields of a backend (absent fields keep their value).
+#[utoipa::path(put, path = "/api/v1/backends/{id}", tag = "backends", request_body = BackendUpdate,
+    params(("id" = String, Path, description = "Backend id"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET"),
+           ("force" = Option<bool>, Query, description = "Allow leaving a domain's active tag without backends")),
+    responses(
+        (status = 200, description = "Updated", body = BackendView),
+        (status = 400, description = "Invalid request", body = crate::ErrorBody),
+        (status = 404, description = "Unknown backend", body = crate::ErrorBody),
+        (status = 409, description = "Would leave a domain without backends", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody),
+        (status = 415, description = "Not JSON", body = crate::ErrorBody)))]
+pub(crate) async fn update_backend(
+    State(s): AppState,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ApiJson(update): ApiJson<BackendUpdate>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let force = force(&query);
+    let (table, _) = apply_write(&s, &headers, |t| {
+        let etag = backend_etag(t, &id)?;
+        Ok((
+            Command::UpdateBackend {
+                id: id.clone(),
+                update,
+                force,
+            },
+            Some(etag),
+        ))
+    })
+    .await?;
+    backend_response(StatusCode::OK, &table, &id)
+}
+
+/// Deletes a backend; refused (409) if it is the last backend of a domain's active tag, unless
+/// `?force=true`.
+#[utoipa::path(delete, path = "/api/v1/backends/{id}", tag = "backends",
+    params(("id" = String, Path, description = "Backend id"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET"),
+           ("force" = Option<bool>, Query, description = "Delete even if a domain is left without backends")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "Unknown backend", body = crate::ErrorBody),
+        (status = 409, description = "Last backend of a domain's active tag", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody)))]
+pub(crate) async fn delete_backend(
+    State(s): AppState,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    let force = force(&query);
+    apply_write(&s, &headers, |t| {
+        let etag = backend_etag(t, &id)?;
+        Ok((
+            Command::DeleteBackend {
+                id: id.clone(),
+                force,
+            },
+            Some(etag),
+        ))
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Prometheus metrics (the same registry as the metrics listener).
+#[utoipa::path(get, path = "/api/v1/metrics", tag = "metrics",
+    responses(
+        (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 404, description = "Metrics are disabled", body = crate::ErrorBody)))]
+pub(crate) async fn metrics_text(State(s): AppState) -> Result<Response, ApiError> {
+    let render = s.metrics.as_ref().ok_or_else(|| ApiError::NotFound {
+        message: "metrics are disabled ([metrics] enabled = false)".into(),
+    })?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(),
+    )
+        .into_response())
+}
+
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::NotFound {
+        message: "no such API route; see /api/v1/openapi.json".into(),
+    }
+}

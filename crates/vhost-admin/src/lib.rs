@@ -1,0 +1,162 @@
+//! # vhost-admin
+//!
+//! The admin REST API of pingora-vhost (the seed's `/api/v1` surface) as a tower service (an axum
+//! `Router`), usable on its own listener or mounted in another server.
+//!
+//! Data flow of a write: request → [`extract::ApiJson`] (media type, size, schema) → the model's
+//! [`State::apply`](vhost_routing::State::apply) on the current snapshot's state → extra checks
+//! (If-Match, healthy target tag) → [`ApplyHook::prepare`] (e.g. certificates load) → crash-safe
+//! write-back to the config file ([`vhost_config::ConfigWriter`]) → [`RouteWriter::publish`] →
+//! 2xx. Any failure before the publish leaves the running state and the file as they were.
+//! Writes are serialised by one async mutex around the single [`RouteWriter`]; reads load the
+//! current snapshot and never wait on writes.
+
+pub mod error;
+pub mod extract;
+mod handlers;
+mod middleware;
+pub mod openapi;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::Mutex;
+use vhost_config::ConfigWriter;
+use vhost_routing::{RouteStore, RouteWriter, State};
+
+pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use handlers::{BackendView, Health, SwitchRequest};
+
+/// Largest accepted request body, in bytes.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Environment variable that provides the API token (overrides `management_api_token`).
+pub const TOKEN_ENV: &str = "PINGORA_VHOST_API_TOKEN";
+
+/// Checks, before anything is persisted or published, that a new state can be served, and
+/// returns what makes the rest of the process follow it (run after the routing snapshot is
+/// published). The binary uses it to load certificate files; an error is a 400 for the client.
+pub trait ApplyHook: Send + Sync + 'static {
+    /// Prepares `next`; `Err(message)` refuses the change.
+    fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, String>;
+}
+
+/// A hook that accepts everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHook;
+
+impl ApplyHook for NoHook {
+    fn prepare(&self, _next: &State) -> Result<Box<dyn FnOnce() + Send>, String> {
+        Ok(Box::new(|| {}))
+    }
+}
+
+/// Renders the Prometheus exposition for `GET /api/v1/metrics`.
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Where an [`AdminState`] publishes and persists.
+pub struct AdminState {
+    store: Arc<RouteStore>,
+    writer: Mutex<Writer>,
+    hook: Box<dyn ApplyHook>,
+    token: Option<Box<[u8]>>,
+    metrics: Option<MetricsRender>,
+}
+
+struct Writer {
+    routes: RouteWriter,
+    file: Option<ConfigWriter>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("auth", &self.token.is_some())
+            .field("metrics", &self.metrics.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminState {
+    /// The API over `routes` (its single writer). `file`: where changes are persisted (`None`:
+    /// in memory only). `token`: required bearer token, if any.
+    pub fn new(routes: RouteWriter, file: Option<ConfigWriter>, token: Option<String>) -> Self {
+        Self {
+            store: Arc::clone(routes.store()),
+            writer: Mutex::new(Writer { routes, file }),
+            hook: Box::new(NoHook),
+            token: token.map(|t| t.into_bytes().into_boxed_slice()),
+            metrics: None,
+        }
+    }
+
+    /// Sets the hook run before each change is persisted.
+    pub fn with_hook(mut self, hook: impl ApplyHook) -> Self {
+        self.hook = Box::new(hook);
+        self
+    }
+
+    /// Serves `GET /api/v1/metrics` with `render`.
+    pub fn with_metrics(mut self, render: MetricsRender) -> Self {
+        self.metrics = Some(render);
+        self
+    }
+
+    /// The routing store the API publishes to.
+    pub fn store(&self) -> &Arc<RouteStore> {
+        &self.store
+    }
+}
+
+/// Refuses to expose an unauthenticated API beyond loopback.
+pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), String> {
+    if token.is_none() && !addr.ip().is_loopback() {
+        return Err(format!(
+            "management_api_addr {addr} is not a loopback address and no API token is set: \
+             set [proxy] management_api_token (or {TOKEN_ENV}), or bind the API to 127.0.0.1"
+        ));
+    }
+    Ok(())
+}
+
+/// The API's router (all routes under `/api/v1`).
+pub fn router(state: Arc<AdminState>) -> Router {
+    use handlers::*;
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/domains", get(list_domains).post(create_domain))
+        .route(
+            "/api/v1/domains/{domain}",
+            get(get_domain).put(update_domain).delete(delete_domain),
+        )
+        .route("/api/v1/domains/{domain}/switch", post(switch_domain))
+        .route("/api/v1/backends", get(list_backends).post(create_backend))
+        .route(
+            "/api/v1/backends/{id}",
+            get(get_backend).put(update_backend).delete(delete_backend),
+        )
+        .route("/api/v1/metrics", get(metrics_text))
+        .route("/api/v1/openapi.json", get(openapi::serve))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            middleware::authenticate,
+        ))
+        .layer(axum::middleware::from_fn(middleware::record_metrics))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
