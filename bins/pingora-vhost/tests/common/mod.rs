@@ -179,15 +179,36 @@ impl ProxyProcess {
     /// `body` is the config without `[proxy]` listener keys (they are added); `proxy_extra` goes
     /// into `[proxy]`. Waits until the HTTP (and, if `wait_https`, HTTPS) port accepts.
     pub fn start(dir: tempfile::TempDir, proxy_extra: &str, body: &str, wait_https: bool) -> Self {
+        Self::start_full(dir, proxy_extra, body, wait_https, &[])
+    }
+
+    /// Like `start`, with extra environment variables for the process (HTTP listener only).
+    pub fn start_with_env(
+        dir: tempfile::TempDir,
+        proxy_extra: &str,
+        body: &str,
+        envs: &[(&str, &str)],
+    ) -> Self {
+        Self::start_full(dir, proxy_extra, body, false, envs)
+    }
+
+    fn start_full(
+        dir: tempfile::TempDir,
+        proxy_extra: &str,
+        body: &str,
+        wait_https: bool,
+        envs: &[(&str, &str)],
+    ) -> Self {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics = free_port();
         let config = format!(
-            "# test config\n[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\nmanagement_api_addr = \"{admin}\"\ngrace_period_secs = 5\n{proxy_extra}\n\n[logging]\nlevel = \"info\"\n\n[metrics]\nenabled = false\n\n{body}"
+            "# test config\n[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\nmanagement_api_addr = \"{admin}\"\ngrace_period_secs = 5\n{proxy_extra}\n\n[logging]\nlevel = \"info\"\n\n[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:{metrics}\"\n\n{body}"
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
-        Self::spawn(dir, config_path, http, https, admin, wait_https)
+        Self::spawn(dir, config_path, http, https, admin, wait_https, envs)
     }
 
     /// Starts the binary on an existing config file (e.g. to restart after changes).
@@ -198,11 +219,14 @@ impl ProxyProcess {
         https: SocketAddr,
         admin: SocketAddr,
         wait_https: bool,
+        envs: &[(&str, &str)],
     ) -> Self {
         let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
         let child = Command::new(binary())
             .arg("--config")
             .arg(&config_path)
+            .env_remove("PINGORA_VHOST_API_TOKEN")
+            .envs(envs.iter().copied())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()

@@ -1,0 +1,878 @@
+//! The admin API as a tower service (`oneshot`), over a real config file on disk.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+use vhost_admin::{router, AdminState, ApplyHook};
+use vhost_config::ConfigWriter;
+use vhost_routing::{BackendId, BuildOptions, LiteralOnly, RouteStore, RouteWriter, State};
+
+const CONFIG: &str = r#"# Operator's comment at the top.
+[proxy]
+management_api_addr = "127.0.0.1:8080"
+
+# Define your virtual hosts (domains)
+[[virtual_hosts]]
+domain = "example.com"
+enabled_backends_tag = "a"               # Use backends tagged "a"
+http_to_https = true
+
+# Define backend servers
+[[backends]]
+id = "web-v1"
+address = "127.0.0.1:3001"
+tags = ["a"]
+"#;
+
+struct Api {
+    router: Router,
+    store: Arc<RouteStore>,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn api_with(
+    token: Option<&str>,
+    hook: Option<Box<dyn Fn(&State) -> Result<(), String> + Send + Sync>>,
+) -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, CONFIG).unwrap();
+    let config = vhost_config::load(&path).unwrap();
+    let (store, writer) =
+        RouteWriter::new(config.state, Box::new(LiteralOnly), BuildOptions::default());
+    let mut state = AdminState::new(
+        writer,
+        Some(ConfigWriter::open(&path).unwrap()),
+        token.map(str::to_owned),
+    )
+    .with_metrics(Arc::new(|| "# TYPE up gauge\nup 1\n".to_owned()));
+    if let Some(check) = hook {
+        state = state.with_hook(FnHook(check));
+    }
+    Api {
+        router: router(Arc::new(state)),
+        store,
+        path,
+        _dir: dir,
+    }
+}
+
+fn api() -> Api {
+    api_with(None, None)
+}
+
+struct FnHook(Box<dyn Fn(&State) -> Result<(), String> + Send + Sync>);
+
+impl ApplyHook for FnHook {
+    fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, String> {
+        (self.0)(next)?;
+        Ok(Box::new(|| {}))
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    text: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
+    }
+
+    fn error(&self) -> (String, Option<String>) {
+        let v = self.json();
+        (
+            v["error"]["code"].as_str().unwrap().to_owned(),
+            v["error"]["field"].as_str().map(str::to_owned),
+        )
+    }
+}
+
+async fn send(
+    api: &Api,
+    method: Method,
+    uri: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(uri);
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+        .unwrap();
+    let resp = api.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        text: String::from_utf8(bytes.to_vec()).unwrap(),
+    }
+}
+
+async fn get(api: &Api, uri: &str) -> Reply {
+    send(api, Method::GET, uri, None, &[]).await
+}
+
+#[tokio::test]
+async fn every_seed_example_works() {
+    let api = api();
+    // GET /api/v1/health
+    let r = get(&api, "/api/v1/health").await;
+    assert_eq!((r.status, r.text.as_str()), (StatusCode::OK, "OK"));
+
+    // GET /api/v1/domains
+    let r = get(&api, "/api/v1/domains").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.json(),
+        json!([{"domain": "example.com", "enabled_backends_tag": "a", "http_to_https": true}])
+    );
+    assert!(r.headers.contains_key("etag"));
+
+    // GET /api/v1/domains/:domain
+    let r = get(&api, "/api/v1/domains/example.com").await;
+    assert_eq!(r.json()["enabled_backends_tag"], "a");
+
+    // POST /api/v1/domains
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains",
+        Some(
+            r#"{"domain": "shop.example.com", "enabled_backends_tag": "a", "http_to_https": true}"#,
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.headers["location"], "/api/v1/domains/shop.example.com");
+
+    // POST /api/v1/backends
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/backends",
+        Some(r#"{"id": "web-v2", "address": "127.0.0.1:3002", "tags": ["b"]}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(
+        r.json(),
+        json!({"id": "web-v2", "address": "127.0.0.1:3002", "tags": ["b"], "weight": 1, "health": "up"})
+    );
+
+    // PUT /api/v1/domains/:domain
+    let r = send(
+        &api,
+        Method::PUT,
+        "/api/v1/domains/shop.example.com",
+        Some(r#"{"enabled_backends_tag": "b", "http_to_https": false}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.json(),
+        json!({"domain": "shop.example.com", "enabled_backends_tag": "b", "http_to_https": false})
+    );
+
+    // GET /api/v1/backends and /api/v1/backends/:id
+    let r = get(&api, "/api/v1/backends").await;
+    assert_eq!(r.json().as_array().unwrap().len(), 2);
+    let r = get(&api, "/api/v1/backends/web-v1").await;
+    assert_eq!(r.json()["tags"], json!(["a"]));
+
+    // PUT /api/v1/backends/:id (seed example: a host name; it does not resolve here)
+    let r = send(
+        &api,
+        Method::PUT,
+        "/api/v1/backends/web-v2",
+        Some(r#"{"address": "localhost:3003", "tags": ["a", "b"]}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["address"], "localhost:3003");
+    assert_eq!(r.json()["health"], "unresolved");
+
+    // The A/B flow: switch to "b" (web-v2 carries b but is unresolved: no healthy backend)...
+    let switch = |tag: &'static str, q: &'static str| {
+        let api = &api;
+        async move {
+            send(
+                api,
+                Method::POST,
+                &format!("/api/v1/domains/example.com/switch{q}"),
+                Some(&format!(r#"{{"new_tag": "{tag}"}}"#)),
+                &[],
+            )
+            .await
+        }
+    };
+    let r = switch("b", "").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    assert_eq!(r.error().0, "no_healthy_backend");
+    // ...so give b a reachable backend, switch, and roll back.
+    let r = send(
+        &api,
+        Method::PUT,
+        "/api/v1/backends/web-v2",
+        Some(r#"{"address": "127.0.0.1:3003"}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = switch("b", "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["enabled_backends_tag"], "b");
+    // The very next routing decision uses the new tag.
+    let picked = api
+        .store
+        .load()
+        .lookup(b"example.com")
+        .unwrap()
+        .select()
+        .unwrap()
+        .id()
+        .to_string();
+    assert_eq!(picked, "web-v2");
+    let r = switch("a", "").await;
+    assert_eq!(r.json()["enabled_backends_tag"], "a");
+
+    // DELETE /api/v1/domains/:domain and /api/v1/backends/:id
+    let r = send(
+        &api,
+        Method::DELETE,
+        "/api/v1/domains/shop.example.com",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = send(&api, Method::DELETE, "/api/v1/backends/web-v2", None, &[]).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    assert_eq!(
+        get(&api, "/api/v1/domains/shop.example.com").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // GET /api/v1/metrics
+    let r = get(&api, "/api/v1/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    assert!(r.text.contains("up 1"));
+
+    // Everything above is in the file, comments kept.
+    let text = std::fs::read_to_string(&api.path).unwrap();
+    assert!(text.starts_with("# Operator's comment at the top."));
+    assert!(text.contains("# Use backends tagged \"a\""));
+    let on_disk = vhost_config::load(&api.path).unwrap().state;
+    assert_eq!(&on_disk, api.store.load().state().as_ref());
+}
+
+#[tokio::test]
+async fn every_error_class_has_its_status_code_and_field() {
+    let api = api_with(
+        None,
+        Some(Box::new(|s: &State| {
+            if s.vhosts()
+                .any(|v| v.tls_cert_path.as_deref() == Some("/missing.pem"))
+            {
+                Err("cannot read /missing.pem".into())
+            } else {
+                Ok(())
+            }
+        })),
+    );
+    let cases: Vec<(
+        Method,
+        &str,
+        Option<&str>,
+        Vec<(&str, &str)>,
+        StatusCode,
+        &str,
+        Option<&str>,
+    )> = vec![
+        (
+            Method::POST,
+            "/api/v1/domains",
+            Some("{\"domain\": "),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            None,
+        ),
+        (
+            Method::POST,
+            "/api/v1/domains",
+            Some(r#"{"domain":"a.com","enabled_backends_tag":"a","colour":1}"#),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("colour"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/domains",
+            Some(r#"{"domain":"bad..com","enabled_backends_tag":"a"}"#),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("domain"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/domains",
+            Some(r#"{"domain":"a.com"}"#),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("enabled_backends_tag"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/domains",
+            Some(
+                r#"{"domain":"a.com","enabled_backends_tag":"a","tls_cert_path":"/missing.pem","tls_key_path":"/k.pem"}"#,
+            ),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "unservable",
+            Some("tls_cert_path"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/domains",
+            Some(r#"{"domain":"a.com","enabled_backends_tag":"a","tls_cert_path":"/c.pem"}"#),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("tls_cert_path"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/backends",
+            Some(r#"{"id":"x","address":"127.0.0.1:0","tags":["a"]}"#),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("address"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/backends",
+            Some(r#"{"id":"x","address":"127.0.0.1:1","tags":[""]}"#),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("tags[0]"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/backends",
+            Some(r#"{"id":"x","address":"127.0.0.1:1","tags":[]}"#),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("tags"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/backends",
+            Some(r#"{"id":"x","address":"127.0.0.1:1","tags":["a"],"weight":0}"#),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("weight"),
+        ),
+        (
+            Method::GET,
+            "/api/v1/domains/bad..name",
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("domain"),
+        ),
+        (
+            Method::GET,
+            "/api/v1/domains/nope.com",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            Method::GET,
+            "/api/v1/backends/nope",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            Method::PUT,
+            "/api/v1/backends/nope",
+            Some(r#"{"weight":2}"#),
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/domains/nope.com",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            Method::GET,
+            "/api/v1/nothing-here",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            Method::POST,
+            "/api/v1/domains",
+            Some(r#"{"domain":"EXAMPLE.com","enabled_backends_tag":"a"}"#),
+            vec![],
+            StatusCode::CONFLICT,
+            "already_exists",
+            Some("domain"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/backends",
+            Some(r#"{"id":"web-v1","address":"127.0.0.1:1","tags":["a"]}"#),
+            vec![],
+            StatusCode::CONFLICT,
+            "already_exists",
+            Some("id"),
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/backends/web-v1",
+            None,
+            vec![],
+            StatusCode::CONFLICT,
+            "backend_in_use",
+            None,
+        ),
+        (
+            Method::PUT,
+            "/api/v1/backends/web-v1",
+            Some(r#"{"tags":["z"]}"#),
+            vec![],
+            StatusCode::CONFLICT,
+            "backend_in_use",
+            None,
+        ),
+        (
+            Method::POST,
+            "/api/v1/domains/example.com/switch",
+            Some(r#"{"new_tag":"nobody"}"#),
+            vec![],
+            StatusCode::CONFLICT,
+            "no_healthy_backend",
+            Some("new_tag"),
+        ),
+        (
+            Method::PUT,
+            "/api/v1/domains/example.com",
+            Some(r#"{"enabled_backends_tag":"nobody"}"#),
+            vec![],
+            StatusCode::CONFLICT,
+            "no_healthy_backend",
+            Some("new_tag"),
+        ),
+        (
+            Method::PUT,
+            "/api/v1/domains/example.com",
+            Some(r#"{"http_to_https":false}"#),
+            vec![("if-match", "\"0000000000000000\"")],
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            None,
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/backends/web-v1",
+            None,
+            vec![("if-match", "\"stale\"")],
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            None,
+        ),
+    ];
+    let file_before = std::fs::read(&api.path).unwrap();
+    let state_before =
+        get(&api, "/api/v1/domains").await.text + &get(&api, "/api/v1/backends").await.text;
+    for (method, uri, body, headers, status, code, field) in cases {
+        let r = send(&api, method.clone(), uri, body, &headers).await;
+        assert_eq!(r.status, status, "{method} {uri} {body:?}: {}", r.text);
+        let (got_code, got_field) = r.error();
+        assert_eq!(got_code, code, "{method} {uri}: {}", r.text);
+        assert_eq!(got_field.as_deref(), field, "{method} {uri}: {}", r.text);
+        assert!(!r.json()["error"]["message"].as_str().unwrap().is_empty());
+        // A rejected request changes nothing, on disk or in memory.
+        assert_eq!(
+            std::fs::read(&api.path).unwrap(),
+            file_before,
+            "{method} {uri} changed the file"
+        );
+        let state_now =
+            get(&api, "/api/v1/domains").await.text + &get(&api, "/api/v1/backends").await.text;
+        assert_eq!(state_now, state_before, "{method} {uri} changed the state");
+    }
+
+    // 415: a body that is not declared JSON.
+    let req = Request::post("/api/v1/domains")
+        .header("content-type", "text/plain")
+        .body(Body::from("{}"))
+        .unwrap();
+    let resp = api.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let req = Request::post("/api/v1/domains")
+        .body(Body::from("{}"))
+        .unwrap();
+    assert_eq!(
+        api.router.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    // 413: a body over the limit.
+    let big = format!(
+        r#"{{"domain":"a.com","enabled_backends_tag":"{}"}}"#,
+        "a".repeat(vhost_admin::BODY_LIMIT)
+    );
+    let r = send(&api, Method::POST, "/api/v1/domains", Some(&big), &[]).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.error().0, "payload_too_large");
+    assert_eq!(std::fs::read(&api.path).unwrap(), file_before);
+
+    // force=true overrides the two safety checks.
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains/example.com/switch?force=true",
+        Some(r#"{"new_tag":"nobody"}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains/example.com/switch",
+        Some(r#"{"new_tag":"a"}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = send(
+        &api,
+        Method::DELETE,
+        "/api/v1/backends/web-v1?force=true",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+}
+
+#[tokio::test]
+async fn etags_guard_concurrent_edits() {
+    let api = api();
+    let r = get(&api, "/api/v1/domains/example.com").await;
+    let etag = r.headers["etag"].to_str().unwrap().to_owned();
+    let r = send(
+        &api,
+        Method::PUT,
+        "/api/v1/domains/example.com",
+        Some(r#"{"http_to_https":false}"#),
+        &[("if-match", &etag)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let new_etag = r.headers["etag"].to_str().unwrap().to_owned();
+    assert_ne!(new_etag, etag);
+    // The first ETag is now stale.
+    let r = send(
+        &api,
+        Method::PUT,
+        "/api/v1/domains/example.com",
+        Some(r#"{"http_to_https":true}"#),
+        &[("if-match", &etag)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    // An unrelated change does not invalidate this resource's ETag.
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/backends",
+        Some(r#"{"id":"other","address":"127.0.0.1:9","tags":["x"]}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = send(
+        &api,
+        Method::DELETE,
+        "/api/v1/domains/example.com",
+        None,
+        &[("if-match", &new_etag)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn backend_json_reports_health_read_only() {
+    let api = api();
+    api.store
+        .load()
+        .backend(&BackendId::parse("web-v1").unwrap())
+        .unwrap()
+        .health()
+        .set_healthy(false);
+    let r = get(&api, "/api/v1/backends/web-v1").await;
+    assert_eq!(r.json()["health"], "down");
+    // A switch to a tag whose only backend is down is refused.
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains/example.com/switch",
+        Some(r#"{"new_tag":"a"}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    // Health cannot be written through the API.
+    let r = send(
+        &api,
+        Method::PUT,
+        "/api/v1/backends/web-v1",
+        Some(r#"{"health":"up"}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.error().1.as_deref(), Some("health"));
+}
+
+#[tokio::test]
+async fn bearer_token_protects_everything_but_health() {
+    let api = api_with(Some("s3cret"), None);
+    assert_eq!(get(&api, "/api/v1/health").await.status, StatusCode::OK);
+    let r = get(&api, "/api/v1/domains").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    assert_eq!(r.error().0, "unauthorized");
+    for bad in [
+        "Bearer wrong",
+        "Bearer s3cre",
+        "Bearer s3cret2",
+        "Basic s3cret",
+        "s3cret",
+    ] {
+        let r = send(
+            &api,
+            Method::GET,
+            "/api/v1/domains",
+            None,
+            &[("authorization", bad)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{bad}");
+    }
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains/example.com/switch",
+        Some(r#"{"new_tag":"a"}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = send(
+        &api,
+        Method::GET,
+        "/api/v1/domains",
+        None,
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[test]
+fn unauthenticated_api_is_refused_beyond_loopback() {
+    assert!(vhost_admin::check_exposure("127.0.0.1:8080".parse().unwrap(), None).is_ok());
+    assert!(vhost_admin::check_exposure("[::1]:8080".parse().unwrap(), None).is_ok());
+    let err = vhost_admin::check_exposure("0.0.0.0:8080".parse().unwrap(), None).unwrap_err();
+    assert!(err.contains("management_api_token"), "{err}");
+    assert!(vhost_admin::check_exposure("0.0.0.0:8080".parse().unwrap(), Some("t")).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_lose_nothing() {
+    let api = Arc::new(api());
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let api = Arc::clone(&api);
+        tasks.push(tokio::spawn(async move {
+            let body = format!(
+                r#"{{"id":"w{i}","address":"127.0.0.1:{}","tags":["a"]}}"#,
+                4000 + i
+            );
+            let r = send(&api, Method::POST, "/api/v1/backends", Some(&body), &[]).await;
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+            let body = format!(r#"{{"weight":{}}}"#, i + 2);
+            let r = send(
+                &api,
+                Method::PUT,
+                &format!("/api/v1/backends/w{i}"),
+                Some(&body),
+                &[],
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            let body = format!(r#"{{"domain":"d{i}.example.com","enabled_backends_tag":"a"}}"#);
+            let r = send(&api, Method::POST, "/api/v1/domains", Some(&body), &[]).await;
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let table = api.store.load();
+    for i in 0..24 {
+        let b = table
+            .state()
+            .backend(&BackendId::parse(&format!("w{i}")).unwrap())
+            .unwrap();
+        assert_eq!(b.weight, i + 2);
+    }
+    assert_eq!(table.state().vhosts().len(), 25);
+    assert_eq!(table.state().backends().len(), 25);
+    assert_eq!(
+        &vhost_config::load(&api.path).unwrap().state,
+        table.state().as_ref()
+    );
+}
+
+#[tokio::test]
+async fn openapi_document_lists_every_route_and_resolves() {
+    let api = api();
+    let r = get(&api, "/api/v1/openapi.json").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let doc = r.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let expected = [
+        ("/api/v1/health", vec!["get"]),
+        ("/api/v1/domains", vec!["get", "post"]),
+        ("/api/v1/domains/{domain}", vec!["get", "put", "delete"]),
+        ("/api/v1/domains/{domain}/switch", vec!["post"]),
+        ("/api/v1/backends", vec!["get", "post"]),
+        ("/api/v1/backends/{id}", vec!["get", "put", "delete"]),
+        ("/api/v1/metrics", vec!["get"]),
+        ("/api/v1/openapi.json", vec!["get"]),
+    ];
+    let paths = doc["paths"].as_object().unwrap();
+    assert_eq!(
+        paths.len(),
+        expected.len(),
+        "{:?}",
+        paths.keys().collect::<Vec<_>>()
+    );
+    for (path, methods) in expected {
+        let item = paths.get(path).unwrap_or_else(|| panic!("{path} missing"));
+        let mut got: Vec<&str> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "parameters")
+            .collect();
+        got.sort_unstable();
+        let mut want = methods.clone();
+        want.sort_unstable();
+        assert_eq!(got, want, "{path}");
+        for m in methods {
+            assert!(
+                item[m]["responses"]
+                    .as_object()
+                    .is_some_and(|r| !r.is_empty()),
+                "{path} {m}"
+            );
+        }
+        // Every route in the document really exists (it is not a 404 from the fallback).
+        let concrete = path
+            .replace("{domain}", "example.com")
+            .replace("{id}", "web-v1");
+        assert_ne!(
+            get(&api, &concrete).await.status,
+            StatusCode::NOT_FOUND,
+            "{concrete}"
+        );
+    }
+    // Every $ref points at a defined schema.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    if k == "$ref" {
+                        out.push(x.as_str().unwrap().to_owned());
+                    } else {
+                        refs(x, out);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap();
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "dangling $ref {r}"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+}
