@@ -16,6 +16,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use vhost_admin::{AdminState, ApplyHook};
 use vhost_config::{Config, ConfigError, ConfigWriter, PersistError};
+use vhost_health::{CheckSettings, HealthChecker};
 use vhost_pingora::{proxy_service, CertError, CertStore, ProxyOptions, VhostProxy};
 use vhost_routing::{BackendAddress, BuildOptions, RouteWriter, State};
 
@@ -89,15 +90,36 @@ impl vhost_routing::Resolve for SystemResolver {
     }
 }
 
-/// Admin API hook: a change is accepted only if the certificates it references load; they go
-/// live right after the routing snapshot.
-struct CertificateHook(Arc<CertStore>);
+/// Admin API hook: a change is accepted only if the certificates it references load; right
+/// after the routing snapshot is published they go live and the health checker looks at the new
+/// backend set (new backends are probed at once).
+struct PublishHook {
+    certs: Arc<CertStore>,
+    health: Arc<tokio::sync::Notify>,
+}
 
-impl ApplyHook for CertificateHook {
+impl ApplyHook for PublishHook {
     fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, String> {
-        let map = self.0.prepare(next).map_err(|e| e.to_string())?;
-        let store = Arc::clone(&self.0);
-        Ok(Box::new(move || store.publish(map)))
+        let map = self.certs.prepare(next).map_err(|e| e.to_string())?;
+        let certs = Arc::clone(&self.certs);
+        let health = Arc::clone(&self.health);
+        Ok(Box::new(move || {
+            certs.publish(map);
+            health.notify_one();
+        }))
+    }
+}
+
+fn check_settings(h: &vhost_config::HealthCheckConfig) -> CheckSettings {
+    CheckSettings {
+        interval: Duration::from_secs(h.interval_secs),
+        timeout: Duration::from_secs(h.timeout_secs),
+        unhealthy_threshold: h.unhealthy_threshold,
+        healthy_threshold: h.healthy_threshold,
+        kind: h.kind,
+        path: h.path.clone(),
+        host: h.host.clone(),
+        expected_status: h.expected_status,
     }
 }
 
@@ -213,12 +235,20 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
             idle_timeout: Duration::from_millis(proxy_conf.idle_timeout_ms),
             max_retries: proxy_conf.max_retries,
             https_port: proxy_conf.listen_addr.port(),
+            passive_failure_threshold: config.health_check.passive_failure_threshold,
             ..ProxyOptions::default()
         },
     );
     let inflight = proxy.inflight();
-    let mut admin = AdminState::new(writer, Some(ConfigWriter::open(path)?), token)
-        .with_hook(CertificateHook(Arc::clone(&certs)));
+    let checker = HealthChecker::new(
+        Arc::clone(writer.store()),
+        check_settings(&config.health_check),
+    );
+    let mut admin =
+        AdminState::new(writer, Some(ConfigWriter::open(path)?), token).with_hook(PublishHook {
+            certs: Arc::clone(&certs),
+            health: checker.waker(),
+        });
     if let Some(m) = &metrics {
         admin = admin.with_metrics(m.render.clone());
     }
@@ -268,8 +298,9 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         spawn_http("admin API", admin_listener, admin_router, admin_stop_rx.clone())?;
         if let Some(m) = metrics {
-            spawn_http("metrics", m.listener, m.router, admin_stop_rx)?;
+            spawn_http("metrics", m.listener, m.router, admin_stop_rx.clone())?;
         }
+        tokio::spawn(checker.run(admin_stop_rx));
         let mut term = signal(SignalKind::terminate())
             .map_err(|e| AppError::Runtime(format!("cannot watch SIGTERM: {e}")))?;
         let mut int = signal(SignalKind::interrupt())

@@ -185,6 +185,18 @@ fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
             return fail(key, "must be at least 1");
         }
     }
+    if let Err(reason) =
+        vhost_routing::check_probe_fields(Some(&h.path), h.host.as_deref(), Some(h.expected_status))
+    {
+        let key = if reason.contains("path") {
+            "health_check.path"
+        } else if reason.contains("host") {
+            "health_check.host"
+        } else {
+            "health_check.expected_status"
+        };
+        return fail(key, &reason);
+    }
     if let Some(le) = &file.lets_encrypt {
         if !le.email.contains('@') {
             return fail("lets_encrypt.email", "must be an e-mail address");
@@ -212,7 +224,8 @@ fn validation_key<'a>(
             ValidationError::DuplicateBackend { id }
             | ValidationError::EmptyTagList { id }
             | ValidationError::DuplicateTag { id, .. }
-            | ValidationError::InvalidWeight { id, .. } => ("backends", backend_index(id)),
+            | ValidationError::InvalidWeight { id, .. }
+            | ValidationError::InvalidProbe { id, .. } => ("backends", backend_index(id)),
         };
         match index {
             Some(i) => format!("{section}[{i}].{}", e.field()),

@@ -12,8 +12,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
-use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, Value};
-use vhost_routing::{Backend, BackendId, Change, DomainName, VirtualHost};
+use toml_edit::{Array, ArrayOfTables, DocumentMut, InlineTable, Item, Table, Value};
+use vhost_routing::{
+    Backend, BackendId, Change, DomainName, ProbeKind, ProbeOverride, VirtualHost,
+};
 
 /// Persisting failed; the file on disk is unchanged.
 #[derive(Debug, Error)]
@@ -268,7 +270,34 @@ fn backend_table(b: &Backend, mut t: Table) -> Table {
     if b.weight != 1 || t.contains_key("weight") {
         set(&mut t, "weight", Value::from(i64::from(b.weight)));
     }
+    set_opt(
+        &mut t,
+        "health_check",
+        b.health_check.as_ref().map(probe_value),
+    );
     t
+}
+
+fn probe_value(p: &ProbeOverride) -> Value {
+    let mut t = InlineTable::new();
+    if let Some(kind) = p.kind {
+        let kind = match kind {
+            ProbeKind::Tcp => "tcp",
+            ProbeKind::Http => "http",
+        };
+        t.insert("kind", Value::from(kind));
+    }
+    if let Some(path) = &p.path {
+        t.insert("path", Value::from(path.as_str()));
+    }
+    if let Some(host) = &p.host {
+        t.insert("host", Value::from(host.as_str()));
+    }
+    if let Some([lo, hi]) = p.expected_status {
+        let range: Array = [i64::from(lo), i64::from(hi)].into_iter().collect();
+        t.insert("expected_status", Value::Array(range));
+    }
+    Value::InlineTable(t)
 }
 
 /// Replaces `path` with `contents` so that a crash leaves the old or the new file, never a mix:

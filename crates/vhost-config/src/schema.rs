@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use vhost_routing::{Backend, VirtualHost};
+use vhost_routing::{Backend, ProbeKind, VirtualHost};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +193,18 @@ pub struct HealthCheckConfig {
     pub unhealthy_threshold: u32,
     /// Consecutive successes that mark a backend up again (default 2).
     pub healthy_threshold: u32,
+    /// Probe kind: `tcp` (connect, default) or `http` (`GET path`).
+    pub kind: ProbeKind,
+    /// Path of HTTP probes (default `/`).
+    pub path: String,
+    /// `Host` header of HTTP probes (default: the backend address's host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Inclusive range of healthy HTTP statuses (default `[200, 399]`).
+    pub expected_status: [u16; 2],
+    /// Consecutive connection failures seen by the proxy that eject a backend until an active
+    /// probe succeeds again (default 5; 0 disables passive ejection).
+    pub passive_failure_threshold: u32,
 }
 
 impl Default for HealthCheckConfig {
@@ -202,6 +214,11 @@ impl Default for HealthCheckConfig {
             timeout_secs: 5,
             unhealthy_threshold: 3,
             healthy_threshold: 2,
+            kind: ProbeKind::Tcp,
+            path: "/".to_owned(),
+            host: None,
+            expected_status: [200, 399],
+            passive_failure_threshold: 5,
         }
     }
 }

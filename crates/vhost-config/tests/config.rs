@@ -151,6 +151,15 @@ fn section_rules() {
     assert_eq!(key, "proxy.listen_addr_http");
     let (_, _, key, _) = invalid("[proxy]\nmanagement_api_token = \"\"\n");
     assert_eq!(key, "proxy.management_api_token");
+    let (_, _, key, _) = invalid("[health_check]\nkind = \"http\"\npath = \"healthz\"\n");
+    assert_eq!(key, "health_check.path");
+    let (_, _, key, _) = invalid("[health_check]\nexpected_status = [500, 200]\n");
+    assert_eq!(key, "health_check.expected_status");
+    let (_, _, key, msg) = invalid(&format!(
+        "{MINIMAL}health_check = {{ kind = \"http\", path = \"x\" }}\n"
+    ));
+    assert_eq!(key, "backends[0].health_check");
+    assert!(msg.contains("must start with '/'"), "{msg}");
 }
 
 #[test]
@@ -191,6 +200,12 @@ fn write_back_keeps_comments_and_round_trips() {
             update: BackendUpdate {
                 address: Some(BackendAddress::parse("127.0.0.1:3011").unwrap()),
                 weight: Some(7),
+                health_check: Some(vhost_routing::ProbeOverride {
+                    kind: Some(vhost_routing::ProbeKind::Http),
+                    path: Some("/healthz".into()),
+                    expected_status: Some([200, 204]),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             force: false,
@@ -224,6 +239,12 @@ fn write_back_keeps_comments_and_round_trips() {
     assert!(text.contains("# HTTPS port (started when a certificate is configured)"));
     assert!(!text.contains("web-v2"));
     assert!(text.contains("weight = 7"));
+    assert!(
+        text.contains(
+            "health_check = { kind = \"http\", path = \"/healthz\", expected_status = [200, 204] }"
+        ),
+        "{text}"
+    );
     // No temp files left behind.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

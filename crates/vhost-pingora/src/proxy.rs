@@ -43,6 +43,9 @@ pub struct ProxyOptions {
     pub https_port: u16,
     /// `Retry-After` seconds sent with 503 when no backend is available.
     pub retry_after_secs: u32,
+    /// Consecutive connection failures that eject a backend until an active probe succeeds
+    /// (0 disables passive ejection).
+    pub passive_failure_threshold: u32,
 }
 
 impl Default for ProxyOptions {
@@ -55,6 +58,7 @@ impl Default for ProxyOptions {
             max_retries: 2,
             https_port: 443,
             retry_after_secs: 5,
+            passive_failure_threshold: 5,
         }
     }
 }
@@ -396,10 +400,37 @@ impl ProxyHttp for VhostProxy {
         if let Some(addr) = peer.address().as_inet() {
             ctx.failed.push(*addr);
         }
+        if let Some(backend) = &ctx.backend {
+            let threshold = self.options.passive_failure_threshold;
+            if backend.health().record_connect_failure(threshold) {
+                tracing::warn!(
+                    backend = backend.id().as_str(),
+                    from = "up",
+                    to = "down",
+                    reason = %format!("{threshold} consecutive connection failures"),
+                    "backend ejected (passive health check)"
+                );
+            }
+        }
         if ctx.attempts <= self.options.max_retries {
             e.set_retry(true);
         }
         e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(backend) = &ctx.backend {
+            backend.health().record_connect_success();
+        }
+        Ok(())
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

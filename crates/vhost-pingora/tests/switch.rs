@@ -57,6 +57,122 @@ async fn backend(name: &'static str) -> SocketAddr {
     addr
 }
 
+fn start_server(
+    store: Arc<vhost_routing::RouteStore>,
+    options: ProxyOptions,
+) -> (
+    String,
+    tokio::sync::watch::Sender<bool>,
+    std::thread::JoinHandle<()>,
+) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let conf = ServerConf {
+        threads: 2,
+        grace_period_seconds: Some(0),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let service = proxy_service(
+        &server.configuration,
+        VhostProxy::new(store, options),
+        Some(&listen),
+        None,
+    )
+    .unwrap();
+    server.add_service(service);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let thread = std::thread::spawn(move || {
+        server.run(RunArgs {
+            shutdown_signal: Box::new(StopOn(stop_rx)),
+        });
+    });
+    let start = Instant::now();
+    while TcpStream::connect(&listen).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "proxy did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (listen, stop_tx, thread)
+}
+
+#[test]
+fn consecutive_connect_failures_eject_a_backend_passively() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let live = rt.block_on(backend("live"));
+    let dead: SocketAddr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let be = |id: &str, addr: SocketAddr| {
+        Backend::new(
+            BackendId::parse(id).unwrap(),
+            BackendAddress::parse(&addr.to_string()).unwrap(),
+            vec![t("a")],
+        )
+    };
+    let state = State::new(
+        vec![VirtualHost::new(
+            DomainName::parse("app.test").unwrap(),
+            t("a"),
+        )],
+        vec![be("dead", dead), be("live", live)],
+    )
+    .unwrap();
+    let (store, _writer) = RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
+    let options = ProxyOptions {
+        passive_failure_threshold: 3,
+        ..ProxyOptions::default()
+    };
+    let (listen, stop, thread) = start_server(Arc::clone(&store), options);
+    let dead_id = BackendId::parse("dead").unwrap();
+    let cell = Arc::clone(store.load().backend(&dead_id).unwrap().health());
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{listen}/");
+    rt.block_on(async {
+        // Round robin alternates dead/live; every request still succeeds (retry on the sibling).
+        let mut requests = 0;
+        while cell.is_healthy() {
+            let r = client
+                .get(&url)
+                .header("host", "app.test")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.text().await.unwrap(), "live");
+            requests += 1;
+            assert!(requests <= 6, "not ejected after {requests} requests");
+        }
+        // Each request's first pick is the dead backend (the retry on "live" takes the next
+        // rotation slot), so the third request makes the third consecutive failure: ejected.
+        assert_eq!(requests, 3);
+        // Requests keep succeeding while it stays ejected (no active checker here to revive it).
+        for _ in 0..10 {
+            let r = client
+                .get(&url)
+                .header("host", "app.test")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        assert!(!cell.is_healthy());
+    });
+    stop.send(true).unwrap();
+    thread.join().unwrap();
+}
+
 fn t(s: &str) -> Tag {
     Tag::parse(s).unwrap()
 }

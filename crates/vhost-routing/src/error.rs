@@ -42,6 +42,14 @@ pub enum ValidationError {
         /// The rejected weight.
         weight: u16,
     },
+    /// Invalid `health_check` overrides.
+    #[error("backend {id} has invalid health_check settings: {reason}")]
+    InvalidProbe {
+        /// The backend.
+        id: BackendId,
+        /// What is wrong.
+        reason: String,
+    },
     /// Only one of `tls_cert_path` / `tls_key_path` is set.
     #[error(
         "domain {domain} sets only one of tls_cert_path and tls_key_path; set both or neither"
@@ -66,6 +74,7 @@ impl ValidationError {
             Self::DuplicateBackend { .. } => "id",
             Self::EmptyTagList { .. } | Self::DuplicateTag { .. } => "tags",
             Self::InvalidWeight { .. } => "weight",
+            Self::InvalidProbe { .. } => "health_check",
             Self::IncompleteTlsPair { .. } | Self::EmptyTlsPath { .. } => "tls_cert_path",
         }
     }

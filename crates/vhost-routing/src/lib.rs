@@ -34,7 +34,10 @@ pub mod store;
 pub mod table;
 
 pub use error::{CommandError, ValidationError};
-pub use model::{Backend, BackendUpdate, VirtualHost, VirtualHostUpdate, MAX_WEIGHT};
+pub use model::{
+    check_probe_fields, Backend, BackendUpdate, ProbeKind, ProbeOverride, VirtualHost,
+    VirtualHostUpdate, MAX_WEIGHT,
+};
 pub use names::{
     AddressError, BackendAddress, BackendId, BackendIdError, DomainName, DomainNameError, Host,
     Tag, TagError, MAX_DOMAIN_LEN,

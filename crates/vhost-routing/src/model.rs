@@ -71,6 +71,86 @@ impl VirtualHost {
     }
 }
 
+/// How a backend is probed by active health checking.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    /// A TCP connect succeeds (default).
+    #[default]
+    Tcp,
+    /// `GET path` answers a status in the expected range.
+    Http,
+}
+
+/// Per-backend overrides of the `[health_check]` probe settings; absent fields use the global ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ProbeOverride {
+    /// `tcp` or `http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ProbeKind>,
+    /// HTTP probe path, starting with `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `Host` header of HTTP probes (default: the backend address's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Inclusive range of healthy HTTP status codes, e.g. `[200, 399]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_status: Option<[u16; 2]>,
+}
+
+impl ProbeOverride {
+    /// Checks path and status range; `Err(reason)`.
+    pub fn check(&self) -> Result<(), String> {
+        check_probe_fields(
+            self.path.as_deref(),
+            self.host.as_deref(),
+            self.expected_status,
+        )
+    }
+}
+
+/// Shared rules of probe settings (global and per backend): `Err(reason)` if broken.
+pub fn check_probe_fields(
+    path: Option<&str>,
+    host: Option<&str>,
+    expected_status: Option<[u16; 2]>,
+) -> Result<(), String> {
+    if let Some(path) = path {
+        if !path.starts_with('/')
+            || path
+                .chars()
+                .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+        {
+            return Err(format!(
+                "probe path {path:?} must start with '/' and contain no spaces"
+            ));
+        }
+    }
+    if let Some(host) = host {
+        if host.is_empty()
+            || host
+                .chars()
+                .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+        {
+            return Err(format!(
+                "probe host {host:?} must be non-empty and contain no spaces"
+            ));
+        }
+    }
+    if let Some([lo, hi]) = expected_status {
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return Err(format!(
+                "expected_status [{lo}, {hi}] must be a range of HTTP status codes (100-599, low first)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An upstream server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -89,6 +169,9 @@ pub struct Backend {
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 256, default = 1))]
     #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
     pub weight: u16,
+    /// Probe settings overriding `[health_check]` for this backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<ProbeOverride>,
 }
 
 impl Backend {
@@ -99,6 +182,7 @@ impl Backend {
             address,
             tags,
             weight: 1,
+            health_check: None,
         }
     }
 
@@ -122,6 +206,14 @@ impl Backend {
                 id: self.id.clone(),
                 weight: self.weight,
             });
+        }
+        if let Some(probe) = &self.health_check {
+            probe
+                .check()
+                .map_err(|reason| ValidationError::InvalidProbe {
+                    id: self.id.clone(),
+                    reason,
+                })?;
         }
         Ok(())
     }
@@ -189,6 +281,9 @@ pub struct BackendUpdate {
     /// New weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u16>,
+    /// New probe overrides (`{}` removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<ProbeOverride>,
 }
 
 impl BackendUpdate {
@@ -204,6 +299,9 @@ impl BackendUpdate {
         if let Some(weight) = self.weight {
             next.weight = weight;
         }
+        if let Some(probe) = &self.health_check {
+            next.health_check = (*probe != ProbeOverride::default()).then(|| probe.clone());
+        }
         next
     }
 }
@@ -218,7 +316,63 @@ mod tests {
             address: BackendAddress::parse("127.0.0.1:1").unwrap(),
             tags: tags.iter().map(|t| Tag::parse(t).unwrap()).collect(),
             weight,
+            health_check: None,
         }
+    }
+
+    #[test]
+    fn probe_overrides_are_checked() {
+        let mut b = backend(&["a"], 1);
+        b.health_check = Some(ProbeOverride {
+            kind: Some(ProbeKind::Http),
+            path: Some("/healthz".into()),
+            expected_status: Some([200, 299]),
+            ..Default::default()
+        });
+        assert!(b.validate().is_ok());
+        for bad in [
+            ProbeOverride {
+                path: Some("healthz".into()),
+                ..Default::default()
+            },
+            ProbeOverride {
+                path: Some("/a b".into()),
+                ..Default::default()
+            },
+            ProbeOverride {
+                host: Some(String::new()),
+                ..Default::default()
+            },
+            ProbeOverride {
+                expected_status: Some([300, 200]),
+                ..Default::default()
+            },
+            ProbeOverride {
+                expected_status: Some([99, 200]),
+                ..Default::default()
+            },
+        ] {
+            b.health_check = Some(bad.clone());
+            assert!(
+                matches!(b.validate(), Err(ValidationError::InvalidProbe { .. })),
+                "{bad:?}"
+            );
+        }
+        let json: Backend = serde_json::from_str(
+            r#"{"id":"x","address":"h:1","tags":["a"],"health_check":{"kind":"http","path":"/h"}}"#,
+        )
+        .unwrap();
+        assert_eq!(json.health_check.unwrap().kind, Some(ProbeKind::Http));
+        let clear = BackendUpdate {
+            health_check: Some(ProbeOverride::default()),
+            ..Default::default()
+        };
+        let mut with = backend(&["a"], 1);
+        with.health_check = Some(ProbeOverride {
+            path: Some("/h".into()),
+            ..Default::default()
+        });
+        assert_eq!(clear.applied_to(&with).health_check, None);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use foldhash::fast::RandomState;
@@ -47,10 +47,12 @@ where
 }
 
 /// A backend's health, shared by every snapshot that contains the backend (same id and address).
-/// Health checking writes it; selection reads it with one relaxed atomic load.
+/// Active health checking and passive ejection write it; selection reads it with one relaxed
+/// atomic load.
 #[derive(Debug)]
 pub struct HealthCell {
     healthy: AtomicBool,
+    connect_failures: AtomicU32,
 }
 
 impl HealthCell {
@@ -58,6 +60,7 @@ impl HealthCell {
     pub fn new(healthy: bool) -> Self {
         Self {
             healthy: AtomicBool::new(healthy),
+            connect_failures: AtomicU32::new(0),
         }
     }
 
@@ -66,9 +69,30 @@ impl HealthCell {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Sets the state and returns the previous one.
+    /// Sets the state and returns the previous one. Marking a backend up clears its count of
+    /// consecutive connection failures.
     pub fn set_healthy(&self, healthy: bool) -> bool {
+        if healthy {
+            self.connect_failures.store(0, Ordering::Relaxed);
+        }
         self.healthy.swap(healthy, Ordering::Relaxed)
+    }
+
+    /// Passive health: the proxy failed to connect. Returns true if this failure is the
+    /// `threshold`-th in a row and ejected a healthy backend (0 disables ejection).
+    pub fn record_connect_failure(&self, threshold: u32) -> bool {
+        if threshold == 0 {
+            return false;
+        }
+        let failures = self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        failures >= threshold && self.healthy.swap(false, Ordering::Relaxed)
+    }
+
+    /// Passive health: the proxy connected. Cheap when there were no failures (no write).
+    pub fn record_connect_success(&self) {
+        if self.connect_failures.load(Ordering::Relaxed) != 0 {
+            self.connect_failures.store(0, Ordering::Relaxed);
+        }
     }
 }
 
@@ -728,6 +752,36 @@ mod tests {
         first.backend(&b2).unwrap().health().set_healthy(true);
         let next = second.lookup(b"b.com").unwrap().select().unwrap();
         assert_eq!(next.id().as_str(), "b2");
+    }
+
+    #[test]
+    fn passive_ejection_after_consecutive_connect_failures() {
+        let cell = HealthCell::new(true);
+        assert!(!cell.record_connect_failure(3));
+        assert!(!cell.record_connect_failure(3));
+        cell.record_connect_success();
+        assert!(!cell.record_connect_failure(3));
+        assert!(!cell.record_connect_failure(3));
+        assert!(cell.is_healthy());
+        assert!(
+            cell.record_connect_failure(3),
+            "third failure in a row ejects"
+        );
+        assert!(!cell.is_healthy());
+        assert!(
+            !cell.record_connect_failure(3),
+            "already down: not a new ejection"
+        );
+        cell.set_healthy(true);
+        assert!(
+            !cell.record_connect_failure(3),
+            "counter restarts after recovery"
+        );
+        let off = HealthCell::new(true);
+        for _ in 0..10 {
+            assert!(!off.record_connect_failure(0));
+        }
+        assert!(off.is_healthy());
     }
 
     #[test]

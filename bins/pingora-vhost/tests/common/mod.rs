@@ -52,6 +52,7 @@ pub struct TestBackend {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
     rt: Arc<tokio::runtime::Runtime>,
+    accept: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl TestBackend {
@@ -61,7 +62,40 @@ impl TestBackend {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let (name_c, hits_c) = (name.to_owned(), Arc::clone(&hits));
+        let accept = Self::serve(rt, listener, name, &hits);
+        Self {
+            name: name.to_owned(),
+            addr,
+            hits,
+            rt: Arc::clone(rt),
+            accept: Some(accept),
+        }
+    }
+
+    /// Stops accepting connections (the port then refuses them).
+    pub fn kill(&mut self) {
+        if let Some(task) = self.accept.take() {
+            task.abort();
+            let _ = self.rt.block_on(task);
+        }
+    }
+
+    /// Accepts again on the same address.
+    pub fn restart(&mut self) {
+        let listener = self
+            .rt
+            .block_on(tokio::net::TcpListener::bind(self.addr))
+            .unwrap();
+        self.accept = Some(Self::serve(&self.rt, listener, &self.name, &self.hits));
+    }
+
+    fn serve(
+        rt: &Arc<tokio::runtime::Runtime>,
+        listener: tokio::net::TcpListener,
+        name: &str,
+        hits: &Arc<AtomicUsize>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (name_c, hits_c) = (name.to_owned(), Arc::clone(hits));
         rt.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
@@ -94,13 +128,7 @@ impl TestBackend {
                         .await;
                 });
             }
-        });
-        Self {
-            name: name.to_owned(),
-            addr,
-            hits,
-            rt: Arc::clone(rt),
-        }
+        })
     }
 
     pub fn hits(&self) -> usize {

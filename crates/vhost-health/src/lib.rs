@@ -1,0 +1,278 @@
+//! # vhost-health
+//!
+//! Active health checking for pingora-vhost. A supervisor ([`HealthChecker::run`]) keeps one
+//! prober task per backend of the current routing snapshot — added backends are probed at once,
+//! deleted ones stop being probed, a changed address (or probe setting) restarts the backend's
+//! history. Each prober runs on its own schedule (interval ± 10 % jitter, per-probe timeout), so a
+//! slow or black-holed backend never delays the others.
+//!
+//! Data flow: [`RouteStore`] snapshot → probers → the backends' [`HealthCell`]s, the one health
+//! state that selection (data plane), the admin API and the metrics all read.
+//!
+//! Rules: the first probe of a backend decides its state at once (a dead backend added at runtime
+//! stops getting traffic after one probe, a live one keeps it); after that,
+//! `unhealthy_threshold` consecutive failures mark it down and `healthy_threshold` consecutive
+//! successes mark it up. A backend ejected passively by the proxy (consecutive connection
+//! failures, see [`HealthCell::record_connect_failure`]) comes back on the next successful probe.
+
+mod probe;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use vhost_routing::{Backend, BackendId, HealthCell, ProbeKind, RouteStore};
+
+pub use probe::{probe, ProbeError};
+
+/// Global probe settings (`[health_check]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSettings {
+    /// Time between two probes of one backend.
+    pub interval: Duration,
+    /// Time after which a probe counts as failed.
+    pub timeout: Duration,
+    /// Consecutive failures that mark a backend down.
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes that mark a backend up.
+    pub healthy_threshold: u32,
+    /// Default probe kind.
+    pub kind: ProbeKind,
+    /// Default HTTP probe path.
+    pub path: String,
+    /// Default HTTP probe Host header (`None`: the backend address's host).
+    pub host: Option<String>,
+    /// Default healthy HTTP status range (inclusive).
+    pub expected_status: [u16; 2],
+}
+
+impl Default for CheckSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+            kind: ProbeKind::Tcp,
+            path: "/".into(),
+            host: None,
+            expected_status: [200, 399],
+        }
+    }
+}
+
+/// How one backend is probed: the global settings merged with its overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProbePlan {
+    /// TCP or HTTP.
+    pub kind: ProbeKind,
+    /// HTTP path.
+    pub path: String,
+    /// HTTP Host header.
+    pub host: String,
+    /// Healthy status range (inclusive).
+    pub expected_status: [u16; 2],
+}
+
+impl CheckSettings {
+    /// The plan for `backend`.
+    pub fn plan_for(&self, backend: &Backend) -> ProbePlan {
+        let o = backend.health_check.clone().unwrap_or_default();
+        let default_host = match backend.address.host() {
+            vhost_routing::Host::Name(n) => n.to_string(),
+            vhost_routing::Host::Ip(ip) if ip.is_ipv6() => format!("[{ip}]"),
+            vhost_routing::Host::Ip(ip) => ip.to_string(),
+        };
+        ProbePlan {
+            kind: o.kind.unwrap_or(self.kind),
+            path: o.path.unwrap_or_else(|| self.path.clone()),
+            host: o.host.or_else(|| self.host.clone()).unwrap_or(default_host),
+            expected_status: o.expected_status.unwrap_or(self.expected_status),
+        }
+    }
+}
+
+/// One probe result, for observers (tests, diagnostics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeEvent {
+    /// The backend.
+    pub backend: BackendId,
+    /// The probe's error, `None` on success.
+    pub error: Option<String>,
+    /// Health after this probe.
+    pub healthy: bool,
+}
+
+/// The health-check supervisor.
+pub struct HealthChecker {
+    store: Arc<RouteStore>,
+    settings: Arc<CheckSettings>,
+    wake: Arc<Notify>,
+    events: Option<mpsc::UnboundedSender<ProbeEvent>>,
+}
+
+impl std::fmt::Debug for HealthChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthChecker")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often the supervisor re-reads the snapshot when nobody wakes it.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+
+struct Prober {
+    key: (SocketAddr, ProbePlan),
+    cell: Arc<HealthCell>,
+    task: JoinHandle<()>,
+}
+
+impl HealthChecker {
+    /// A checker of the backends published in `store`.
+    pub fn new(store: Arc<RouteStore>, settings: CheckSettings) -> Self {
+        Self {
+            store,
+            settings: Arc::new(settings),
+            wake: Arc::new(Notify::new()),
+            events: None,
+        }
+    }
+
+    /// Sends every probe result to `events`.
+    pub fn with_events(mut self, events: mpsc::UnboundedSender<ProbeEvent>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Notify this after publishing a snapshot so new backends are probed at once.
+    pub fn waker(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
+    }
+
+    /// Runs until `shutdown` becomes true (or its sender is dropped).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut probers: HashMap<BackendId, Prober> = HashMap::new();
+        loop {
+            self.reconcile(&mut probers);
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+            }
+        }
+        for (_, p) in probers {
+            p.task.abort();
+        }
+    }
+
+    fn reconcile(&self, probers: &mut HashMap<BackendId, Prober>) {
+        let table = self.store.load();
+        probers.retain(|id, p| {
+            let keep = table.backend(id).is_some_and(|entry| {
+                entry.socket_addr().is_some_and(|addr| {
+                    p.key == (addr, self.settings.plan_for(entry.backend()))
+                        && Arc::ptr_eq(&p.cell, entry.health())
+                })
+            });
+            if !keep {
+                p.task.abort();
+                metrics::gauge!("health_check_status", "backend" => id.to_string()).set(0.0);
+                tracing::debug!(backend = %id, "stopped probing");
+            }
+            keep
+        });
+        for entry in table.backends() {
+            let Some(addr) = entry.socket_addr() else {
+                continue;
+            };
+            if probers.contains_key(entry.id()) {
+                continue;
+            }
+            let plan = self.settings.plan_for(entry.backend());
+            let cell = Arc::clone(entry.health());
+            let task = tokio::spawn(prober(
+                entry.id().clone(),
+                addr,
+                plan.clone(),
+                Arc::clone(&cell),
+                Arc::clone(&self.settings),
+                self.events.clone(),
+            ));
+            probers.insert(
+                entry.id().clone(),
+                Prober {
+                    key: (addr, plan),
+                    cell,
+                    task,
+                },
+            );
+        }
+    }
+}
+
+fn jittered(interval: Duration) -> Duration {
+    // ±10 %, so probes of many backends do not align.
+    let factor = 0.9 + fastrand::f64() * 0.2;
+    interval.mul_f64(factor)
+}
+
+async fn prober(
+    id: BackendId,
+    addr: SocketAddr,
+    plan: ProbePlan,
+    cell: Arc<HealthCell>,
+    settings: Arc<CheckSettings>,
+    events: Option<mpsc::UnboundedSender<ProbeEvent>>,
+) {
+    let status = metrics::gauge!("health_check_status", "backend" => id.to_string());
+    let to_up = metrics::counter!("health_check_transitions_total", "backend" => id.to_string(), "to" => "up");
+    let to_down = metrics::counter!("health_check_transitions_total", "backend" => id.to_string(), "to" => "down");
+    let mut first = true;
+    let (mut failures, mut successes) = (0u32, 0u32);
+    loop {
+        let result = match tokio::time::timeout(settings.timeout, probe(addr, &plan)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProbeError::Timeout(settings.timeout)),
+        };
+        let was_healthy = cell.is_healthy();
+        match &result {
+            Ok(()) => {
+                successes = successes.saturating_add(1);
+                failures = 0;
+                if !was_healthy && (first || successes >= settings.healthy_threshold) {
+                    cell.set_healthy(true);
+                    to_up.increment(1);
+                    tracing::info!(backend = %id, %addr, from = "down", to = "up", reason = %format!("{successes} successful probe(s)"), "backend health changed");
+                }
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                successes = 0;
+                if was_healthy && (first || failures >= settings.unhealthy_threshold) {
+                    cell.set_healthy(false);
+                    to_down.increment(1);
+                    tracing::warn!(backend = %id, %addr, from = "up", to = "down", reason = %e, failures, "backend health changed");
+                }
+            }
+        }
+        first = false;
+        let healthy = cell.is_healthy();
+        status.set(if healthy { 1.0 } else { 0.0 });
+        if let Some(tx) = &events {
+            let _ = tx.send(ProbeEvent {
+                backend: id.clone(),
+                error: result.err().map(|e| e.to_string()),
+                healthy,
+            });
+        }
+        tokio::time::sleep(jittered(settings.interval)).await;
+    }
+}
