@@ -258,7 +258,7 @@ fn a_dead_backend_costs_clients_nothing_while_a_sibling_is_up() {
 }
 
 #[test]
-fn no_backend_for_the_tag_is_503_with_retry_after_and_all_dead_is_502() {
+fn no_backend_or_no_healthy_backend_is_503_with_retry_after() {
     let rt = runtime();
     let body = format!(
         "{}{}{}",
@@ -277,13 +277,32 @@ fn no_backend_for_the_tag_is_503_with_retry_after_and_all_dead_is_502() {
             .unwrap();
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["retry-after"], "5");
+    });
+    // The only backend of dead.test refuses connections: its first health probe marks it down,
+    // then the proxy answers 503 itself instead of trying it.
+    wait_until("the dead backend to be marked down", || {
+        rt.block_on(async {
+            let r = c
+                .get(proxy.admin_url("/api/v1/backends/dead"))
+                .send()
+                .await
+                .unwrap();
+            r.text().await.unwrap().contains("\"health\":\"down\"")
+        })
+    });
+    rt.block_on(async {
         let r = c
             .get(proxy.http_url("/"))
             .header("host", "dead.test")
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 502);
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "5");
+        assert_eq!(
+            r.text().await.unwrap(),
+            "no healthy backend for this domain\n"
+        );
     });
 }
 

@@ -30,12 +30,25 @@ fn every_curl_example_in_docs_api_md_runs_with_the_documented_status() {
         examples.len()
     );
 
-    let body = "[[virtual_hosts]]\ndomain = \"example.com\"\nenabled_backends_tag = \"a\"\nhttp_to_https = true\n\n\
-                [[backends]]\nid = \"web-v1\"\naddress = \"127.0.0.1:3001\"\ntags = [\"a\"]\n";
-    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", body, false);
+    // The documented backend addresses, served for real (health checks run).
+    let rt = runtime();
+    let live: Vec<(String, TestBackend)> = ["127.0.0.1:3001", "127.0.0.1:3002", "127.0.0.1:3003"]
+        .iter()
+        .map(|doc_addr| (doc_addr.to_string(), TestBackend::start(&rt, doc_addr)))
+        .collect();
+    let real = |text: &str| {
+        live.iter().fold(text.to_owned(), |t, (doc_addr, b)| {
+            t.replace(doc_addr, &b.addr.to_string())
+        })
+    };
+    let body = real(
+        "[[virtual_hosts]]\ndomain = \"example.com\"\nenabled_backends_tag = \"a\"\nhttp_to_https = true\n\n\
+         [[backends]]\nid = \"web-v1\"\naddress = \"127.0.0.1:3001\"\ntags = [\"a\"]\n",
+    );
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
     let base = format!("http://{}", proxy.admin);
     for (cmd, expected) in examples {
-        let cmd = cmd.replace("http://127.0.0.1:8080", &base);
+        let cmd = real(&cmd).replace("http://127.0.0.1:8080", &base);
         let out = Command::new("sh")
             .arg("-c")
             .arg(format!("{cmd} -s -o /dev/null -w '%{{http_code}}'"))

@@ -173,6 +173,50 @@ fn consecutive_connect_failures_eject_a_backend_passively() {
     thread.join().unwrap();
 }
 
+#[test]
+fn every_backend_refusing_connections_is_502() {
+    let dead: SocketAddr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let state = State::new(
+        vec![VirtualHost::new(
+            DomainName::parse("app.test").unwrap(),
+            t("a"),
+        )],
+        vec![Backend::new(
+            BackendId::parse("dead").unwrap(),
+            BackendAddress::parse(&dead.to_string()).unwrap(),
+            vec![t("a")],
+        )],
+    )
+    .unwrap();
+    let (store, _writer) = RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
+    let options = ProxyOptions {
+        passive_failure_threshold: 0,
+        ..ProxyOptions::default()
+    };
+    let (listen, stop, thread) = start_server(store, options);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        for _ in 0..3 {
+            let r = client
+                .get(format!("http://{listen}/"))
+                .header("host", "app.test")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 502);
+        }
+    });
+    stop.send(true).unwrap();
+    thread.join().unwrap();
+}
+
 fn t(s: &str) -> Tag {
     Tag::parse(s).unwrap()
 }
