@@ -105,7 +105,7 @@ tags = ["b"]
     );
     std::fs::write(&config_path, config).map_err(demo_err)?;
     let loaded = vhost_config::load(&config_path)?;
-    crate::logging::init(&loaded.logging)?;
+    let _log_guard = crate::logging::init(&loaded.logging)?;
 
     println!(
         r#"

@@ -1,21 +1,21 @@
-//! `[logging]` → a `tracing` subscriber (level; text or JSON; console or file).
+//! `[logging]` → a `tracing` subscriber: level; text or JSON lines; console or file. Lines are
+//! written by a background thread (non-blocking writer), so logging never blocks a proxy thread
+//! on the terminal or the disk. Access-log events have the target `access`.
 
 use std::fs::OpenOptions;
-use std::sync::Arc;
 
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 use vhost_config::{LogFormat, LogOutput, LoggingConfig};
 
 use crate::server::AppError;
 
-/// Installs the global subscriber. `RUST_LOG` overrides the configured level when set.
-pub(crate) fn init(config: &LoggingConfig) -> Result<(), AppError> {
+/// Installs the global subscriber. `RUST_LOG` overrides the configured level when set. Keep the
+/// returned guard alive: dropping it flushes and stops the writer.
+pub(crate) fn init(config: &LoggingConfig) -> Result<WorkerGuard, AppError> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(config.level.as_str()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    let result = match (config.output, &config.file_path) {
+    let (writer, guard) = match (config.output, &config.file_path) {
         (LogOutput::File, Some(path)) => {
             let file = OpenOptions::new()
                 .create(true)
@@ -25,22 +25,20 @@ pub(crate) fn init(config: &LoggingConfig) -> Result<(), AppError> {
                     path: path.clone(),
                     source,
                 })?;
-            let writer = Arc::new(file);
-            match config.format {
-                LogFormat::Json => builder
-                    .json()
-                    .with_writer(writer)
-                    .with_ansi(false)
-                    .try_init(),
-                LogFormat::Text => builder.with_writer(writer).with_ansi(false).try_init(),
-            }
+            tracing_appender::non_blocking(file)
         }
-        _ => match config.format {
-            LogFormat::Json => builder.json().with_writer(std::io::stdout).try_init(),
-            LogFormat::Text => builder.with_writer(std::io::stdout).try_init(),
-        },
+        _ => tracing_appender::non_blocking(std::io::stdout()),
     };
-    // A subscriber already installed (tests running several servers) is not an error.
-    let _ = result;
-    Ok(())
+    let ansi = config.output == LogOutput::Console && config.format == LogFormat::Text;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .with_writer(writer)
+        .with_ansi(ansi);
+    // A subscriber already installed (embedding, tests) is not an error: events go there.
+    let _ = match config.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    Ok(guard)
 }

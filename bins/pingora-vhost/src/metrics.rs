@@ -1,13 +1,19 @@
-//! `[metrics]` → the Prometheus recorder behind the `metrics` facade, and its listener serving
-//! `GET /metrics` and `GET /api/v1/metrics`.
+//! `[metrics]` → the Prometheus recorder behind the `metrics` facade, its listener serving
+//! `GET /metrics` and `GET /api/v1/metrics`, and the gauges that describe the configuration
+//! (active tag per domain, certificate expiry), refreshed whenever a snapshot is published.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use axum::routing::get;
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics::gauge;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use vhost_admin::MetricsRender;
 use vhost_config::MetricsConfig;
+use vhost_pingora::{CertMap, Inflight};
+use vhost_routing::RoutingTable;
 
 use crate::server::AppError;
 
@@ -18,13 +24,13 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// An installed recorder and its (bound, not yet served) listener.
 pub(crate) struct Metrics {
-    pub(crate) render: MetricsRender,
+    pub(crate) handle: PrometheusHandle,
     pub(crate) listener: TcpListener,
-    pub(crate) router: axum::Router,
     pub(crate) addr: SocketAddr,
 }
 
-/// Installs the global recorder and binds the listener; `None` when metrics are disabled.
+/// Installs the global recorder and binds the listener; `None` when metrics are disabled (the
+/// facade then records nothing).
 pub(crate) fn install(config: &MetricsConfig) -> Result<Option<Metrics>, AppError> {
     if !config.enabled {
         return Ok(None);
@@ -39,33 +45,91 @@ pub(crate) fn install(config: &MetricsConfig) -> Result<Option<Metrics>, AppErro
         .map_err(|e| AppError::Runtime(format!("metrics buckets: {e}")))?
         .build_recorder();
     let handle = recorder.handle();
-    // Another recorder already installed (only possible when embedded) keeps recording there.
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::warn!("a metrics recorder was already installed; /metrics shows this process's own recorder only");
     }
-    let render: MetricsRender = Arc::new(move || handle.render());
-    let text = {
-        let render = render.clone();
-        move || {
-            let render = render.clone();
-            async move {
-                (
-                    [(
-                        http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    render(),
-                )
-            }
-        }
-    };
-    let router = axum::Router::new()
-        .route("/metrics", get(text.clone()))
-        .route("/api/v1/metrics", get(text));
+    vhost_pingora::metrics::describe();
+    vhost_health::describe();
+    vhost_admin::describe();
+    metrics::describe_gauge!(
+        "proxy_domain_active_tag",
+        "1 for the tag a domain sends traffic to, 0 for tags it used before"
+    );
+    metrics::describe_gauge!(
+        "tls_certificate_expiry_timestamp_seconds",
+        metrics::Unit::Seconds,
+        "Expiry (Unix time) of each configured certificate, by domain (default: the default certificate)"
+    );
     Ok(Some(Metrics {
-        render,
+        handle,
         listener,
-        router,
         addr: config.listen_addr,
     }))
+}
+
+/// The exposition, with the point-in-time gauges refreshed first.
+pub(crate) fn render(handle: PrometheusHandle, inflight: Arc<Inflight>) -> MetricsRender {
+    let in_flight = gauge!("proxy_requests_in_flight");
+    Arc::new(move || {
+        in_flight.set(inflight.get() as f64);
+        handle.render()
+    })
+}
+
+/// The metrics listener's routes.
+pub(crate) fn router(render: MetricsRender) -> axum::Router {
+    let text = move || {
+        let render = render.clone();
+        async move {
+            (
+                [(
+                    http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                render(),
+            )
+        }
+    };
+    axum::Router::new()
+        .route("/metrics", get(text.clone()))
+        .route("/api/v1/metrics", get(text))
+}
+
+/// Gauges derived from the configuration: `proxy_domain_active_tag{domain,tag}` (1 for the
+/// active tag, 0 for a tag the domain used before) and
+/// `tls_certificate_expiry_timestamp_seconds{domain}`.
+#[derive(Default)]
+pub(crate) struct ConfigGauges {
+    active: ArcSwap<HashMap<String, String>>,
+}
+
+impl ConfigGauges {
+    /// Updates the gauges after `table` was published (changed series only).
+    pub(crate) fn observe(&self, table: &RoutingTable, certs: &CertMap) {
+        let now: HashMap<String, String> = table
+            .state()
+            .vhosts()
+            .map(|v| (v.domain.to_string(), v.enabled_backends_tag.to_string()))
+            .collect();
+        let before = self.active.load_full();
+        for (domain, tag) in before.iter() {
+            if now.get(domain) != Some(tag) {
+                gauge!("proxy_domain_active_tag", "domain" => domain.clone(), "tag" => tag.clone())
+                    .set(0.0);
+            }
+        }
+        for (domain, tag) in &now {
+            if before.get(domain) != Some(tag) {
+                gauge!("proxy_domain_active_tag", "domain" => domain.clone(), "tag" => tag.clone())
+                    .set(1.0);
+            }
+        }
+        self.active.store(Arc::new(now));
+        for (domain, expiry) in certs.expiries() {
+            if let Some(t) = expiry {
+                gauge!("tls_certificate_expiry_timestamp_seconds", "domain" => domain)
+                    .set(t as f64);
+            }
+        }
+    }
 }

@@ -17,8 +17,10 @@ use tokio::sync::watch;
 use vhost_admin::{AdminState, ApplyHook};
 use vhost_config::{Config, ConfigError, ConfigWriter, PersistError};
 use vhost_health::{CheckSettings, HealthChecker};
-use vhost_pingora::{proxy_service, CertError, CertStore, ProxyOptions, VhostProxy};
-use vhost_routing::{BackendAddress, BuildOptions, RouteWriter, State};
+use vhost_pingora::{proxy_service, CertError, CertStore, ProxyMetrics, ProxyOptions, VhostProxy};
+use vhost_routing::{BackendAddress, BuildOptions, RouteStore, RouteWriter, State};
+
+use crate::metrics::ConfigGauges;
 
 /// Why the process could not start or stopped abnormally.
 #[derive(Debug, Error)]
@@ -93,19 +95,32 @@ impl vhost_routing::Resolve for SystemResolver {
 /// Admin API hook: a change is accepted only if the certificates it references load; right
 /// after the routing snapshot is published they go live and the health checker looks at the new
 /// backend set (new backends are probed at once).
+#[derive(Clone)]
 struct PublishHook {
     certs: Arc<CertStore>,
     health: Arc<tokio::sync::Notify>,
+    store: Arc<RouteStore>,
+    proxy_metrics: Arc<ProxyMetrics>,
+    gauges: Arc<ConfigGauges>,
+}
+
+impl PublishHook {
+    /// Everything that follows a newly published snapshot.
+    fn published(&self) {
+        let table = self.store.load_full();
+        self.proxy_metrics.prepare(&table);
+        self.gauges.observe(&table, &self.certs.current());
+        self.health.notify_one();
+    }
 }
 
 impl ApplyHook for PublishHook {
     fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, String> {
         let map = self.certs.prepare(next).map_err(|e| e.to_string())?;
-        let certs = Arc::clone(&self.certs);
-        let health = Arc::clone(&self.health);
+        let hook = self.clone();
         Ok(Box::new(move || {
-            certs.publish(map);
-            health.notify_one();
+            hook.certs.publish(map);
+            hook.published();
         }))
     }
 }
@@ -172,7 +187,7 @@ fn ensure_bindable(addr: SocketAddr, key: &'static str) -> Result<(), AppError> 
 /// Runs the proxy described by the config file until SIGTERM or SIGINT.
 pub(crate) fn run(path: &Path) -> Result<(), AppError> {
     let config = vhost_config::load(path)?;
-    crate::logging::init(&config.logging)?;
+    let _log_guard = crate::logging::init(&config.logging)?;
     run_config(config, path)
 }
 
@@ -236,6 +251,7 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
             max_retries: proxy_conf.max_retries,
             https_port: proxy_conf.listen_addr.port(),
             passive_failure_threshold: config.health_check.passive_failure_threshold,
+            access_log: config.logging.access_log,
             ..ProxyOptions::default()
         },
     );
@@ -244,13 +260,21 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         Arc::clone(writer.store()),
         check_settings(&config.health_check),
     );
-    let mut admin =
-        AdminState::new(writer, Some(ConfigWriter::open(path)?), token).with_hook(PublishHook {
-            certs: Arc::clone(&certs),
-            health: checker.waker(),
-        });
-    if let Some(m) = &metrics {
-        admin = admin.with_metrics(m.render.clone());
+    let hook = PublishHook {
+        certs: Arc::clone(&certs),
+        health: checker.waker(),
+        store: Arc::clone(writer.store()),
+        proxy_metrics: proxy.metrics(),
+        gauges: Arc::default(),
+    };
+    hook.published();
+    let mut admin = AdminState::new(writer, Some(ConfigWriter::open(path)?), token).with_hook(hook);
+    let metrics = metrics.map(|m| {
+        let render = crate::metrics::render(m.handle, proxy.inflight());
+        (m.listener, m.addr, render)
+    });
+    if let Some((_, _, render)) = &metrics {
+        admin = admin.with_metrics(render.clone());
     }
     let admin_router = vhost_admin::router(Arc::new(admin));
     let http_addr = proxy_conf.listen_addr_http.to_string();
@@ -282,7 +306,7 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         http = %proxy_conf.listen_addr_http,
         https = %if https_enabled { proxy_conf.listen_addr.to_string() } else { "off".into() },
         admin = %proxy_conf.management_api_addr,
-        metrics = %metrics.as_ref().map_or("off".into(), |m| m.addr.to_string()),
+        metrics = %metrics.as_ref().map_or("off".into(), |(_, addr, _)| addr.to_string()),
         domains = config.state.vhosts().len(),
         backends = config.state.backends().len(),
         "pingora-vhost started"
@@ -297,8 +321,9 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         use tokio::signal::unix::{signal, SignalKind};
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         spawn_http("admin API", admin_listener, admin_router, admin_stop_rx.clone())?;
-        if let Some(m) = metrics {
-            spawn_http("metrics", m.listener, m.router, admin_stop_rx.clone())?;
+        if let Some((listener, _, render)) = metrics {
+            let router = crate::metrics::router(render);
+            spawn_http("metrics", listener, router, admin_stop_rx.clone())?;
         }
         tokio::spawn(checker.run(admin_stop_rx));
         let mut term = signal(SignalKind::terminate())

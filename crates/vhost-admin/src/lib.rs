@@ -111,6 +111,24 @@ impl AdminState {
     }
 }
 
+/// Registers the descriptions (Prometheus `# HELP`) of the admin API's metrics.
+pub fn describe() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_counter!(
+        "api_requests_total",
+        "Admin API requests by method, route pattern and status code"
+    );
+    describe_histogram!(
+        "api_latency_seconds",
+        Unit::Seconds,
+        "Admin API request latency by method and route pattern"
+    );
+    describe_counter!(
+        "config_changes_total",
+        "Configuration changes through the admin API, applied or rejected"
+    );
+}
+
 /// Refuses to expose an unauthenticated API beyond loopback.
 pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), String> {
     if token.is_none() && !addr.ip().is_loopback() {

@@ -148,7 +148,7 @@ pub enum LogOutput {
 }
 
 /// `[logging]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
     /// Verbosity (default `info`).
@@ -160,6 +160,20 @@ pub struct LoggingConfig {
     /// Log file, required when `output = "file"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file_path: Option<PathBuf>,
+    /// One access-log event per proxied request (target `access`; default true).
+    pub access_log: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: LogLevel::default(),
+            format: LogFormat::default(),
+            output: LogOutput::default(),
+            file_path: None,
+            access_log: true,
+        }
+    }
 }
 
 /// `[metrics]`.

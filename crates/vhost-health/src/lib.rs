@@ -28,6 +28,18 @@ use vhost_routing::{Backend, BackendId, HealthCell, ProbeKind, RouteStore};
 
 pub use probe::{probe, ProbeError};
 
+/// Registers the descriptions (Prometheus `# HELP`) of the health metrics.
+pub fn describe() {
+    metrics::describe_gauge!(
+        "health_check_status",
+        "Backend health as routing sees it: 1 up, 0 down"
+    );
+    metrics::describe_counter!(
+        "health_check_transitions_total",
+        "Health changes decided by active probes, by backend and new state"
+    );
+}
+
 /// Global probe settings (`[health_check]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckSettings {

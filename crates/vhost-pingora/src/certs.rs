@@ -160,16 +160,22 @@ impl CertMap {
         self.exact.is_empty() && self.wildcard.is_empty() && self.default.is_none()
     }
 
-    /// Each domain with its own certificate, with the certificate's expiry (Unix seconds).
-    pub fn expiries(&self) -> impl Iterator<Item = (&str, Option<i64>)> {
-        self.exact
+    /// Each certificate with its expiry (Unix seconds): domains with their own certificate
+    /// (wildcards as `*.example.com`), and `default`.
+    pub fn expiries(&self) -> impl Iterator<Item = (String, Option<i64>)> + '_ {
+        let exact = self
+            .exact
             .iter()
-            .map(|(k, v)| (k.as_ref(), v.not_after_unix))
-            .chain(
-                self.wildcard
-                    .iter()
-                    .map(|(k, v)| (k.as_ref(), v.not_after_unix)),
-            )
+            .map(|(k, v)| (k.to_string(), v.not_after_unix));
+        let wildcard = self
+            .wildcard
+            .iter()
+            .map(|(k, v)| (format!("*.{k}"), v.not_after_unix));
+        let default = self
+            .default
+            .iter()
+            .map(|v| ("default".to_owned(), v.not_after_unix));
+        exact.chain(wildcard).chain(default)
     }
 }
 

@@ -11,6 +11,7 @@
 //! (snapshot load, host lookup) → `upstream_peer` (backend) → Pingora forwards the request.
 
 pub mod certs;
+pub mod metrics;
 pub mod proxy;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use pingora_core::services::listening::Service;
 use pingora_proxy::HttpProxy;
 
 pub use certs::{CertError, CertMap, CertStore, CertifiedKey, ClientSni, SniCertResolver};
+pub use metrics::ProxyMetrics;
 pub use proxy::{Inflight, LocalReason, ProxyOptions, RequestCtx, VhostProxy};
 
 /// Builds the proxy service: a plain-HTTP listener on `http_addr` and, when given, an HTTPS

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -25,6 +25,7 @@ use vhost_routing::{
 };
 
 use crate::certs::ClientSni;
+use crate::metrics::{Finished, ProxyMetrics};
 
 /// Timeouts and limits of the data plane.
 #[derive(Debug, Clone)]
@@ -46,6 +47,8 @@ pub struct ProxyOptions {
     /// Consecutive connection failures that eject a backend until an active probe succeeds
     /// (0 disables passive ejection).
     pub passive_failure_threshold: u32,
+    /// Emit one `access` log event per request.
+    pub access_log: bool,
 }
 
 impl Default for ProxyOptions {
@@ -59,6 +62,7 @@ impl Default for ProxyOptions {
             https_port: 443,
             retry_after_secs: 5,
             passive_failure_threshold: 5,
+            access_log: true,
         }
     }
 }
@@ -126,6 +130,10 @@ pub struct RequestCtx {
     route: Option<Route>,
     /// The backend currently tried.
     backend: Option<Arc<BackendEntry>>,
+    /// Its position in the route's pool.
+    member: Option<usize>,
+    /// When the request started.
+    start: Option<Instant>,
     /// Backends whose connection failed during this request.
     failed: Vec<SocketAddr>,
     /// Connection attempts so far.
@@ -169,6 +177,7 @@ pub struct VhostProxy {
     store: Arc<RouteStore>,
     options: Arc<ProxyOptions>,
     inflight: Arc<Inflight>,
+    metrics: Arc<ProxyMetrics>,
 }
 
 impl VhostProxy {
@@ -178,7 +187,13 @@ impl VhostProxy {
             store,
             options: Arc::new(options),
             inflight: Arc::default(),
+            metrics: Arc::new(ProxyMetrics::new()),
         }
+    }
+
+    /// The metric handles (call [`ProxyMetrics::prepare`] after publishing a snapshot).
+    pub fn metrics(&self) -> Arc<ProxyMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// The counter of requests in progress (shared by every clone of this proxy).
@@ -247,6 +262,7 @@ impl ProxyHttp for VhostProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             _inflight: Some(InflightGuard::new(&self.inflight)),
+            start: Some(Instant::now()),
             ..RequestCtx::default()
         }
     }
@@ -299,11 +315,14 @@ impl ProxyHttp for VhostProxy {
             return Ok(true);
         }
 
-        let picked = route.select().cloned();
+        let picked = route
+            .select_where_indexed(|_| true)
+            .map(|(i, b)| (i, Arc::clone(b)));
         ctx.table = Some(table);
         ctx.route = Some(route);
         match picked {
-            Some(backend) => {
+            Some((member, backend)) => {
+                ctx.member = Some(member);
                 ctx.backend = Some(backend);
                 Ok(false)
             }
@@ -332,11 +351,14 @@ impl ProxyHttp for VhostProxy {
             // A retry after a connection failure: another available backend of the same tag.
             let failed = &ctx.failed;
             let next = ctx.route.as_ref().and_then(|r| {
-                r.select_where(|b| b.socket_addr().is_some_and(|a| !failed.contains(&a)))
-                    .cloned()
+                r.select_where_indexed(|b| b.socket_addr().is_some_and(|a| !failed.contains(&a)))
+                    .map(|(i, b)| (i, Arc::clone(b)))
             });
             match next {
-                Some(b) => ctx.backend = Some(b),
+                Some((member, b)) => {
+                    ctx.member = Some(member);
+                    ctx.backend = Some(b);
+                }
                 None => {
                     return Err(Error::explain(
                         ErrorType::HTTPStatus(502),
@@ -400,7 +422,8 @@ impl ProxyHttp for VhostProxy {
         if let Some(addr) = peer.address().as_inet() {
             ctx.failed.push(*addr);
         }
-        if let Some(backend) = &ctx.backend {
+        if let (Some(backend), Some(table)) = (&ctx.backend, &ctx.table) {
+            self.metrics.connect_failure(table, backend);
             let threshold = self.options.passive_failure_threshold;
             if backend.health().record_connect_failure(threshold) {
                 tracing::warn!(
@@ -434,15 +457,53 @@ impl ProxyHttp for VhostProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let elapsed = ctx.start.map_or(Duration::ZERO, |s| s.elapsed());
+        self.metrics.record(&Finished {
+            table: ctx.table.as_deref(),
+            route: ctx.route.as_ref(),
+            backend: ctx.backend.as_deref(),
+            member: ctx.member,
+            local: ctx.local,
+            status,
+            attempts: ctx.attempts,
+            seconds: elapsed.as_secs_f64(),
+        });
+        let domain = ctx
+            .route
+            .as_ref()
+            .map_or(crate::metrics::UNKNOWN_DOMAIN, |r| {
+                r.vhost().domain.as_str()
+            });
+        let tag = ctx
+            .route
+            .as_ref()
+            .map_or("", |r| r.vhost().enabled_backends_tag.as_str());
+        let backend = match (&ctx.backend, ctx.local) {
+            (Some(b), None) => b.id().as_str(),
+            _ => crate::metrics::NO_BACKEND,
+        };
         if let Some(e) = e {
-            let status = session.response_written().map_or(0, |r| r.status.as_u16());
-            tracing::warn!(
-                domain = ctx.route.as_ref().map_or("", |r| r.vhost().domain.as_str()),
-                backend = ctx.backend.as_ref().map_or("", |b| b.id().as_str()),
-                attempts = ctx.attempts,
+            tracing::warn!(domain, backend, attempts = ctx.attempts, status, error = %e, "proxy error");
+        }
+        if self.options.access_log {
+            let req = session.req_header();
+            let client = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(SocketAddr::ip);
+            tracing::info!(
+                target: "access",
+                domain,
+                tag,
+                backend,
+                method = req.method.as_str(),
+                path = req.uri.path_and_query().map_or("/", |p| p.as_str()),
                 status,
-                error = %e,
-                "proxy error"
+                bytes = session.body_bytes_sent(),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                client = %client.map_or_else(String::new, |c| c.to_string()),
+                local = ctx.local.map_or("", LocalReason::as_str),
             );
         }
     }

@@ -102,9 +102,16 @@ pub struct BackendEntry {
     backend: Backend,
     socket_addr: Option<SocketAddr>,
     health: Arc<HealthCell>,
+    index: u32,
 }
 
 impl BackendEntry {
+    /// Position of this backend in its snapshot (0..[`RoutingTable::backend_count`]), for
+    /// per-snapshot side tables such as metric handles.
+    pub fn index(&self) -> usize {
+        self.index as usize
+    }
+
     /// The configured record.
     pub fn backend(&self) -> &Backend {
         &self.backend
@@ -184,32 +191,40 @@ impl Pool {
     /// missing share over the others in proportion to their weights.
     pub fn select_where(
         &self,
-        mut accept: impl FnMut(&BackendEntry) -> bool,
+        accept: impl FnMut(&BackendEntry) -> bool,
     ) -> Option<&Arc<BackendEntry>> {
+        self.select_where_indexed(accept).map(|(_, b)| b)
+    }
+
+    /// Like [`Pool::select_where`], also returning the backend's position in
+    /// [`Pool::members`].
+    pub fn select_where_indexed(
+        &self,
+        mut accept: impl FnMut(&BackendEntry) -> bool,
+    ) -> Option<(usize, &Arc<BackendEntry>)> {
         let slots = self.schedule.len();
         if slots == 0 {
             return None;
         }
         let ticket = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let mut ok = |m: &Arc<BackendEntry>| m.is_available() && accept(m);
-        let first = &self.members[self.schedule[ticket % slots] as usize];
-        if ok(first) {
-            return Some(first);
+        let mut ok = |i: usize| {
+            let m = &self.members[i];
+            (m.is_available() && accept(m)).then_some((i, m))
+        };
+        if let Some(hit) = ok(self.schedule[ticket % slots] as usize) {
+            return Some(hit);
         }
         let mut seed = ticket as u64;
         for _ in 0..PROBES {
             seed = splitmix64(seed);
             let slot = (seed % slots as u64) as usize;
-            let member = &self.members[self.schedule[slot] as usize];
-            if ok(member) {
-                return Some(member);
+            if let Some(hit) = ok(self.schedule[slot] as usize) {
+                return Some(hit);
             }
         }
         let len = self.members.len();
         let start = ticket % len;
-        (0..len)
-            .map(|i| &self.members[(start + i) % len])
-            .find(|m| ok(m))
+        (0..len).find_map(|i| ok((start + i) % len))
     }
 }
 
@@ -255,9 +270,16 @@ fn smooth_schedule(weights: &[u16]) -> Vec<u32> {
 pub struct Route {
     vhost: Arc<VirtualHost>,
     pool: Option<Arc<Pool>>,
+    index: u32,
 }
 
 impl Route {
+    /// Position of this route in its snapshot (0..[`RoutingTable::route_count`]), for
+    /// per-snapshot side tables such as metric handles.
+    pub fn index(&self) -> usize {
+        self.index as usize
+    }
+
     /// The virtual host.
     pub fn vhost(&self) -> &VirtualHost {
         &self.vhost
@@ -279,6 +301,14 @@ impl Route {
         accept: impl FnMut(&BackendEntry) -> bool,
     ) -> Option<&Arc<BackendEntry>> {
         self.pool.as_ref()?.select_where(accept)
+    }
+
+    /// Like [`Route::select_where`], also returning the backend's position in the pool.
+    pub fn select_where_indexed(
+        &self,
+        accept: impl FnMut(&BackendEntry) -> bool,
+    ) -> Option<(usize, &Arc<BackendEntry>)> {
+        self.pool.as_ref()?.select_where_indexed(accept)
     }
 }
 
@@ -331,7 +361,8 @@ impl RoutingTable {
     ) -> Self {
         let backends: BTreeMap<BackendId, Arc<BackendEntry>> = state
             .backends()
-            .map(|b| {
+            .zip(0u32..)
+            .map(|(b, index)| {
                 let health = previous
                     .backends
                     .get(&b.id)
@@ -342,6 +373,7 @@ impl RoutingTable {
                     backend: b.clone(),
                     socket_addr: resolver.resolve(&b.address),
                     health,
+                    index,
                 };
                 (b.id.clone(), Arc::new(entry))
             })
@@ -375,10 +407,11 @@ impl RoutingTable {
         let mut exact =
             HashMap::with_capacity_and_hasher(state.vhosts().len(), RandomState::default());
         let mut wildcard = HashMap::default();
-        for vhost in state.vhosts() {
+        for (vhost, index) in state.vhosts().zip(0u32..) {
             let route = Route {
                 pool: pools.get(&vhost.enabled_backends_tag).cloned(),
                 vhost: Arc::new(vhost.clone()),
+                index,
             };
             match vhost.domain.wildcard_suffix() {
                 Some(suffix) => wildcard.insert(suffix.into(), route),
@@ -394,6 +427,16 @@ impl RoutingTable {
             pools,
             backends,
         }
+    }
+
+    /// Number of routes (virtual hosts); [`Route::index`] is below it.
+    pub fn route_count(&self) -> usize {
+        self.state.vhosts().len()
+    }
+
+    /// Number of backends; [`BackendEntry::index`] is below it.
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
     }
 
     /// Increases by one with every published snapshot (usable as an ETag).
@@ -663,6 +706,28 @@ mod tests {
         let empty = tb.lookup(b"empty.com").unwrap();
         assert!(empty.pool().is_none());
         assert!(empty.select().is_none());
+    }
+
+    #[test]
+    fn routes_and_backends_have_dense_indexes() {
+        let tb = table(
+            vec![
+                vhost("a.com", "a"),
+                vhost("*.b.com", "a"),
+                vhost("c.com", "a"),
+            ],
+            vec![backend("x", 1, &["a"], 1), backend("y", 2, &["a"], 1)],
+        );
+        let mut routes: Vec<usize> = ["a.com", "x.b.com", "c.com"]
+            .iter()
+            .map(|h| tb.lookup(h.as_bytes()).unwrap().index())
+            .collect();
+        routes.sort_unstable();
+        assert_eq!(routes, vec![0, 1, 2]);
+        assert_eq!(tb.route_count(), 3);
+        let backends: Vec<usize> = tb.backends().map(|b| b.index()).collect();
+        assert_eq!(backends, vec![0, 1]);
+        assert_eq!(tb.backend_count(), 2);
     }
 
     #[test]

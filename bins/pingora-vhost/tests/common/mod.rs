@@ -195,6 +195,7 @@ pub struct ProxyProcess {
     pub http: SocketAddr,
     pub https: SocketAddr,
     pub admin: SocketAddr,
+    pub metrics: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
 }
@@ -207,7 +208,12 @@ impl ProxyProcess {
     /// `body` is the config without `[proxy]` listener keys (they are added); `proxy_extra` goes
     /// into `[proxy]`. Waits until the HTTP (and, if `wait_https`, HTTPS) port accepts.
     pub fn start(dir: tempfile::TempDir, proxy_extra: &str, body: &str, wait_https: bool) -> Self {
-        Self::start_full(dir, proxy_extra, body, wait_https, &[])
+        Self::start_full(dir, proxy_extra, "", body, wait_https, &[])
+    }
+
+    /// Like `start`, with extra keys in `[logging]`.
+    pub fn start_with_logging(dir: tempfile::TempDir, logging_extra: &str, body: &str) -> Self {
+        Self::start_full(dir, "", logging_extra, body, false, &[])
     }
 
     /// Like `start`, with extra environment variables for the process (HTTP listener only).
@@ -217,12 +223,13 @@ impl ProxyProcess {
         body: &str,
         envs: &[(&str, &str)],
     ) -> Self {
-        Self::start_full(dir, proxy_extra, body, false, envs)
+        Self::start_full(dir, proxy_extra, "", body, false, envs)
     }
 
     fn start_full(
         dir: tempfile::TempDir,
         proxy_extra: &str,
+        logging_extra: &str,
         body: &str,
         wait_https: bool,
         envs: &[(&str, &str)],
@@ -230,13 +237,16 @@ impl ProxyProcess {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics = free_port();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!(
-            "# test config\n[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\nmanagement_api_addr = \"{admin}\"\ngrace_period_secs = 5\n{proxy_extra}\n\n[logging]\nlevel = \"info\"\n\n[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:{metrics}\"\n\n{body}"
+            "# test config\n[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\nmanagement_api_addr = \"{admin}\"\ngrace_period_secs = 5\n{proxy_extra}\n\n[logging]\nlevel = \"info\"\n{logging_extra}\n\n[metrics]\nenabled = true\nlisten_addr = \"{metrics}\"\n\n{body}"
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
-        Self::spawn(dir, config_path, http, https, admin, wait_https, envs)
+        let mut p = Self::spawn(dir, config_path, http, https, admin, wait_https, envs);
+        p.metrics = metrics;
+        p.wait_listening(metrics);
+        p
     }
 
     /// Starts the binary on an existing config file (e.g. to restart after changes).
@@ -264,6 +274,7 @@ impl ProxyProcess {
             http,
             https,
             admin,
+            metrics: "127.0.0.1:0".parse().unwrap(),
             dir,
             config_path,
         };
@@ -275,7 +286,7 @@ impl ProxyProcess {
         p
     }
 
-    fn wait_listening(&mut self, addr: SocketAddr) {
+    pub fn wait_listening(&mut self, addr: SocketAddr) {
         let start = Instant::now();
         while TcpStream::connect(addr).is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
