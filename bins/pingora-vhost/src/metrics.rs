@@ -67,6 +67,18 @@ pub(crate) fn install(config: &MetricsConfig) -> Result<Option<Metrics>, AppErro
     }))
 }
 
+/// Folds recorded histogram samples into their buckets every few seconds, so memory stays
+/// bounded between scrapes (the exporter buffers raw samples until then).
+pub(crate) async fn upkeep(handle: PrometheusHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 /// The exposition, with the point-in-time gauges refreshed first.
 pub(crate) fn render(handle: PrometheusHandle, inflight: Arc<Inflight>) -> MetricsRender {
     let in_flight = gauge!("proxy_requests_in_flight");

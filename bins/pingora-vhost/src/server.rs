@@ -234,6 +234,9 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
     };
     let server_conf = ServerConf {
         threads,
+        // One runtime per thread, connections spread by the kernel (as nginx workers): less
+        // cross-thread wake-up and scheduling work per request than a work-stealing pool.
+        work_stealing: false,
         grace_period_seconds: Some(proxy_conf.grace_period_secs),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: proxy_conf.upstream_keepalive_pool_size,
@@ -269,6 +272,7 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
     };
     hook.published();
     let mut admin = AdminState::new(writer, Some(ConfigWriter::open(path)?), token).with_hook(hook);
+    let upkeep = metrics.as_ref().map(|m| m.handle.clone());
     let metrics = metrics.map(|m| {
         let render = crate::metrics::render(m.handle, proxy.inflight());
         (m.listener, m.addr, render)
@@ -324,6 +328,9 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         if let Some((listener, _, render)) = metrics {
             let router = crate::metrics::router(render);
             spawn_http("metrics", listener, router, admin_stop_rx.clone())?;
+        }
+        if let Some(handle) = upkeep {
+            tokio::spawn(crate::metrics::upkeep(handle, admin_stop_rx.clone()));
         }
         tokio::spawn(checker.run(admin_stop_rx));
         let mut term = signal(SignalKind::terminate())

@@ -98,6 +98,13 @@ fn json_with_etag<T: Serialize>(status: StatusCode, value: &T) -> Response {
     response
 }
 
+fn with_location(mut response: Response, path: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(path) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    response
+}
+
 fn check_if_match(headers: &HeaderMap, current: &str) -> Result<(), ApiError> {
     let Some(given) = headers.get(header::IF_MATCH) else {
         return Ok(());
@@ -270,11 +277,11 @@ pub(crate) async fn create_domain(
         .state()
         .vhost(&domain)
         .ok_or_else(|| domain_not_found(&domain))?;
-    let mut response = json_with_etag(StatusCode::CREATED, vhost);
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/domains/{domain}")) {
-        response.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(response)
+    let response = json_with_etag(StatusCode::CREATED, vhost);
+    Ok(with_location(
+        response,
+        &format!("/api/v1/domains/{domain}"),
+    ))
 }
 
 /// Changes some fields of a virtual host (absent fields keep their value).
@@ -465,11 +472,8 @@ pub(crate) async fn create_backend(
     let id = backend.id.clone();
     let (table, _) =
         apply_write(&s, &headers, |_| Ok((Command::AddBackend(backend), None))).await?;
-    let mut response = backend_response(StatusCode::CREATED, &table, &id)?;
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/backends/{id}")) {
-        response.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(response)
+    let response = backend_response(StatusCode::CREATED, &table, &id)?;
+    Ok(with_location(response, &format!("/api/v1/backends/{id}")))
 }
 
 /// Changes some fields of a backend (absent fields keep their value).

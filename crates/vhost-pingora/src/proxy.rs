@@ -7,6 +7,7 @@
 //! the client nothing while a sibling is up. The same service serves the HTTP and the HTTPS
 //! listener; the connection's TLS digest tells them apart.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -385,27 +386,41 @@ impl ProxyHttp for VhostProxy {
             .and_then(|a| a.as_inet())
             .map(SocketAddr::ip)
         {
+            // Format without a temporary String: at most 39 bytes for an IPv6 address.
+            let mut buf = [0u8; 48];
+            let len = {
+                let mut cursor = std::io::Cursor::new(&mut buf[..]);
+                let _ = write!(cursor, "{ip}");
+                cursor.position() as usize
+            };
+            let ip = &buf[..len];
             let forwarded_for = match upstream.headers.get("x-forwarded-for") {
                 Some(prev) => {
-                    let mut v = Vec::with_capacity(prev.len() + 41);
+                    let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
                     v.extend_from_slice(prev.as_bytes());
                     v.extend_from_slice(b", ");
-                    v.extend_from_slice(ip.to_string().as_bytes());
-                    HeaderValue::from_bytes(&v).map_err(|e| {
-                        Error::because(ErrorType::InvalidHTTPHeader, "x-forwarded-for", e)
-                    })?
+                    v.extend_from_slice(ip);
+                    HeaderValue::from_bytes(&v)
                 }
-                None => HeaderValue::from_str(&ip.to_string()).map_err(|e| {
-                    Error::because(ErrorType::InvalidHTTPHeader, "x-forwarded-for", e)
-                })?,
-            };
+                None => HeaderValue::from_bytes(ip),
+            }
+            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "x-forwarded-for", e))?;
             upstream.insert_header("x-forwarded-for", forwarded_for)?;
         }
-        upstream.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
-        let host = request_host(session).map(<[u8]>::to_vec);
+        upstream.insert_header(
+            "x-forwarded-proto",
+            HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
+        )?;
+        // The host routing used (see `request_host`); a Host header's value is shared
+        // (reference-counted), not copied.
+        let req = session.req_header();
+        let host = match req.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => req.headers.get(header::HOST).cloned(),
+        };
         if let Some(host) = host {
             if upstream.headers.get(header::HOST).is_none() {
-                upstream.insert_header(header::HOST, host.as_slice())?;
+                upstream.insert_header(header::HOST, host.clone())?;
             }
             upstream.insert_header("x-forwarded-host", host)?;
         }

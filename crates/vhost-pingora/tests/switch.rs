@@ -251,40 +251,7 @@ fn switch_is_visible_to_the_next_request_and_nothing_fails() {
         BuildOptions::default(),
     );
 
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let conf = ServerConf {
-        threads: 2,
-        grace_period_seconds: Some(0),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    let service = proxy_service(
-        &server.configuration,
-        VhostProxy::new(store, ProxyOptions::default()),
-        Some(&listen),
-        None,
-    )
-    .unwrap();
-    server.add_service(service);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server_thread = std::thread::spawn(move || {
-        server.run(RunArgs {
-            shutdown_signal: Box::new(StopOn(stop_rx)),
-        });
-    });
-    let start = Instant::now();
-    while TcpStream::connect(&listen).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "proxy did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (listen, stop_tx, server_thread) = start_server(store, ProxyOptions::default());
 
     let switched = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
