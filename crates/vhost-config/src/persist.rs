@@ -2,11 +2,12 @@
 //!
 //! The admin API applies a [`Command`](vhost_routing::Command) to the model, then hands the
 //! resulting [`Change`] to [`ConfigWriter::persist`], which edits only the affected
-//! `[[virtual_hosts]]` / `[[backends]]` entry of the parsed document (comments, ordering and
-//! formatting of everything else are kept, thanks to `toml_edit`) and replaces the file
-//! atomically: temp file in the same directory, fsync, rename, fsync of the directory. A crash at
-//! any instant leaves either the old or the new file. If anything fails, the file and the
-//! writer's document are both unchanged.
+//! `[[virtual_hosts]]` / `[[backends]]` entry of the file as it is on disk now (comments,
+//! ordering and formatting of everything else — including hand edits made since start-up — are
+//! kept, thanks to `toml_edit`) and replaces the file atomically: temp file in the same directory,
+//! fsync, rename, fsync of the directory. A crash at any instant leaves either the old or the new
+//! file. If anything fails, the file is unchanged. The file is parsed per change rather than kept
+//! in memory: writes are rare, and a parsed 10 000-domain document would cost megabytes.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -56,29 +57,26 @@ pub enum PersistError {
     },
 }
 
-/// Owns the parsed config file and writes changes back to it.
+/// Writes changes back to the config file.
 #[derive(Debug)]
 pub struct ConfigWriter {
     path: PathBuf,
-    doc: DocumentMut,
 }
 
 const VHOSTS: &str = "virtual_hosts";
 const BACKENDS: &str = "backends";
 
 impl ConfigWriter {
-    /// Opens the file for write-back (following a symlink to the real file).
+    /// Prepares write-back to the file at `path` (following a symlink to the real file), checking
+    /// that it can be read and parsed.
     pub fn open(path: &Path) -> Result<Self, PersistError> {
-        let open_err = |message: String| PersistError::Open {
+        let real = std::fs::canonicalize(path).map_err(|e| PersistError::Open {
             path: path.to_owned(),
-            message,
-        };
-        let real = std::fs::canonicalize(path).map_err(|e| open_err(e.to_string()))?;
-        let text = std::fs::read_to_string(&real).map_err(|e| open_err(e.to_string()))?;
-        let doc = text
-            .parse::<DocumentMut>()
-            .map_err(|e| open_err(e.to_string()))?;
-        Ok(Self { path: real, doc })
+            message: e.to_string(),
+        })?;
+        let writer = Self { path: real };
+        writer.read()?;
+        Ok(writer)
     }
 
     /// The file written to.
@@ -86,23 +84,27 @@ impl ConfigWriter {
         &self.path
     }
 
-    /// The document as it is on disk.
-    pub fn document(&self) -> &DocumentMut {
-        &self.doc
+    fn read(&self) -> Result<DocumentMut, PersistError> {
+        let open_err = |message: String| PersistError::Open {
+            path: self.path.clone(),
+            message,
+        };
+        std::fs::read_to_string(&self.path)
+            .map_err(|e| open_err(e.to_string()))?
+            .parse::<DocumentMut>()
+            .map_err(|e| open_err(e.to_string()))
     }
 
-    /// Applies `change` to the file. On error nothing changed, on disk or in memory.
+    /// Applies `change` to the file. On error the file is unchanged.
     pub fn persist(&mut self, change: &Change) -> Result<(), PersistError> {
-        let mut next = self.doc.clone();
-        self.edit(&mut next, change)?;
-        write_atomically(&self.path, next.to_string().as_bytes()).map_err(|source| {
+        let mut doc = self.read()?;
+        self.edit(&mut doc, change)?;
+        write_atomically(&self.path, doc.to_string().as_bytes()).map_err(|source| {
             PersistError::Write {
                 path: self.path.clone(),
                 source,
             }
-        })?;
-        self.doc = next;
-        Ok(())
+        })
     }
 
     fn edit(&self, doc: &mut DocumentMut, change: &Change) -> Result<(), PersistError> {
