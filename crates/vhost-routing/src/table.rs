@@ -148,15 +148,43 @@ pub struct Pool {
     tag: Tag,
     members: Box<[Arc<BackendEntry>]>,
     schedule: Box<[u32]>,
+    /// `ticket % schedule.len()` without a division (Lemire's fastmod).
+    slot_of: FastMod,
     cursor: Arc<AtomicUsize>,
+}
+
+/// `x % d` for a fixed `d` with two multiplications instead of a division (Lemire, Kaser and
+/// Kurz, "Faster remainder by direct computation", 2019). Exact for 32-bit `x`; tickets are
+/// truncated to 32 bits, so the rotation restarts once every 2³² requests.
+#[derive(Debug, Clone, Copy)]
+struct FastMod {
+    magic: u64,
+    divisor: u32,
+}
+
+impl FastMod {
+    fn new(divisor: usize) -> Self {
+        let divisor = u32::try_from(divisor).unwrap_or(u32::MAX).max(1);
+        Self {
+            magic: (u64::MAX / u64::from(divisor)).wrapping_add(1),
+            divisor,
+        }
+    }
+
+    fn rem(self, x: usize) -> usize {
+        let low = self.magic.wrapping_mul(u64::from(x as u32));
+        ((u128::from(low) * u128::from(self.divisor)) >> 64) as usize
+    }
 }
 
 impl Pool {
     fn new(tag: Tag, members: Vec<Arc<BackendEntry>>, cursor: Arc<AtomicUsize>) -> Self {
         let weights: Vec<u16> = members.iter().map(|m| m.backend.weight).collect();
+        let schedule = smooth_schedule(&weights).into_boxed_slice();
         Self {
             tag,
-            schedule: smooth_schedule(&weights).into_boxed_slice(),
+            slot_of: FastMod::new(schedule.len()),
+            schedule,
             members: members.into_boxed_slice(),
             cursor,
         }
@@ -211,7 +239,7 @@ impl Pool {
             let m = &self.members[i];
             (m.is_available() && accept(m)).then_some((i, m))
         };
-        if let Some(hit) = ok(self.schedule[ticket % slots] as usize) {
+        if let Some(hit) = ok(self.schedule[self.slot_of.rem(ticket)] as usize) {
             return Some(hit);
         }
         let mut seed = ticket as u64;
@@ -332,8 +360,8 @@ impl Default for BuildOptions {
 pub struct RoutingTable {
     generation: u64,
     state: Arc<State>,
-    exact: HashMap<Box<str>, Route, RandomState>,
-    wildcard: HashMap<Box<str>, Route, RandomState>,
+    exact: HashMap<Box<[u8]>, Route, RandomState>,
+    wildcard: HashMap<Box<[u8]>, Route, RandomState>,
     pools: BTreeMap<Tag, Arc<Pool>>,
     backends: BTreeMap<BackendId, Arc<BackendEntry>>,
 }
@@ -414,8 +442,8 @@ impl RoutingTable {
                 index,
             };
             match vhost.domain.wildcard_suffix() {
-                Some(suffix) => wildcard.insert(suffix.into(), route),
-                None => exact.insert(vhost.domain.as_str().into(), route),
+                Some(suffix) => wildcard.insert(suffix.as_bytes().into(), route),
+                None => exact.insert(vhost.domain.as_str().as_bytes().into(), route),
             };
         }
 
@@ -471,24 +499,29 @@ impl RoutingTable {
     /// Allocation-free.
     pub fn lookup(&self, host: &[u8]) -> Option<&Route> {
         let mut buf = [0u8; MAX_DOMAIN_LEN];
-        let name = normalize_host(host, &mut buf)?;
+        let name = normalize_host_bytes(host, &mut buf)?;
         if let Some(route) = self.exact.get(name) {
             return Some(route);
         }
         if self.wildcard.is_empty() {
             return None;
         }
-        let (first, rest) = name.split_once('.')?;
-        if first.is_empty() {
+        let dot = name.iter().position(|&b| b == b'.')?;
+        if dot == 0 {
             return None;
         }
-        self.wildcard.get(rest)
+        self.wildcard.get(&name[dot + 1..])
     }
 }
 
 /// Lowercases `host` into `buf`, dropping a `:port` suffix and one trailing dot. `None` for IP
 /// literals in brackets, empty or over-long names and bytes that cannot be in a domain name.
 pub fn normalize_host<'b>(host: &[u8], buf: &'b mut [u8; MAX_DOMAIN_LEN]) -> Option<&'b str> {
+    normalize_host_bytes(host, buf).and_then(|n| std::str::from_utf8(n).ok())
+}
+
+/// [`normalize_host`] without the UTF-8 view: every byte is ASCII by construction.
+fn normalize_host_bytes<'b>(host: &[u8], buf: &'b mut [u8; MAX_DOMAIN_LEN]) -> Option<&'b [u8]> {
     if host.first() == Some(&b'[') {
         return None;
     }
@@ -508,10 +541,7 @@ pub fn normalize_host<'b>(host: &[u8], buf: &'b mut [u8; MAX_DOMAIN_LEN]) -> Opt
         invalid |= l == 0;
         *o = l;
     }
-    if invalid {
-        return None;
-    }
-    std::str::from_utf8(out).ok()
+    (!invalid).then_some(&*out)
 }
 
 /// Byte → lowercase byte for characters allowed in a host name (`a-z 0-9 - .`), 0 otherwise.
@@ -646,6 +676,16 @@ mod tests {
         assert_eq!(counts["heavy"], 5000);
         assert_eq!(counts["light-1"], 1000);
         assert_eq!(counts["light-2"], 1000);
+    }
+
+    #[test]
+    fn fast_modulo_is_exact() {
+        for d in [1usize, 2, 3, 7, 10, 255, 1000, 65_536, 256_000] {
+            let m = FastMod::new(d);
+            for x in (0..5000usize).chain([u32::MAX as usize - 3, u32::MAX as usize]) {
+                assert_eq!(m.rem(x), x % d, "{x} % {d}");
+            }
+        }
     }
 
     #[test]
