@@ -220,6 +220,18 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         ensure_bindable(proxy_conf.listen_addr, "proxy.listen_addr")?;
     } else {
         tracing::warn!("no certificate configured: HTTPS listener not started");
+        let redirecting: Vec<&str> = config
+            .state
+            .vhosts()
+            .filter(|v| v.http_to_https)
+            .map(|v| v.domain.as_str())
+            .collect();
+        if !redirecting.is_empty() {
+            tracing::warn!(
+                domains = %redirecting.join(","),
+                "http_to_https is set but the HTTPS listener is off: these domains redirect to a port nothing listens on"
+            );
+        }
     }
 
     let (store, writer) = RouteWriter::new(
