@@ -146,6 +146,14 @@ fn parse_id(raw: &str) -> Result<BackendId, ApiError> {
     })
 }
 
+/// The virtual host of `domain` in `table`, or 404.
+fn vhost_in<'t>(table: &'t RoutingTable, domain: &DomainName) -> Result<&'t VirtualHost, ApiError> {
+    table
+        .state()
+        .vhost(domain)
+        .ok_or_else(|| domain_not_found(domain))
+}
+
 fn domain_not_found(domain: &DomainName) -> ApiError {
     ApiError::NotFound {
         message: format!("domain {domain} not found"),
@@ -251,10 +259,7 @@ pub(crate) async fn get_domain(
 ) -> Result<Response, ApiError> {
     let domain = parse_domain(&domain)?;
     let table = s.store.load();
-    let vhost = table
-        .state()
-        .vhost(&domain)
-        .ok_or_else(|| domain_not_found(&domain))?;
+    let vhost = vhost_in(&table, &domain)?;
     Ok(json_with_etag(StatusCode::OK, vhost))
 }
 
@@ -273,10 +278,7 @@ pub(crate) async fn create_domain(
 ) -> Result<Response, ApiError> {
     let domain = vhost.domain.clone();
     let (table, _) = apply_write(&s, &headers, |_| Ok((Command::AddDomain(vhost), None))).await?;
-    let vhost = table
-        .state()
-        .vhost(&domain)
-        .ok_or_else(|| domain_not_found(&domain))?;
+    let vhost = vhost_in(&table, &domain)?;
     let response = json_with_etag(StatusCode::CREATED, vhost);
     Ok(with_location(
         response,
@@ -306,10 +308,7 @@ pub(crate) async fn update_domain(
     let domain = parse_domain(&domain)?;
     let force = force(&query);
     let (table, _) = apply_write(&s, &headers, |t| {
-        let current = t
-            .state()
-            .vhost(&domain)
-            .ok_or_else(|| domain_not_found(&domain))?;
+        let current = vhost_in(t, &domain)?;
         if let Some(tag) = &update.enabled_backends_tag {
             if *tag != current.enabled_backends_tag {
                 ensure_serving_tag(t, tag, force)?;
@@ -325,10 +324,7 @@ pub(crate) async fn update_domain(
         ))
     })
     .await?;
-    let vhost = table
-        .state()
-        .vhost(&domain)
-        .ok_or_else(|| domain_not_found(&domain))?;
+    let vhost = vhost_in(&table, &domain)?;
     Ok(json_with_etag(StatusCode::OK, vhost))
 }
 
@@ -347,10 +343,7 @@ pub(crate) async fn delete_domain(
 ) -> Result<StatusCode, ApiError> {
     let domain = parse_domain(&domain)?;
     apply_write(&s, &headers, |t| {
-        let current = t
-            .state()
-            .vhost(&domain)
-            .ok_or_else(|| domain_not_found(&domain))?;
+        let current = vhost_in(t, &domain)?;
         Ok((
             Command::DeleteDomain(domain.clone()),
             Some(etag_of(current)),
@@ -382,10 +375,7 @@ pub(crate) async fn switch_domain(
     let domain = parse_domain(&domain)?;
     let force = force(&query);
     let (table, _) = apply_write(&s, &headers, |t| {
-        let current = t
-            .state()
-            .vhost(&domain)
-            .ok_or_else(|| domain_not_found(&domain))?;
+        let current = vhost_in(t, &domain)?;
         ensure_serving_tag(t, &request.new_tag, force)?;
         Ok((
             Command::SwitchTag {
@@ -396,10 +386,7 @@ pub(crate) async fn switch_domain(
         ))
     })
     .await?;
-    let vhost = table
-        .state()
-        .vhost(&domain)
-        .ok_or_else(|| domain_not_found(&domain))?;
+    let vhost = vhost_in(&table, &domain)?;
     Ok(json_with_etag(StatusCode::OK, vhost))
 }
 
