@@ -340,6 +340,59 @@ impl Route {
     }
 }
 
+/// Longest name stored inline in an index bucket.
+const INLINE_NAME: usize = 38;
+
+/// An index key: names up to [`INLINE_NAME`] bytes (nearly all) live inside the hash bucket next
+/// to their route, so a lookup touches the bucket and not a separately allocated string; longer
+/// names are boxed. Hashes and compares exactly like the `[u8]` it holds, so the index is
+/// queried with plain byte slices.
+#[derive(Debug, Clone)]
+enum NameKey {
+    Inline { len: u8, bytes: [u8; INLINE_NAME] },
+    Heap(Box<[u8]>),
+}
+
+impl NameKey {
+    fn new(name: &[u8]) -> Self {
+        match u8::try_from(name.len()) {
+            Ok(len) if name.len() <= INLINE_NAME => {
+                let mut bytes = [0u8; INLINE_NAME];
+                bytes[..name.len()].copy_from_slice(name);
+                Self::Inline { len, bytes }
+            }
+            _ => Self::Heap(name.into()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Heap(b) => b,
+        }
+    }
+}
+
+impl PartialEq for NameKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for NameKey {}
+
+impl std::hash::Hash for NameKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for NameKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
 /// Options for building snapshots.
 #[derive(Debug, Clone, Copy)]
 pub struct BuildOptions {
@@ -360,8 +413,8 @@ impl Default for BuildOptions {
 pub struct RoutingTable {
     generation: u64,
     state: Arc<State>,
-    exact: HashMap<Box<[u8]>, Route, RandomState>,
-    wildcard: HashMap<Box<[u8]>, Route, RandomState>,
+    exact: HashMap<NameKey, Route, RandomState>,
+    wildcard: HashMap<NameKey, Route, RandomState>,
     pools: BTreeMap<Tag, Arc<Pool>>,
     backends: BTreeMap<BackendId, Arc<BackendEntry>>,
 }
@@ -442,8 +495,8 @@ impl RoutingTable {
                 index,
             };
             match vhost.domain.wildcard_suffix() {
-                Some(suffix) => wildcard.insert(suffix.as_bytes().into(), route),
-                None => exact.insert(vhost.domain.as_str().as_bytes().into(), route),
+                Some(suffix) => wildcard.insert(NameKey::new(suffix.as_bytes()), route),
+                None => exact.insert(NameKey::new(vhost.domain.as_str().as_bytes()), route),
             };
         }
 
@@ -676,6 +729,25 @@ mod tests {
         assert_eq!(counts["heavy"], 5000);
         assert_eq!(counts["light-1"], 1000);
         assert_eq!(counts["light-2"], 1000);
+    }
+
+    #[test]
+    fn long_and_short_names_are_both_found() {
+        let long = format!("{}.example.com", "a".repeat(60));
+        let tb = table(
+            vec![
+                vhost(&long, "a"),
+                vhost("s.io", "a"),
+                vhost(&format!("*.{long}"), "a"),
+            ],
+            vec![backend("x", 1, &["a"], 1)],
+        );
+        assert!(tb.lookup(long.as_bytes()).is_some());
+        assert!(tb.lookup(b"S.io:80").is_some());
+        assert!(tb.lookup(format!("w.{long}").as_bytes()).is_some());
+        assert!(tb.lookup(b"t.io").is_none());
+        assert_eq!(NameKey::new(b"abc"), NameKey::new(b"abc"));
+        assert_ne!(NameKey::new(b"abc"), NameKey::new(b"abd"));
     }
 
     #[test]
