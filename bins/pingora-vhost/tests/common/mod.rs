@@ -36,13 +36,41 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A port that was free a moment ago (Pingora binds listeners itself, so it cannot take `:0`).
+/// A free port for a listener the binary will bind itself (Pingora binds its own listeners, so it
+/// cannot take `:0`). Ports come from below the kernel's ephemeral range, so neither `bind(:0)`
+/// nor outgoing connections can take one between this check and the proxy's bind; a per-process
+/// counter keeps the ports of concurrently running tests distinct.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = ephemeral_range();
+    let (start, span) = if low > 12_000 {
+        (10_000, u32::from(low) - 10_000)
+    } else {
+        (u32::from(high) + 1, 65_535 - u32::from(high))
+    };
+    let seed = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = start + (seed.wrapping_add(n) % span);
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port outside the ephemeral range");
+}
+
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().filter_map(|x| x.parse().ok());
+            Some((it.next()?, it.next()?))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 /// A loopback HTTP/1.1 + h2c backend that answers JSON describing the request it saw.
