@@ -283,6 +283,8 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         gauges: Arc::default(),
     };
     hook.published();
+    // The same follow-up actions after a DNS re-resolution publishes a snapshot.
+    let after_publish = hook.clone();
     let mut admin = AdminState::new(writer, Some(ConfigWriter::open(path)?), token).with_hook(hook);
     let upkeep = metrics.as_ref().map(|m| m.handle.clone());
     let metrics = metrics.map(|m| {
@@ -292,7 +294,9 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
     if let Some((_, _, render)) = &metrics {
         admin = admin.with_metrics(render.clone());
     }
-    let admin_router = vhost_admin::router(Arc::new(admin));
+    let admin = Arc::new(admin);
+    let admin_router = vhost_admin::router(Arc::clone(&admin));
+    let dns_refresh = Duration::from_secs(proxy_conf.dns_refresh_secs);
     let http_addr = proxy_conf.listen_addr_http.to_string();
     let https_addr = proxy_conf.listen_addr.to_string();
     let service = proxy_service(
@@ -343,6 +347,25 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         }
         if let Some(handle) = upkeep {
             tokio::spawn(crate::metrics::upkeep(handle, admin_stop_rx.clone()));
+        }
+        if !dns_refresh.is_zero() {
+            let mut stop = admin_stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(dns_refresh);
+                tick.tick().await;
+                loop {
+                    let stopping = tokio::select! {
+                        _ = tick.tick() => false,
+                        _ = stop.wait_for(|s| *s) => true,
+                    };
+                    if stopping {
+                        return;
+                    }
+                    if admin.refresh_resolution().await {
+                        after_publish.published();
+                    }
+                }
+            });
         }
         tokio::spawn(checker.run(admin_stop_rx));
         let mut term = signal(SignalKind::terminate())

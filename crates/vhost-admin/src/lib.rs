@@ -109,6 +109,32 @@ impl AdminState {
     pub fn store(&self) -> &Arc<RouteStore> {
         &self.store
     }
+
+    /// Re-resolves backend host names through the single writer (serialised with API writes),
+    /// on the blocking pool since resolution may wait on DNS; true if a changed address was
+    /// published.
+    pub async fn refresh_resolution(self: &Arc<Self>) -> bool {
+        let this = Arc::clone(self);
+        let published = tokio::task::spawn_blocking(move || {
+            let mut writer = this.writer.blocking_lock();
+            writer.routes.refresh_resolution().map(|t| t.generation())
+        })
+        .await;
+        match published {
+            Ok(Some(generation)) => {
+                tracing::info!(
+                    generation,
+                    "backend addresses re-resolved: new snapshot published"
+                );
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "backend address refresh failed");
+                false
+            }
+        }
+    }
 }
 
 /// Registers the descriptions (Prometheus `# HELP`) of the admin API's metrics.

@@ -876,3 +876,45 @@ async fn openapi_document_lists_every_route_and_resolves() {
         "bearer"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_refresh_publishes_only_changed_addresses() {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use vhost_routing::{Backend, BackendAddress, Tag};
+
+    let port = Arc::new(AtomicU16::new(1000));
+    let answer = Arc::clone(&port);
+    let resolver = move |_: &BackendAddress| {
+        Some(SocketAddr::from((
+            [10, 0, 0, 7],
+            answer.load(Ordering::SeqCst),
+        )))
+    };
+    let state = State::new(
+        vec![],
+        vec![Backend::new(
+            BackendId::parse("named").unwrap(),
+            BackendAddress::parse("svc.internal:80").unwrap(),
+            vec![Tag::parse("a").unwrap()],
+        )],
+    )
+    .unwrap();
+    let (store, writer) = RouteWriter::new(state, Box::new(resolver), BuildOptions::default());
+    let admin = Arc::new(AdminState::new(writer, None, None));
+    assert!(!admin.refresh_resolution().await);
+    port.store(2000, Ordering::SeqCst);
+    assert!(admin.refresh_resolution().await);
+    let id = BackendId::parse("named").unwrap();
+    assert_eq!(
+        store
+            .load()
+            .backend(&id)
+            .unwrap()
+            .socket_addr()
+            .unwrap()
+            .port(),
+        2000
+    );
+    assert!(!admin.refresh_resolution().await);
+}

@@ -72,6 +72,8 @@ pub struct ProxyConfig {
     pub upstream_keepalive_pool_size: usize,
     /// On SIGTERM, how long in-flight requests get to finish, in seconds (default 10).
     pub grace_period_secs: u64,
+    /// How often backend host names are re-resolved, in seconds (default 30; 0 disables).
+    pub dns_refresh_secs: u64,
 }
 
 impl Default for ProxyConfig {
@@ -91,6 +93,7 @@ impl Default for ProxyConfig {
             max_retries: 2,
             upstream_keepalive_pool_size: 128,
             grace_period_secs: 10,
+            dns_refresh_secs: 30,
         }
     }
 }

@@ -99,6 +99,19 @@ impl RouteWriter {
         let state = State::clone(self.current().state());
         self.publish(state)
     }
+
+    /// Re-resolves backend host names and publishes a new snapshot only if an address changed
+    /// (returns it); `None` when no backend uses a host name or nothing changed.
+    pub fn refresh_resolution(&mut self) -> Option<Arc<RoutingTable>> {
+        let current = self.store.load_full();
+        let mut names = current
+            .backends()
+            .filter(|b| matches!(b.backend().address.host(), crate::Host::Name(_)))
+            .peekable();
+        names.peek()?;
+        let changed = names.any(|b| self.resolver.resolve(&b.backend().address) != b.socket_addr());
+        changed.then(|| self.refresh())
+    }
 }
 
 #[cfg(test)]
@@ -107,6 +120,55 @@ mod tests {
     use crate::{
         Backend, BackendAddress, BackendId, Command, DomainName, LiteralOnly, Tag, VirtualHost,
     };
+
+    #[test]
+    fn refresh_resolution_publishes_only_when_an_address_changes() {
+        use std::net::SocketAddr;
+        use std::sync::atomic::{AtomicU16, Ordering};
+
+        let port = Arc::new(AtomicU16::new(8080));
+        let answer = Arc::clone(&port);
+        let resolver = move |a: &BackendAddress| {
+            a.socket_addr().or_else(|| {
+                Some(SocketAddr::from((
+                    [10, 0, 0, 1],
+                    answer.load(Ordering::SeqCst),
+                )))
+            })
+        };
+        let state = State::new(
+            vec![],
+            vec![Backend::new(
+                BackendId::parse("named").unwrap(),
+                BackendAddress::parse("svc.internal:80").unwrap(),
+                vec![Tag::parse("a").unwrap()],
+            )],
+        )
+        .unwrap();
+        let (store, mut writer) =
+            RouteWriter::new(state, Box::new(resolver), BuildOptions::default());
+        let generation = store.load().generation();
+        assert!(
+            writer.refresh_resolution().is_none(),
+            "same answer: nothing published"
+        );
+        assert_eq!(store.load().generation(), generation);
+        port.store(9090, Ordering::SeqCst);
+        let next = writer.refresh_resolution().expect("new address published");
+        let id = BackendId::parse("named").unwrap();
+        assert_eq!(
+            next.backend(&id).unwrap().socket_addr().unwrap().port(),
+            9090
+        );
+        assert_eq!(store.load().generation(), generation + 1);
+
+        let (_, mut literal) = RouteWriter::new(
+            State::default(),
+            Box::new(LiteralOnly),
+            BuildOptions::default(),
+        );
+        assert!(literal.refresh_resolution().is_none());
+    }
 
     #[test]
     fn publish_is_visible_to_the_next_load_and_old_guards_stay_valid() {
