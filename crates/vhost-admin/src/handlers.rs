@@ -105,8 +105,8 @@ fn with_location(mut response: Response, path: &str) -> Response {
     response
 }
 
-fn check_if_match(headers: &HeaderMap, current: &str) -> Result<(), ApiError> {
-    let Some(given) = headers.get(header::IF_MATCH) else {
+fn check_if_match(if_match: Option<&HeaderValue>, current: &str) -> Result<(), ApiError> {
+    let Some(given) = if_match else {
         return Ok(());
     };
     let given = given.to_str().unwrap_or("").trim();
@@ -187,20 +187,24 @@ fn ensure_serving_tag(table: &RoutingTable, tag: &Tag, force: bool) -> Result<()
 
 /// Checks, persists and publishes one change (see the crate docs). `build` sees the current
 /// snapshot and returns the command plus the current ETag of the resource it changes, if any.
+/// Runs on the blocking pool: persisting fsyncs the config file and publishing may resolve
+/// backend host names, neither of which may stall the async runtime.
 async fn apply_write(
-    state: &AdminState,
+    state: &Arc<AdminState>,
     headers: &HeaderMap,
-    build: impl FnOnce(&RoutingTable) -> Result<(Command, Option<String>), ApiError>,
+    build: impl FnOnce(&RoutingTable) -> Result<(Command, Option<String>), ApiError> + Send + 'static,
 ) -> Result<(Arc<RoutingTable>, Change), ApiError> {
-    let mut writer = state.writer.lock().await;
-    let result = async {
+    let this = Arc::clone(state);
+    let if_match = headers.get(header::IF_MATCH).cloned();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut writer = this.writer.blocking_lock();
         let current = writer.routes.current();
         let (command, etag) = build(&current)?;
         if let Some(etag) = etag {
-            check_if_match(headers, &etag)?;
+            check_if_match(if_match.as_ref(), &etag)?;
         }
         let (next, change) = current.state().apply(command)?;
-        let commit = state
+        let commit = this
             .hook
             .prepare(&next)
             .map_err(|message| ApiError::Unservable {
@@ -215,8 +219,13 @@ async fn apply_write(
         let table = writer.routes.publish(next);
         commit();
         Ok((table, change))
-    }
-    .await;
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(ApiError::Persist {
+            message: format!("the write task failed: {e}"),
+        })
+    });
     match &result {
         Ok((table, change)) => {
             metrics::counter!("config_changes_total", "result" => "applied").increment(1);
@@ -277,7 +286,8 @@ pub(crate) async fn create_domain(
     ApiJson(vhost): ApiJson<VirtualHost>,
 ) -> Result<Response, ApiError> {
     let domain = vhost.domain.clone();
-    let (table, _) = apply_write(&s, &headers, |_| Ok((Command::AddDomain(vhost), None))).await?;
+    let (table, _) =
+        apply_write(&s, &headers, move |_| Ok((Command::AddDomain(vhost), None))).await?;
     let vhost = vhost_in(&table, &domain)?;
     let response = json_with_etag(StatusCode::CREATED, vhost);
     Ok(with_location(
@@ -307,8 +317,9 @@ pub(crate) async fn update_domain(
 ) -> Result<Response, ApiError> {
     let domain = parse_domain(&domain)?;
     let force = force(&query);
-    let (table, _) = apply_write(&s, &headers, |t| {
-        let current = vhost_in(t, &domain)?;
+    let target = domain.clone();
+    let (table, _) = apply_write(&s, &headers, move |t| {
+        let current = vhost_in(t, &target)?;
         if let Some(tag) = &update.enabled_backends_tag {
             if *tag != current.enabled_backends_tag {
                 ensure_serving_tag(t, tag, force)?;
@@ -317,7 +328,7 @@ pub(crate) async fn update_domain(
         let etag = etag_of(current);
         Ok((
             Command::UpdateDomain {
-                domain: domain.clone(),
+                domain: target.clone(),
                 update,
             },
             Some(etag),
@@ -342,10 +353,11 @@ pub(crate) async fn delete_domain(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let domain = parse_domain(&domain)?;
-    apply_write(&s, &headers, |t| {
-        let current = vhost_in(t, &domain)?;
+    let target = domain.clone();
+    apply_write(&s, &headers, move |t| {
+        let current = vhost_in(t, &target)?;
         Ok((
-            Command::DeleteDomain(domain.clone()),
+            Command::DeleteDomain(target.clone()),
             Some(etag_of(current)),
         ))
     })
@@ -374,12 +386,13 @@ pub(crate) async fn switch_domain(
 ) -> Result<Response, ApiError> {
     let domain = parse_domain(&domain)?;
     let force = force(&query);
-    let (table, _) = apply_write(&s, &headers, |t| {
-        let current = vhost_in(t, &domain)?;
+    let target = domain.clone();
+    let (table, _) = apply_write(&s, &headers, move |t| {
+        let current = vhost_in(t, &target)?;
         ensure_serving_tag(t, &request.new_tag, force)?;
         Ok((
             Command::SwitchTag {
-                domain: domain.clone(),
+                domain: target.clone(),
                 tag: request.new_tag,
             },
             Some(etag_of(current)),
@@ -457,8 +470,10 @@ pub(crate) async fn create_backend(
     ApiJson(backend): ApiJson<Backend>,
 ) -> Result<Response, ApiError> {
     let id = backend.id.clone();
-    let (table, _) =
-        apply_write(&s, &headers, |_| Ok((Command::AddBackend(backend), None))).await?;
+    let (table, _) = apply_write(&s, &headers, move |_| {
+        Ok((Command::AddBackend(backend), None))
+    })
+    .await?;
     let response = backend_response(StatusCode::CREATED, &table, &id)?;
     Ok(with_location(response, &format!("/api/v1/backends/{id}")))
 }
@@ -484,11 +499,12 @@ pub(crate) async fn update_backend(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let force = force(&query);
-    let (table, _) = apply_write(&s, &headers, |t| {
-        let etag = backend_etag(t, &id)?;
+    let target = id.clone();
+    let (table, _) = apply_write(&s, &headers, move |t| {
+        let etag = backend_etag(t, &target)?;
         Ok((
             Command::UpdateBackend {
-                id: id.clone(),
+                id: target.clone(),
                 update,
                 force,
             },
@@ -518,11 +534,12 @@ pub(crate) async fn delete_backend(
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
     let force = force(&query);
-    apply_write(&s, &headers, |t| {
-        let etag = backend_etag(t, &id)?;
+    let target = id.clone();
+    apply_write(&s, &headers, move |t| {
+        let etag = backend_etag(t, &target)?;
         Ok((
             Command::DeleteBackend {
-                id: id.clone(),
+                id: target.clone(),
                 force,
             },
             Some(etag),
