@@ -18,17 +18,6 @@ fn config_body(a: &TestBackend, b: &TestBackend) -> String {
     )
 }
 
-async fn backend_for(c: &reqwest::Client, p: &ProxyProcess, host: &str) -> String {
-    let r = c
-        .get(p.http_url("/"))
-        .header("host", host)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    backend_of(&r.text().await.unwrap())
-}
-
 async fn post_json(c: &reqwest::Client, url: String, body: &str) -> (u16, Value) {
     let r = c
         .post(url)
@@ -58,7 +47,7 @@ fn switch_is_seen_by_the_next_request_and_survives_a_restart() {
     );
     let c = client(&[], true);
     rt.block_on(async {
-        assert_eq!(backend_for(&c, &proxy, "app.test").await, "a1");
+        assert_eq!(proxy.backend_for(&c, "app.test").await, "a1");
         let (status, body) = post_json(
             &c,
             proxy.admin_url("/api/v1/domains/app.test/switch"),
@@ -67,7 +56,7 @@ fn switch_is_seen_by_the_next_request_and_survives_a_restart() {
         .await;
         assert_eq!(status, 200, "{body}");
         // The very next request goes to the new tag.
-        assert_eq!(backend_for(&c, &proxy, "app.test").await, "b1");
+        assert_eq!(proxy.backend_for(&c, "app.test").await, "b1");
         // Runtime additions: a domain and a backend.
         let (status, _) = post_json(
             &c,
@@ -83,7 +72,7 @@ fn switch_is_seen_by_the_next_request_and_survives_a_restart() {
         )
         .await;
         assert_eq!(status, 201);
-        assert_eq!(backend_for(&c, &proxy, "new.test").await, "a1");
+        assert_eq!(proxy.backend_for(&c, "new.test").await, "a1");
     });
 
     let (dir, config_path) = proxy.stop();
@@ -114,8 +103,8 @@ fn switch_is_seen_by_the_next_request_and_survives_a_restart() {
             .unwrap();
         let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
         assert_eq!(v["enabled_backends_tag"], "b");
-        assert_eq!(backend_for(&c, &restarted, "app.test").await, "b1");
-        assert_eq!(backend_for(&c, &restarted, "new.test").await, "a1");
+        assert_eq!(restarted.backend_for(&c, "app.test").await, "b1");
+        assert_eq!(restarted.backend_for(&c, "new.test").await, "a1");
     });
 }
 

@@ -36,14 +36,7 @@ fn traffic_follows_health() {
         rt.block_on(async {
             let mut out = Vec::new();
             for _ in 0..n {
-                let r = c
-                    .get(proxy.http_url("/"))
-                    .header("host", "app.test")
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                out.push(backend_of(&r.text().await.unwrap()));
+                out.push(proxy.backend_for(&c, "app.test").await);
             }
             out
         })

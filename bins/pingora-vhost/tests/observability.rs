@@ -42,17 +42,7 @@ fn metrics_and_logs_match_the_traffic() {
     );
     let proxy = ProxyProcess::start_with_logging(dir, &logging, &body);
     let c = client(&[], true);
-    let send = |host: &str, path: &str| -> u16 {
-        rt.block_on(async {
-            c.get(proxy.http_url(path))
-                .header("host", host)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
+    let send = |host: &str, path: &str| -> u16 { rt.block_on(proxy.get(&c, host, path)).0 };
     for i in 0..7 {
         assert_eq!(send("a.test", &format!("/a/{i}?q=1")), 200);
     }

@@ -353,11 +353,10 @@ pub(crate) async fn delete_domain(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let domain = parse_domain(&domain)?;
-    let target = domain.clone();
     apply_write(&s, &headers, move |t| {
-        let current = vhost_in(t, &target)?;
+        let current = vhost_in(t, &domain)?;
         Ok((
-            Command::DeleteDomain(target.clone()),
+            Command::DeleteDomain(domain.clone()),
             Some(etag_of(current)),
         ))
     })
@@ -534,12 +533,11 @@ pub(crate) async fn delete_backend(
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
     let force = force(&query);
-    let target = id.clone();
     apply_write(&s, &headers, move |t| {
-        let etag = backend_etag(t, &target)?;
+        let etag = backend_etag(t, &id)?;
         Ok((
             Command::DeleteBackend {
-                id: target.clone(),
+                id: id.clone(),
                 force,
             },
             Some(etag),

@@ -169,15 +169,16 @@ impl ProxyMetrics {
         }
     }
 
-    fn slots(&self, table: &RoutingTable) -> Arc<Slots> {
-        let current = self.slots.load_full();
+    /// Runs `f` on the side table of `table` (a guard load, no reference-count traffic).
+    fn with_slots<R>(&self, table: &RoutingTable, f: impl FnOnce(&Slots) -> R) -> R {
+        let current = self.slots.load();
         if current.generation == table.generation() {
-            return current;
+            return f(&current);
         }
         // First request on a new snapshot that nobody prepared: build it once.
         let fresh = Arc::new(Slots::new(table));
         self.slots.store(Arc::clone(&fresh));
-        fresh
+        f(&fresh)
     }
 
     /// Records one finished request.
@@ -198,47 +199,49 @@ impl ProxyMetrics {
                 .increment(class, UNKNOWN_DOMAIN, "", NO_BACKEND);
             return;
         };
-        let slots = self.slots(table);
-        let Some(slot) = slots.routes.get(route.index()) else {
-            return;
-        };
-        let slot = slot.get_or_init(|| {
-            let v = route.vhost();
-            let (domain, tag) = (v.domain.as_str(), v.enabled_backends_tag.as_str());
-            RouteSlot {
-                latency: histogram!("proxy_latency_seconds", "domain" => domain.to_owned(), "tag" => tag.to_owned()),
-                retries: counter!("proxy_retries_total", "domain" => domain.to_owned(), "tag" => tag.to_owned()),
-                members: (0..route.pool().map_or(0, |p| p.members().len()))
-                    .map(|_| ClassCounters::default())
-                    .collect(),
-                local: ClassCounters::default(),
+        self.with_slots(table, |slots| {
+            if let Some(slot) = slots.routes.get(route.index()) {
+                record_route(slot, route, done, class);
             }
         });
-        slot.latency.record(done.seconds);
-        if done.attempts > 1 {
-            slot.retries.increment((done.attempts - 1) as u64);
-        }
-        let v = route.vhost();
-        let (domain, tag) = (v.domain.as_str(), v.enabled_backends_tag.as_str());
-        match (done.member, done.backend) {
-            (Some(i), Some(b)) if done.local.is_none() => {
-                if let Some(c) = slot.members.get(i) {
-                    c.increment(class, domain, tag, b.id().as_str());
-                }
-            }
-            _ => slot.local.increment(class, domain, tag, NO_BACKEND),
-        }
     }
 
     /// Records a failed connection to `backend`.
     pub(crate) fn connect_failure(&self, table: &RoutingTable, backend: &BackendEntry) {
-        let slots = self.slots(table);
-        if let Some(slot) = slots.connect_failures.get(backend.index()) {
-            slot.get_or_init(|| {
-                counter!("proxy_upstream_connect_failures_total", "backend" => backend.id().to_string())
-            })
-            .increment(1);
+        self.with_slots(table, |slots| {
+            if let Some(slot) = slots.connect_failures.get(backend.index()) {
+                slot.get_or_init(|| {
+                    counter!("proxy_upstream_connect_failures_total", "backend" => backend.id().to_string())
+                })
+                .increment(1);
+            }
+        });
+    }
+}
+
+/// Records a request of `route` in its slot (registering the handles on first use).
+fn record_route(slot: &OnceLock<RouteSlot>, route: &Route, done: &Finished<'_>, class: usize) {
+    let v = route.vhost();
+    let (domain, tag) = (v.domain.as_str(), v.enabled_backends_tag.as_str());
+    let slot = slot.get_or_init(|| RouteSlot {
+        latency: histogram!("proxy_latency_seconds", "domain" => domain.to_owned(), "tag" => tag.to_owned()),
+        retries: counter!("proxy_retries_total", "domain" => domain.to_owned(), "tag" => tag.to_owned()),
+        members: (0..route.pool().map_or(0, |p| p.members().len()))
+            .map(|_| ClassCounters::default())
+            .collect(),
+        local: ClassCounters::default(),
+    });
+    slot.latency.record(done.seconds);
+    if done.attempts > 1 {
+        slot.retries.increment((done.attempts - 1) as u64);
+    }
+    match (done.member, done.backend) {
+        (Some(i), Some(b)) if done.local.is_none() => {
+            if let Some(c) = slot.members.get(i) {
+                c.increment(class, domain, tag, b.id().as_str());
+            }
         }
+        _ => slot.local.increment(class, domain, tag, NO_BACKEND),
     }
 }
 

@@ -104,31 +104,13 @@ fn start_server(
 
 #[test]
 fn consecutive_connect_failures_eject_a_backend_passively() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let live = rt.block_on(backend("live"));
     let dead: SocketAddr = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let be = |id: &str, addr: SocketAddr| {
-        Backend::new(
-            BackendId::parse(id).unwrap(),
-            BackendAddress::parse(&addr.to_string()).unwrap(),
-            vec![t("a")],
-        )
-    };
-    let state = State::new(
-        vec![VirtualHost::new(
-            DomainName::parse("app.test").unwrap(),
-            t("a"),
-        )],
-        vec![be("dead", dead), be("live", live)],
-    )
-    .unwrap();
+    let state = app_state(&[("dead", dead, "a"), ("live", live, "a")]);
     let (store, _writer) = RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
     let options = ProxyOptions {
         passive_failure_threshold: 3,
@@ -179,18 +161,7 @@ fn every_backend_refusing_connections_is_502() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let state = State::new(
-        vec![VirtualHost::new(
-            DomainName::parse("app.test").unwrap(),
-            t("a"),
-        )],
-        vec![Backend::new(
-            BackendId::parse("dead").unwrap(),
-            BackendAddress::parse(&dead.to_string()).unwrap(),
-            vec![t("a")],
-        )],
-    )
-    .unwrap();
+    let state = app_state(&[("dead", dead, "a")]);
     let (store, _writer) = RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
     let options = ProxyOptions {
         passive_failure_threshold: 0,
@@ -217,34 +188,45 @@ fn every_backend_refusing_connections_is_502() {
     thread.join().unwrap();
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `app.test` on tag "a", with the given `(id, address, tag)` backends.
+fn app_state(backends: &[(&str, SocketAddr, &str)]) -> State {
+    State::new(
+        vec![VirtualHost::new(
+            DomainName::parse("app.test").unwrap(),
+            t("a"),
+        )],
+        backends
+            .iter()
+            .map(|(id, addr, tag)| {
+                Backend::new(
+                    BackendId::parse(id).unwrap(),
+                    BackendAddress::parse(&addr.to_string()).unwrap(),
+                    vec![t(tag)],
+                )
+            })
+            .collect(),
+    )
+    .unwrap()
+}
+
 fn t(s: &str) -> Tag {
     Tag::parse(s).unwrap()
 }
 
 #[test]
 fn switch_is_visible_to_the_next_request_and_nothing_fails() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let a = rt.block_on(backend("a"));
     let b = rt.block_on(backend("b"));
-    let be = |id: &str, addr: SocketAddr, tag: &str| {
-        Backend::new(
-            BackendId::parse(id).unwrap(),
-            BackendAddress::parse(&addr.to_string()).unwrap(),
-            vec![t(tag)],
-        )
-    };
-    let state = State::new(
-        vec![VirtualHost::new(
-            DomainName::parse("app.test").unwrap(),
-            t("a"),
-        )],
-        vec![be("a", a, "a"), be("b", b, "b")],
-    )
-    .unwrap();
+    let state = app_state(&[("a", a, "a"), ("b", b, "b")]);
     let (store, mut writer) = RouteWriter::new(
         state.clone(),
         Box::new(LiteralOnly),

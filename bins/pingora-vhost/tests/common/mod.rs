@@ -346,6 +346,25 @@ impl ProxyProcess {
         format!("http://{}{path}", self.http)
     }
 
+    /// `GET path` on the HTTP listener with `Host: host`: (status, body).
+    pub async fn get(&self, c: &reqwest::Client, host: &str, path: &str) -> (u16, String) {
+        let r = c
+            .get(self.http_url(path))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap())
+    }
+
+    /// The backend that answered `GET /` for `host` (asserting a 200).
+    pub async fn backend_for(&self, c: &reqwest::Client, host: &str) -> String {
+        let (status, body) = self.get(c, host, "/").await;
+        assert_eq!(status, 200, "{body}");
+        backend_of(&body)
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
