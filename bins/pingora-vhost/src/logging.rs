@@ -10,11 +10,15 @@ use vhost_config::{LogFormat, LogOutput, LoggingConfig};
 
 use crate::server::AppError;
 
+/// Pingora's own lifecycle chatter, which the binary replaces with lines of its own (the signal
+/// actually received, requests drained or cut): only its warnings and errors are kept.
+const QUIET_TARGETS: &str = "pingora_core::server=warn,pingora_core::services=warn";
+
 /// Installs the global subscriber. `RUST_LOG` overrides the configured level when set. Keep the
 /// returned guard alive: dropping it flushes and stops the writer.
 pub(crate) fn init(config: &LoggingConfig) -> Result<WorkerGuard, AppError> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(config.level.as_str()));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},{QUIET_TARGETS}", config.level.as_str())));
     let (writer, guard) = match (config.output, &config.file_path) {
         (LogOutput::File, Some(path)) => {
             let file = OpenOptions::new()

@@ -1,10 +1,14 @@
 //! `pingora-vhost`: the binary. Wiring only — it loads the config ([`vhost_config`]), publishes
 //! the routing snapshot ([`vhost_routing`]), loads certificates and starts the Pingora proxy
-//! service ([`vhost_pingora`]), then waits for SIGTERM/SIGINT and drains in-flight requests.
+//! service ([`vhost_pingora`]), then waits for signals: SIGHUP reloads the config, SIGTERM and
+//! SIGINT drain in-flight requests and exit.
 
+mod checks;
 mod demo;
 mod logging;
+mod memory;
 mod metrics;
+mod reload;
 mod server;
 
 use std::path::PathBuf;
@@ -24,7 +28,8 @@ struct Cli {
     /// Configuration file.
     #[arg(short, long, default_value = "config.toml", global = true)]
     config: PathBuf,
-    /// Validate the configuration (and its certificate files) and exit: 0 if valid, 1 if not.
+    /// Validate the configuration exactly as start-up does (file, certificates, exposure rules)
+    /// and exit: 0 if valid (warnings on stderr), 1 if not.
     #[arg(long)]
     check: bool,
     #[command(subcommand)]
@@ -47,11 +52,15 @@ enum Command {
 
 #[allow(clippy::print_stderr, clippy::print_stdout)]
 fn main() -> ExitCode {
+    memory::release_freed_pages_promptly();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Demo { dir, http_port }) => demo::run(dir, http_port),
         None if cli.check => match server::check(&cli.config) {
-            Ok(summary) => {
+            Ok((summary, warnings)) => {
+                for warning in warnings {
+                    eprintln!("warning: {warning}");
+                }
                 println!("{}: OK ({summary})", cli.config.display());
                 return ExitCode::SUCCESS;
             }

@@ -48,7 +48,7 @@ pub(crate) fn install(config: &MetricsConfig) -> Result<Option<Metrics>, AppErro
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::warn!("a metrics recorder was already installed; /metrics shows this process's own recorder only");
     }
-    vhost_pingora::metrics::describe();
+    vhost_pingora::describe();
     vhost_health::describe();
     vhost_admin::describe();
     metrics::describe_gauge!(
@@ -88,11 +88,31 @@ pub(crate) fn render(handle: PrometheusHandle, inflight: Arc<Inflight>) -> Metri
     })
 }
 
-/// The metrics listener's routes.
-pub(crate) fn router(render: MetricsRender) -> axum::Router {
-    let text = move || {
+/// The metrics listener's routes; with a `token`, a scraper must send `Authorization: Bearer
+/// <token>` (401 otherwise).
+pub(crate) fn router(render: MetricsRender, token: Option<String>) -> axum::Router {
+    use axum::response::IntoResponse;
+    let token: Option<Arc<[u8]>> = token.map(|t| Arc::from(t.into_bytes()));
+    let text = move |headers: http::HeaderMap| {
         let render = render.clone();
+        let token = token.clone();
         async move {
+            if let Some(token) = token {
+                let given = headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(str::trim)
+                    .unwrap_or("");
+                if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), &token[..])) {
+                    return (
+                        http::StatusCode::UNAUTHORIZED,
+                        [(http::header::WWW_AUTHENTICATE, "Bearer")],
+                        "missing or invalid bearer token\n",
+                    )
+                        .into_response();
+                }
+            }
             (
                 [(
                     http::header::CONTENT_TYPE,
@@ -100,6 +120,7 @@ pub(crate) fn router(render: MetricsRender) -> axum::Router {
                 )],
                 render(),
             )
+                .into_response()
         }
     };
     axum::Router::new()

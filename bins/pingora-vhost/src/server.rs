@@ -1,8 +1,10 @@
 //! Start-up and shutdown of the proxy process.
 //!
-//! config file → [`vhost_config::Config`] → [`RouteWriter`] (first snapshot) + [`CertStore`]
-//! → Pingora `Server` with the [`vhost_pingora::proxy_service`] → wait for SIGTERM/SIGINT →
-//! stop accepting, drain in-flight requests (bounded by `grace_period_secs`), exit.
+//! config file → [`vhost_config::Config`] → [`crate::checks`] (exposure rule, certificates,
+//! limits) → [`RouteWriter`] (first snapshot) + [`CertStore`] → Pingora `Server` with the
+//! [`vhost_pingora::proxy_service`] → wait for signals: SIGHUP reloads the file
+//! ([`crate::reload`]); SIGTERM/SIGINT stop accepting, drain in-flight requests (bounded by
+//! `grace_period_secs`; requests still running then are cut and logged), exit.
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -17,9 +19,13 @@ use tokio::sync::watch;
 use vhost_admin::{AdminState, ApplyHook};
 use vhost_config::{Config, ConfigError, ConfigWriter, PersistError};
 use vhost_health::{CheckSettings, HealthChecker};
-use vhost_pingora::{proxy_service, CertError, CertStore, ProxyMetrics, ProxyOptions, VhostProxy};
+use vhost_pingora::{
+    proxy_service, CertStore, Connections, ProxyMetrics, ProxyOptions, VhostProxy,
+    CERT_READ_TIMEOUT,
+};
 use vhost_routing::{BackendAddress, BuildOptions, RouteStore, RouteWriter, State};
 
+use crate::checks::{self, LocatedCertError};
 use crate::metrics::ConfigGauges;
 
 /// Why the process could not start or stopped abnormally.
@@ -30,7 +36,7 @@ pub(crate) enum AppError {
     Config(#[from] ConfigError),
     /// A certificate file is unusable.
     #[error(transparent)]
-    Cert(#[from] CertError),
+    Cert(Box<LocatedCertError>),
     /// The log file cannot be opened.
     #[error("cannot open log file {}: {source}", path.display())]
     LogFile {
@@ -96,7 +102,7 @@ impl vhost_routing::Resolve for SystemResolver {
 /// after the routing snapshot is published they go live and the health checker looks at the new
 /// backend set (new backends are probed at once).
 #[derive(Clone)]
-struct PublishHook {
+pub(crate) struct PublishHook {
     certs: Arc<CertStore>,
     health: Arc<tokio::sync::Notify>,
     store: Arc<RouteStore>,
@@ -106,7 +112,7 @@ struct PublishHook {
 
 impl PublishHook {
     /// Everything that follows a newly published snapshot.
-    fn published(&self) {
+    pub(crate) fn published(&self) {
         let table = self.store.load_full();
         self.proxy_metrics.prepare(&table);
         self.gauges.observe(&table, &self.certs.current());
@@ -116,7 +122,11 @@ impl PublishHook {
 
 impl ApplyHook for PublishHook {
     fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, String> {
-        let map = self.certs.prepare(next).map_err(|e| e.to_string())?;
+        let default_paths = self.certs.current().default_paths().cloned();
+        let map = self
+            .certs
+            .prepare_within(next, default_paths, CERT_READ_TIMEOUT)
+            .map_err(|e| e.to_string())?;
         let hook = self.clone();
         Ok(Box::new(move || {
             hook.certs.publish(map);
@@ -125,7 +135,8 @@ impl ApplyHook for PublishHook {
     }
 }
 
-fn check_settings(h: &vhost_config::HealthCheckConfig) -> CheckSettings {
+/// `[health_check]` → the checker's settings.
+pub(crate) fn check_settings(h: &vhost_config::HealthCheckConfig) -> CheckSettings {
     CheckSettings {
         interval: Duration::from_secs(h.interval_secs),
         timeout: Duration::from_secs(h.timeout_secs),
@@ -138,31 +149,23 @@ fn check_settings(h: &vhost_config::HealthCheckConfig) -> CheckSettings {
     }
 }
 
-fn cert_store(config: &Config) -> CertStore {
-    let default = match (
-        &config.proxy.default_cert_path,
-        &config.proxy.default_key_path,
-    ) {
-        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-        _ => None,
-    };
-    CertStore::new(default)
-}
-
-/// `--check`: validates the file and the certificates it references.
-pub(crate) fn check(path: &Path) -> Result<String, AppError> {
+/// `--check`: runs the start-up checks on the file; returns a summary and the warnings.
+pub(crate) fn check(path: &Path) -> Result<(String, Vec<String>), AppError> {
     let config = vhost_config::load(path)?;
-    let certs = cert_store(&config).prepare(&config.state)?;
-    Ok(format!(
-        "{} domains, {} backends, {}",
+    let nofile = checks::descriptor_limit(false);
+    let checked = checks::check(&config, path, &CertStore::new(None), nofile)?;
+    let summary = format!(
+        "{} domains, {} backends, {}, max {} client connections",
         config.state.vhosts().len(),
         config.state.backends().len(),
-        if certs.is_empty() {
+        if checked.certs.is_empty() {
             "no certificates (HTTPS listener off)"
         } else {
             "certificates loaded"
-        }
-    ))
+        },
+        checked.limits.max_connections,
+    );
+    Ok((summary, checked.warnings))
 }
 
 /// Pingora's shutdown trigger, fired by our own signal handling.
@@ -193,21 +196,19 @@ pub(crate) fn run(path: &Path) -> Result<(), AppError> {
 
 /// Runs the proxy for an already loaded config.
 pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
-    if config.lets_encrypt.is_some() {
-        tracing::warn!("[lets_encrypt] is configured but automatic certificates are not implemented yet; configure tls_cert_path/tls_key_path instead");
-    }
     let proxy_conf = &config.proxy;
-    let certs = Arc::new(cert_store(&config));
-    let cert_map = certs.prepare(&config.state)?;
-    let https_enabled = !cert_map.is_empty();
-    certs.publish(cert_map);
+    let nofile = checks::descriptor_limit(true);
+    let certs = Arc::new(CertStore::new(None));
+    let checked = checks::check(&config, path, &certs, nofile)?;
+    for warning in &checked.warnings {
+        tracing::warn!("{warning}");
+    }
+    let https_enabled = !checked.certs.is_empty();
+    certs.publish(checked.certs);
+    if !https_enabled {
+        tracing::warn!("no certificate configured: HTTPS listener not started");
+    }
 
-    let token = std::env::var(vhost_admin::TOKEN_ENV)
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| proxy_conf.management_api_token.clone());
-    vhost_admin::check_exposure(proxy_conf.management_api_addr, token.as_deref())
-        .map_err(AppError::Exposure)?;
     let admin_listener =
         TcpListener::bind(proxy_conf.management_api_addr).map_err(|source| AppError::Bind {
             addr: proxy_conf.management_api_addr,
@@ -218,20 +219,6 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
     ensure_bindable(proxy_conf.listen_addr_http, "proxy.listen_addr_http")?;
     if https_enabled {
         ensure_bindable(proxy_conf.listen_addr, "proxy.listen_addr")?;
-    } else {
-        tracing::warn!("no certificate configured: HTTPS listener not started");
-        let redirecting: Vec<&str> = config
-            .state
-            .vhosts()
-            .filter(|v| v.http_to_https)
-            .map(|v| v.domain.as_str())
-            .collect();
-        if !redirecting.is_empty() {
-            tracing::warn!(
-                domains = %redirecting.join(","),
-                "http_to_https is set but the HTTPS listener is off: these domains redirect to a port nothing listens on"
-            );
-        }
     }
 
     let (store, writer) = RouteWriter::new(
@@ -267,6 +254,7 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
             https_port: proxy_conf.listen_addr.port(),
             passive_failure_threshold: config.health_check.passive_failure_threshold,
             access_log: config.logging.access_log,
+            client_keepalive: proxy_conf.client_keepalive_timeout_ms > 0,
             ..ProxyOptions::default()
         },
     );
@@ -285,7 +273,19 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
     hook.published();
     // The same follow-up actions after a DNS re-resolution publishes a snapshot.
     let after_publish = hook.clone();
-    let mut admin = AdminState::new(writer, Some(ConfigWriter::open(path)?), token).with_hook(hook);
+    let reload = crate::reload::ServerReload {
+        path: path.to_owned(),
+        running: config.clone(),
+        certs: Arc::clone(&certs),
+        health: checker.settings(),
+        after_publish: hook.clone(),
+        https_listening: https_enabled,
+        nofile,
+    };
+    let mut admin = AdminState::new(writer, Some(ConfigWriter::open(path)?), checked.api_token)
+        .with_hook(hook)
+        .with_listen_addr(proxy_conf.management_api_addr)
+        .with_reload(reload);
     let upkeep = metrics.as_ref().map(|m| m.handle.clone());
     let metrics = metrics.map(|m| {
         let render = crate::metrics::render(m.handle, proxy.inflight());
@@ -297,13 +297,13 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
     let admin = Arc::new(admin);
     let admin_router = vhost_admin::router(Arc::clone(&admin));
     let dns_refresh = Duration::from_secs(proxy_conf.dns_refresh_secs);
-    let http_addr = proxy_conf.listen_addr_http.to_string();
-    let https_addr = proxy_conf.listen_addr.to_string();
+    let conns = Connections::new(checked.limits);
     let service = proxy_service(
         &server.configuration,
         proxy,
-        Some(&http_addr),
-        https_enabled.then(|| (https_addr.as_str(), Arc::clone(&certs))),
+        Some(proxy_conf.listen_addr_http),
+        https_enabled.then(|| (proxy_conf.listen_addr, Arc::clone(&certs))),
+        Arc::clone(&conns),
     )
     .map_err(|e| AppError::Setup(e.to_string()))?;
     server.add_service(service);
@@ -329,10 +329,13 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         metrics = %metrics.as_ref().map_or("off".into(), |(_, addr, _)| addr.to_string()),
         domains = config.state.vhosts().len(),
         backends = config.state.backends().len(),
+        max_connections = conns.limits().max_connections,
+        file_descriptors = nofile,
         "pingora-vhost started"
     );
 
     let grace = Duration::from_secs(proxy_conf.grace_period_secs);
+    let metrics_token = checked.metrics_token;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -342,7 +345,7 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         spawn_http("admin API", admin_listener, admin_router, admin_stop_rx.clone())?;
         if let Some((listener, _, render)) = metrics {
-            let router = crate::metrics::router(render);
+            let router = crate::metrics::router(render, metrics_token);
             spawn_http("metrics", listener, router, admin_stop_rx.clone())?;
         }
         if let Some(handle) = upkeep {
@@ -350,6 +353,7 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         }
         if !dns_refresh.is_zero() {
             let mut stop = admin_stop_rx.clone();
+            let admin = Arc::clone(&admin);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(dns_refresh);
                 tick.tick().await;
@@ -367,15 +371,33 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
                 }
             });
         }
+        tokio::spawn(crate::memory::trim_after_waves(Arc::clone(&conns), admin_stop_rx.clone()));
         tokio::spawn(checker.run(admin_stop_rx));
-        let mut term = signal(SignalKind::terminate())
-            .map_err(|e| AppError::Runtime(format!("cannot watch SIGTERM: {e}")))?;
-        let mut int = signal(SignalKind::interrupt())
-            .map_err(|e| AppError::Runtime(format!("cannot watch SIGINT: {e}")))?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received: graceful shutdown"),
-            _ = int.recv() => tracing::info!("SIGINT received: graceful shutdown"),
-            _ = done_rx => return Err(AppError::Runtime("the proxy server stopped unexpectedly".into())),
+        let watch = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| AppError::Runtime(format!("cannot watch {name}: {e}")))
+        };
+        let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
+        let mut hup = watch(SignalKind::hangup(), "SIGHUP")?;
+        let mut done_rx = done_rx;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!(grace_period_secs = grace.as_secs(), "SIGTERM received: graceful shutdown");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!(grace_period_secs = grace.as_secs(), "SIGINT received: graceful shutdown");
+                    break;
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received: reloading {}", path.display());
+                    let admin = Arc::clone(&admin);
+                    // Logged (applied or rejected, with the located error) by `reload` itself.
+                    tokio::task::spawn_blocking(move || admin.reload());
+                }
+                _ = &mut done_rx => return Err(AppError::Runtime("the proxy server stopped unexpectedly".into())),
+            }
         }
         let deadline = Instant::now() + grace;
         let _ = stop_tx.send(true);
@@ -396,11 +418,21 @@ pub(crate) fn run_config(config: Config, path: &Path) -> Result<(), AppError> {
         }
         let _ = admin_stop_tx.send(true);
         let left = inflight.get();
-        if left > 0 {
-            tracing::warn!(requests = left, "grace period over; exiting with requests in flight");
-        } else {
+        if left == 0 && inflight.cut() == 0 {
             tracing::info!("all in-flight requests finished; exiting");
+            return Ok(());
         }
+        // Pingora stops its runtimes at the end of the same grace period, which drops what is
+        // still running; each dropped request writes its access-log line (status 0, local
+        // "cut") as it goes. Wait for that, briefly.
+        let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
+        let cut = inflight.cut().max(left);
+        tracing::warn!(
+            requests = cut,
+            grace_period_secs = grace.as_secs(),
+            "grace period over: requests still in flight were cut"
+        );
+        tracing::info!("exiting");
         Ok(())
     })
 }

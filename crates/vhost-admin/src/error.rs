@@ -57,6 +57,12 @@ pub enum ApiError {
     /// Missing or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// The request is not addressed to the API itself (foreign `Host` or `Origin`, no token).
+    #[error("{message}")]
+    Forbidden {
+        /// Why.
+        message: String,
+    },
     /// No such domain / backend / route.
     #[error("{message}")]
     NotFound {
@@ -95,22 +101,38 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
+    /// The configuration file to reload is invalid; the running configuration is unchanged.
+    #[error("{message}")]
+    InvalidConfig {
+        /// The key path the error is about (empty when it is about the whole file).
+        field: String,
+        /// `file:line:column: key: what is wrong`.
+        message: String,
+    },
+    /// The server failed in a way that is not the client's doing.
+    #[error("{message}")]
+    Internal {
+        /// Why.
+        message: String,
+    },
 }
 
 impl ApiError {
     /// HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MalformedJson { .. } | Self::InvalidField { .. } | Self::Unservable { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::MalformedJson { .. }
+            | Self::InvalidField { .. }
+            | Self::Unservable { .. }
+            | Self::InvalidConfig { .. } => StatusCode::BAD_REQUEST,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-            Self::Persist { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Persist { .. } | Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -121,17 +143,24 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::Unauthorized => "unauthorized",
+            Self::Forbidden { .. } => "forbidden",
             Self::NotFound { .. } => "not_found",
             Self::Conflict { code, .. } => code,
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::Unservable { .. } => "unservable",
             Self::Persist { .. } => "persist_failed",
+            Self::InvalidConfig { .. } => "invalid_config",
+            Self::Internal { .. } => "internal",
         }
     }
 
     fn field(&self) -> Option<String> {
         match self {
-            Self::InvalidField { field, .. } if !field.is_empty() => Some(field.clone()),
+            Self::InvalidField { field, .. } | Self::InvalidConfig { field, .. }
+                if !field.is_empty() =>
+            {
+                Some(field.clone())
+            }
             Self::Conflict { field, .. } => field.clone(),
             Self::Unservable { field, .. } => Some((*field).to_owned()),
             _ => None,

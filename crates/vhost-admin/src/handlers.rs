@@ -185,44 +185,62 @@ fn ensure_serving_tag(table: &RoutingTable, tag: &Tag, force: bool) -> Result<()
     })
 }
 
+/// How many times a write is prepared without the writer lock before it takes the lock first
+/// (so that, under heavy contention, every write still completes).
+pub(crate) const OPTIMISTIC_ATTEMPTS: usize = 3;
+
 /// Checks, persists and publishes one change (see the crate docs). `build` sees the current
-/// snapshot and returns the command plus the current ETag of the resource it changes, if any.
-/// Runs on the blocking pool: persisting fsyncs the config file and publishing may resolve
-/// backend host names, neither of which may stall the async runtime.
+/// snapshot and returns the command plus the current ETag of the resource it changes, if any; it
+/// runs again if another change is published while this one is prepared. Runs on the blocking
+/// pool: preparing reads certificate files, persisting fsyncs the config file and publishing may
+/// resolve backend host names, none of which may stall the async runtime.
 async fn apply_write(
     state: &Arc<AdminState>,
     headers: &HeaderMap,
-    build: impl FnOnce(&RoutingTable) -> Result<(Command, Option<String>), ApiError> + Send + 'static,
+    build: impl Fn(&RoutingTable) -> Result<(Command, Option<String>), ApiError> + Send + 'static,
 ) -> Result<(Arc<RoutingTable>, Change), ApiError> {
     let this = Arc::clone(state);
     let if_match = headers.get(header::IF_MATCH).cloned();
     let result = tokio::task::spawn_blocking(move || {
-        let mut writer = this.writer.blocking_lock();
-        let current = writer.routes.current();
-        let (command, etag) = build(&current)?;
-        if let Some(etag) = etag {
-            check_if_match(if_match.as_ref(), &etag)?;
+        let mut attempt = 0;
+        loop {
+            // Prepared without the writer lock (a slow certificate file delays only this
+            // write) unless the optimistic attempts were all overtaken by other changes.
+            let locked = (attempt >= OPTIMISTIC_ATTEMPTS).then(|| this.writer.blocking_lock());
+            attempt += 1;
+            let current = this.store.load_full();
+            let (command, etag) = build(&current)?;
+            if let Some(etag) = etag {
+                check_if_match(if_match.as_ref(), &etag)?;
+            }
+            let (next, change) = current.state().apply(command)?;
+            let commit = this
+                .hook
+                .prepare(&next)
+                .map_err(|message| ApiError::Unservable {
+                    field: "tls_cert_path",
+                    message,
+                })?;
+            let mut writer = match locked {
+                Some(writer) => writer,
+                None => this.writer.blocking_lock(),
+            };
+            if writer.routes.current().generation() != current.generation() {
+                continue; // another change was published meanwhile: start over on it
+            }
+            if let Some(file) = writer.file.as_mut() {
+                file.persist(&change).map_err(|e| ApiError::Persist {
+                    message: e.to_string(),
+                })?;
+            }
+            let table = writer.routes.publish(next);
+            commit();
+            return Ok((table, change));
         }
-        let (next, change) = current.state().apply(command)?;
-        let commit = this
-            .hook
-            .prepare(&next)
-            .map_err(|message| ApiError::Unservable {
-                field: "tls_cert_path",
-                message,
-            })?;
-        if let Some(file) = writer.file.as_mut() {
-            file.persist(&change).map_err(|e| ApiError::Persist {
-                message: e.to_string(),
-            })?;
-        }
-        let table = writer.routes.publish(next);
-        commit();
-        Ok((table, change))
     })
     .await
     .unwrap_or_else(|e| {
-        Err(ApiError::Persist {
+        Err(ApiError::Internal {
             message: format!("the write task failed: {e}"),
         })
     });
@@ -286,8 +304,10 @@ pub(crate) async fn create_domain(
     ApiJson(vhost): ApiJson<VirtualHost>,
 ) -> Result<Response, ApiError> {
     let domain = vhost.domain.clone();
-    let (table, _) =
-        apply_write(&s, &headers, move |_| Ok((Command::AddDomain(vhost), None))).await?;
+    let (table, _) = apply_write(&s, &headers, move |_| {
+        Ok((Command::AddDomain(vhost.clone()), None))
+    })
+    .await?;
     let vhost = vhost_in(&table, &domain)?;
     let response = json_with_etag(StatusCode::CREATED, vhost);
     Ok(with_location(
@@ -329,7 +349,7 @@ pub(crate) async fn update_domain(
         Ok((
             Command::UpdateDomain {
                 domain: target.clone(),
-                update,
+                update: update.clone(),
             },
             Some(etag),
         ))
@@ -392,7 +412,7 @@ pub(crate) async fn switch_domain(
         Ok((
             Command::SwitchTag {
                 domain: target.clone(),
-                tag: request.new_tag,
+                tag: request.new_tag.clone(),
             },
             Some(etag_of(current)),
         ))
@@ -470,7 +490,7 @@ pub(crate) async fn create_backend(
 ) -> Result<Response, ApiError> {
     let id = backend.id.clone();
     let (table, _) = apply_write(&s, &headers, move |_| {
-        Ok((Command::AddBackend(backend), None))
+        Ok((Command::AddBackend(backend.clone()), None))
     })
     .await?;
     let response = backend_response(StatusCode::CREATED, &table, &id)?;
@@ -504,7 +524,7 @@ pub(crate) async fn update_backend(
         Ok((
             Command::UpdateBackend {
                 id: target.clone(),
-                update,
+                update: update.clone(),
                 force,
             },
             Some(etag),
@@ -564,6 +584,19 @@ pub(crate) async fn metrics_text(State(s): AppState) -> Result<Response, ApiErro
         render(),
     )
         .into_response())
+}
+
+/// Re-reads the config file and applies it: validated exactly as at start-up; on any error the
+/// running configuration is unchanged (the same as sending SIGHUP to the process).
+#[utoipa::path(post, path = "/api/v1/config/reload", tag = "config",
+    responses(
+        (status = 200, description = "Reloaded: what changed", body = crate::ReloadReport),
+        (status = 400, description = "The file is invalid or cannot be served (field: the key; message: file:line:column)", body = crate::ErrorBody),
+        (status = 404, description = "Reload is not enabled (embedded API without a config file)", body = crate::ErrorBody)))]
+pub(crate) async fn reload_config(
+    State(s): AppState,
+) -> Result<Json<crate::ReloadReport>, ApiError> {
+    crate::reload::run(&s).await.map(Json)
 }
 
 pub(crate) async fn not_found() -> ApiError {

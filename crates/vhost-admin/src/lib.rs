@@ -8,18 +8,33 @@
 //! (If-Match, healthy target tag) → [`ApplyHook::prepare`] (e.g. certificates load) → crash-safe
 //! write-back to the config file ([`vhost_config::ConfigWriter`]) → [`RouteWriter::publish`] →
 //! 2xx. Any failure before the publish leaves the running state and the file as they were.
-//! Writes are serialised by one async mutex around the single [`RouteWriter`]; reads load the
-//! current snapshot and never wait on writes.
+//!
+//! Concurrency: the change is computed and prepared (certificate files read) on the current
+//! snapshot without any lock; only persisting and publishing take the one mutex around the
+//! single [`RouteWriter`], and if another change was published meanwhile the write starts over
+//! on the new snapshot. A slow certificate file therefore never blocks other writes, and reads
+//! load the current snapshot and never wait on writes. A write runs to the end (applied,
+//! logged, counted) even when its client disconnects.
+//!
+//! A configuration reload ([`AdminState::reload`], `POST /api/v1/config/reload`, SIGHUP in the
+//! binary) re-reads the file, validates it like start-up, and publishes its routing state the
+//! same way; a [`ReloadHook`] applies the rest (certificates, health checks).
+//!
+//! Browser protection: without a token, requests whose `Host` is not the API's own loopback
+//! address, or that carry a foreign `Origin`, are refused (403), so neither DNS rebinding nor a
+//! cross-site page can drive the API. There is no CORS.
 
 pub mod error;
 pub mod extract;
 mod handlers;
 mod middleware;
 pub mod openapi;
+mod reload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
@@ -29,6 +44,7 @@ use vhost_routing::{RouteStore, RouteWriter, State};
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use handlers::{BackendView, Health, SwitchRequest};
+pub use reload::{Diff, PreparedReload, ReloadError, ReloadHook, ReloadReport};
 
 /// Largest accepted request body, in bytes.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -62,7 +78,12 @@ pub struct AdminState {
     store: Arc<RouteStore>,
     writer: Mutex<Writer>,
     hook: Box<dyn ApplyHook>,
-    token: Option<Box<[u8]>>,
+    reload: Option<Box<dyn ReloadHook>>,
+    token: ArcSwapOption<Vec<u8>>,
+    /// The API's own listening address (for the `Host` / `Origin` checks).
+    listen: Option<SocketAddr>,
+    /// The config file (re-read by a reload).
+    config_path: Option<std::path::PathBuf>,
     metrics: Option<MetricsRender>,
 }
 
@@ -74,7 +95,7 @@ struct Writer {
 impl std::fmt::Debug for AdminState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminState")
-            .field("auth", &self.token.is_some())
+            .field("auth", &self.token.load().is_some())
             .field("metrics", &self.metrics.is_some())
             .finish_non_exhaustive()
     }
@@ -84,13 +105,40 @@ impl AdminState {
     /// The API over `routes` (its single writer). `file`: where changes are persisted (`None`:
     /// in memory only). `token`: required bearer token, if any.
     pub fn new(routes: RouteWriter, file: Option<ConfigWriter>, token: Option<String>) -> Self {
+        let config_path = file.as_ref().map(|f| f.path().to_owned());
         Self {
             store: Arc::clone(routes.store()),
             writer: Mutex::new(Writer { routes, file }),
             hook: Box::new(NoHook),
-            token: token.map(|t| t.into_bytes().into_boxed_slice()),
+            reload: None,
+            token: ArcSwapOption::new(token.map(|t| Arc::new(t.into_bytes()))),
+            listen: None,
+            config_path,
             metrics: None,
         }
+    }
+
+    /// Declares the address the API listens on: without a token, only requests whose `Host` is
+    /// this address (or `localhost` / `127.0.0.1` / `[::1]` with its port) are served.
+    pub fn with_listen_addr(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Enables configuration reloads (`POST /api/v1/config/reload`, [`AdminState::reload`]).
+    pub fn with_reload(mut self, hook: impl ReloadHook) -> Self {
+        self.reload = Some(Box::new(hook));
+        self
+    }
+
+    /// Replaces the bearer token (`None`: no authentication; the API must then be on loopback).
+    pub fn set_token(&self, token: Option<String>) {
+        self.token.store(token.map(|t| Arc::new(t.into_bytes())));
+    }
+
+    /// Whether a token is required now.
+    pub fn has_token(&self) -> bool {
+        self.token.load().is_some()
     }
 
     /// Sets the hook run before each change is persisted.
@@ -153,6 +201,7 @@ pub fn describe() {
         "config_changes_total",
         "Configuration changes through the admin API, applied or rejected"
     );
+    reload::describe();
 }
 
 /// Refuses to expose an unauthenticated API beyond loopback.
@@ -183,11 +232,16 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(get_backend).put(update_backend).delete(delete_backend),
         )
         .route("/api/v1/metrics", get(metrics_text))
+        .route("/api/v1/config/reload", post(reload_config))
         .route("/api/v1/openapi.json", get(openapi::serve))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             middleware::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            middleware::same_origin_only,
         ))
         .layer(axum::middleware::from_fn(middleware::record_metrics))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -25,6 +25,7 @@ use crate::handlers;
         handlers::update_backend,
         handlers::delete_backend,
         handlers::metrics_text,
+        handlers::reload_config,
         serve,
     ),
     components(schemas(
@@ -35,6 +36,8 @@ use crate::handlers;
         handlers::BackendView,
         handlers::Health,
         handlers::SwitchRequest,
+        crate::ReloadReport,
+        crate::reload::Diff,
         crate::ErrorBody,
         crate::ErrorDetail,
     )),

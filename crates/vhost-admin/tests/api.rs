@@ -53,6 +53,7 @@ fn api_with(
         Some(ConfigWriter::open(&path).unwrap()),
         token.map(str::to_owned),
     )
+    .with_listen_addr(config.proxy.management_api_addr)
     .with_metrics(Arc::new(|| "# TYPE up gauge\nup 1\n".to_owned()));
     if let Some(check) = hook {
         state = state.with_hook(FnHook(check));
@@ -108,6 +109,10 @@ async fn send(
     let mut req = Request::builder().method(method).uri(uri);
     if body.is_some() {
         req = req.header("content-type", "application/json");
+    }
+    // What a client addressing the API on its own address sends (see same_origin_only).
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("host", "127.0.0.1:8080");
     }
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -556,12 +561,14 @@ async fn every_error_class_has_its_status_code_and_field() {
 
     // 415: a body that is not declared JSON.
     let req = Request::post("/api/v1/domains")
+        .header("host", "127.0.0.1:8080")
         .header("content-type", "text/plain")
         .body(Body::from("{}"))
         .unwrap();
     let resp = api.router.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let req = Request::post("/api/v1/domains")
+        .header("host", "127.0.0.1:8080")
         .body(Body::from("{}"))
         .unwrap();
     assert_eq!(
@@ -805,6 +812,7 @@ async fn openapi_document_lists_every_route_and_resolves() {
         ("/api/v1/backends", vec!["get", "post"]),
         ("/api/v1/backends/{id}", vec!["get", "put", "delete"]),
         ("/api/v1/metrics", vec!["get"]),
+        ("/api/v1/config/reload", vec!["post"]),
         ("/api/v1/openapi.json", vec!["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
@@ -917,4 +925,97 @@ async fn dns_refresh_publishes_only_changed_addresses() {
         2000
     );
     assert!(!admin.refresh_resolution().await);
+}
+
+#[tokio::test]
+async fn without_a_token_only_requests_addressed_to_the_api_itself_are_served() {
+    let api = api();
+    let body = r#"{"id":"x1","address":"127.0.0.1:4001","tags":["a"]}"#;
+    // DNS rebinding: a browser page on another name reaches the loopback API with its own Host.
+    for host in [
+        "attacker.example",
+        "attacker.example:8080",
+        "127.0.0.1:9999",
+        "localhost",
+    ] {
+        let r = send(
+            &api,
+            Method::POST,
+            "/api/v1/backends",
+            Some(body),
+            &[("host", host)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{host}: {}", r.text);
+        assert_eq!(r.error().0, "forbidden");
+        let r = send(
+            &api,
+            Method::GET,
+            "/api/v1/domains",
+            None,
+            &[("host", host)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{host}");
+    }
+    // A cross-site request (foreign Origin) with the right Host.
+    for origin in [
+        "http://evil.example",
+        "null",
+        "https://127.0.0.1:8080",
+        "http://127.0.0.1:8081",
+    ] {
+        let r = send(
+            &api,
+            Method::POST,
+            "/api/v1/backends",
+            Some(body),
+            &[("origin", origin)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{origin}: {}", r.text);
+    }
+    assert_eq!(
+        api.store.load().state().backends().len(),
+        1,
+        "a refused request changed the state"
+    );
+    // The API's own address, any loopback spelling, with or without its own Origin.
+    for host in ["127.0.0.1:8080", "localhost:8080", "[::1]:8080"] {
+        let r = send(
+            &api,
+            Method::GET,
+            "/api/v1/domains",
+            None,
+            &[("host", host)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{host}");
+    }
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/backends",
+        Some(body),
+        &[("origin", "http://localhost:8080")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    // No CORS: nothing invites a browser to read answers cross-site.
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+
+    // With a token, the token is what protects: any Host, bearer required.
+    let api = api_with(Some("s3cret"), None);
+    let r = send(
+        &api,
+        Method::GET,
+        "/api/v1/domains",
+        None,
+        &[
+            ("host", "proxy.internal:8080"),
+            ("authorization", "Bearer s3cret"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 }

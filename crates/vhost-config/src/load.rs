@@ -2,7 +2,7 @@
 //! [`State`]. Every error carries the file, line, column and key path it is about.
 
 use std::fmt;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -13,6 +13,17 @@ use crate::schema::{
     ConfigFile, HealthCheckConfig, LetsEncryptConfig, LogOutput, LoggingConfig, MetricsConfig,
     ProxyConfig,
 };
+
+/// Largest `proxy.max_retries`: Pingora makes at most 16 attempts per request.
+pub const MAX_RETRIES: u64 = 15;
+/// Largest client timeout, in milliseconds.
+const ONE_HOUR_MS: u64 = 3_600_000;
+/// Smallest `proxy.max_request_header_bytes`.
+pub const MIN_HEADER_BYTES: u64 = 1024;
+/// Largest `proxy.max_request_header_bytes` (Pingora's own request-head limit).
+pub const MAX_HEADER_BYTES: u64 = 1_048_575;
+/// Largest `proxy.max_connections`.
+pub const MAX_CONNECTIONS: u64 = 10_000_000;
 
 /// A loaded, validated configuration: settings plus the routing [`State`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +105,46 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, &path.display().to_string())
 }
 
+/// Where `key` (a key path such as `proxy.default_cert_path`) is in the file at `path`, for
+/// problems found after loading (e.g. a certificate file that does not load). `None` if the file
+/// cannot be read; the position falls back to the deepest part of the path that exists.
+pub fn locate(path: &Path, key: &str) -> Option<Location> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let origin = path.display().to_string();
+    Some(
+        Locator {
+            text: &text,
+            origin: &origin,
+        }
+        .location(key),
+    )
+}
+
+/// Where `field` of the `[[virtual_hosts]]` entry of `domain` is in the file at `path`.
+pub fn locate_vhost_key(path: &Path, domain: &str, field: &str) -> Option<Location> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let wanted = vhost_routing::DomainName::parse(domain).ok()?;
+    let doc = Document::parse(text.as_str()).ok()?;
+    let index = doc
+        .get("virtual_hosts")?
+        .as_array_of_tables()?
+        .iter()
+        .position(|t| {
+            t.get("domain")
+                .and_then(Item::as_str)
+                .and_then(|d| vhost_routing::DomainName::parse(d).ok())
+                .is_some_and(|d| d == wanted)
+        })?;
+    let origin = path.display().to_string();
+    Some(
+        Locator {
+            text: &text,
+            origin: &origin,
+        }
+        .location(&format!("virtual_hosts[{index}].{field}")),
+    )
+}
+
 /// Validates configuration text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let locator = Locator { text, origin };
@@ -161,6 +212,47 @@ fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
         if value == 0 {
             return fail(key, "must be at least 1 millisecond");
         }
+    }
+    let ranges: [(&str, u64, RangeInclusive<u64>); 5] = [
+        ("proxy.max_retries", p.max_retries as u64, 0..=MAX_RETRIES),
+        (
+            "proxy.client_header_timeout_ms",
+            p.client_header_timeout_ms,
+            1..=ONE_HOUR_MS,
+        ),
+        (
+            "proxy.client_keepalive_timeout_ms",
+            p.client_keepalive_timeout_ms,
+            0..=ONE_HOUR_MS,
+        ),
+        (
+            "proxy.max_request_header_bytes",
+            p.max_request_header_bytes,
+            MIN_HEADER_BYTES..=MAX_HEADER_BYTES,
+        ),
+        (
+            "proxy.max_connections",
+            p.max_connections.unwrap_or(1),
+            1..=MAX_CONNECTIONS,
+        ),
+    ];
+    for (key, value, range) in ranges {
+        if !range.contains(&value) {
+            return fail(
+                key,
+                &format!(
+                    "{value} is out of range: must be between {} and {}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+        }
+    }
+    if file.metrics.token.as_deref().is_some_and(str::is_empty) {
+        return fail(
+            "metrics.token",
+            "the token is empty; remove the key to serve metrics without authentication",
+        );
     }
     if file.logging.output == LogOutput::File && file.logging.file_path.is_none() {
         return fail(
@@ -256,6 +348,17 @@ impl Locator<'_> {
 
     fn at_key(&self, key: &str, message: &str) -> ConfigError {
         self.error(self.span_of(key), key.to_owned(), message)
+    }
+
+    fn location(&self, key: &str) -> Location {
+        let offset = self.span_of(key).map_or(0, |s| s.start);
+        let (line, column) = line_column(self.text, offset);
+        Location {
+            origin: self.origin.to_owned(),
+            line,
+            column,
+            key: key.to_owned(),
+        }
     }
 
     /// The span of the deepest existing item along a key path such as `backends[2].tags`.

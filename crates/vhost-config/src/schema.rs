@@ -66,7 +66,7 @@ pub struct ProxyConfig {
     pub write_timeout_ms: u64,
     /// How long an idle upstream keep-alive connection is kept, in milliseconds (default 60000).
     pub idle_timeout_ms: u64,
-    /// Other backends of the same tag tried after a connection failure (default 2).
+    /// Other backends of the same tag tried after a connection failure (default 2, at most 15).
     pub max_retries: usize,
     /// Idle upstream connections kept per proxy process (default 128).
     pub upstream_keepalive_pool_size: usize,
@@ -74,6 +74,20 @@ pub struct ProxyConfig {
     pub grace_period_secs: u64,
     /// How often backend host names are re-resolved, in seconds (default 30; 0 disables).
     pub dns_refresh_secs: u64,
+    /// Longest time a client gets to deliver a request head, in milliseconds: from accepting the
+    /// connection (TLS handshake included) for its first request, from the first byte for the
+    /// next ones (default 10000).
+    pub client_header_timeout_ms: u64,
+    /// Longest idle time between two requests on a client connection, in milliseconds (default
+    /// 60000; 0 closes every connection after its first response).
+    pub client_keepalive_timeout_ms: u64,
+    /// Most client connections open at once; more are closed as soon as they are accepted
+    /// (default: derived from the file-descriptor limit, see docs/security.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
+    /// Largest request head (request line and headers) accepted, in bytes; larger ones get 431
+    /// (default 32768).
+    pub max_request_header_bytes: u64,
 }
 
 impl Default for ProxyConfig {
@@ -94,6 +108,10 @@ impl Default for ProxyConfig {
             upstream_keepalive_pool_size: 128,
             grace_period_secs: 10,
             dns_refresh_secs: 30,
+            client_header_timeout_ms: 10_000,
+            client_keepalive_timeout_ms: 60_000,
+            max_connections: None,
+            max_request_header_bytes: 32 * 1024,
         }
     }
 }
@@ -185,15 +203,20 @@ impl Default for LoggingConfig {
 pub struct MetricsConfig {
     /// Record metrics and serve them (default true).
     pub enabled: bool,
-    /// Prometheus listener (default `0.0.0.0:9090`), serving `/metrics` and `/api/v1/metrics`.
+    /// Prometheus listener (default `127.0.0.1:9090`), serving `/metrics` and `/api/v1/metrics`.
     pub listen_addr: SocketAddr,
+    /// Bearer token a scraper must send (also read from `PINGORA_VHOST_METRICS_TOKEN`); none by
+    /// default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            listen_addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            token: None,
         }
     }
 }

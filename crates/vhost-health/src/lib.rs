@@ -14,7 +14,14 @@
 //! `unhealthy_threshold` consecutive failures mark it down and `healthy_threshold` consecutive
 //! successes mark it up. A backend ejected passively by the proxy (consecutive connection
 //! failures, see [`HealthCell::record_connect_failure`]) comes back on the next successful probe.
+//! A probe that cannot run because this host is out of a resource (file descriptors, ports,
+//! buffers) counts neither way: it is logged, rate-limited, and the backend keeps its state.
+//!
+//! The settings can be replaced while running ([`SettingsHandle`], used by a configuration
+//! reload): timing and thresholds apply from each prober's next probe, a changed probe kind,
+//! path, host or status range restarts the affected probers.
 
+mod limit;
 mod probe;
 
 use std::collections::HashMap;
@@ -22,11 +29,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use vhost_routing::{Backend, BackendId, HealthCell, ProbeKind, RouteStore};
 
-pub use probe::{probe, ProbeError};
+pub use limit::LogLimiter;
+pub use probe::{is_local_exhaustion, probe, ProbeError};
 
 /// Registers the descriptions (Prometheus `# HELP`) of the health metrics.
 pub fn describe() {
@@ -118,10 +127,30 @@ pub struct ProbeEvent {
     pub healthy: bool,
 }
 
+/// Replaces the settings of a running [`HealthChecker`].
+#[derive(Debug, Clone)]
+pub struct SettingsHandle {
+    settings: Arc<ArcSwap<CheckSettings>>,
+    wake: Arc<Notify>,
+}
+
+impl SettingsHandle {
+    /// The settings in use.
+    pub fn get(&self) -> Arc<CheckSettings> {
+        self.settings.load_full()
+    }
+
+    /// Uses `settings` from now on (see the crate docs for when each field takes effect).
+    pub fn set(&self, settings: CheckSettings) {
+        self.settings.store(Arc::new(settings));
+        self.wake.notify_one();
+    }
+}
+
 /// The health-check supervisor.
 pub struct HealthChecker {
     store: Arc<RouteStore>,
-    settings: Arc<CheckSettings>,
+    settings: Arc<ArcSwap<CheckSettings>>,
     wake: Arc<Notify>,
     events: Option<mpsc::UnboundedSender<ProbeEvent>>,
 }
@@ -129,7 +158,7 @@ pub struct HealthChecker {
 impl std::fmt::Debug for HealthChecker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HealthChecker")
-            .field("settings", &self.settings)
+            .field("settings", &self.settings.load())
             .finish_non_exhaustive()
     }
 }
@@ -148,7 +177,7 @@ impl HealthChecker {
     pub fn new(store: Arc<RouteStore>, settings: CheckSettings) -> Self {
         Self {
             store,
-            settings: Arc::new(settings),
+            settings: Arc::new(ArcSwap::from_pointee(settings)),
             wake: Arc::new(Notify::new()),
             events: None,
         }
@@ -163,6 +192,14 @@ impl HealthChecker {
     /// Notify this after publishing a snapshot so new backends are probed at once.
     pub fn waker(&self) -> Arc<Notify> {
         Arc::clone(&self.wake)
+    }
+
+    /// A handle that replaces the settings while the checker runs.
+    pub fn settings(&self) -> SettingsHandle {
+        SettingsHandle {
+            settings: Arc::clone(&self.settings),
+            wake: Arc::clone(&self.wake),
+        }
     }
 
     /// Runs until `shutdown` becomes true (or its sender is dropped).
@@ -187,10 +224,11 @@ impl HealthChecker {
 
     fn reconcile(&self, probers: &mut HashMap<BackendId, Prober>) {
         let table = self.store.load();
+        let settings = self.settings.load();
         probers.retain(|id, p| {
             let keep = table.backend(id).is_some_and(|entry| {
                 entry.socket_addr().is_some_and(|addr| {
-                    p.key == (addr, self.settings.plan_for(entry.backend()))
+                    p.key == (addr, settings.plan_for(entry.backend()))
                         && Arc::ptr_eq(&p.cell, entry.health())
                 })
             });
@@ -208,7 +246,7 @@ impl HealthChecker {
             if probers.contains_key(entry.id()) {
                 continue;
             }
-            let plan = self.settings.plan_for(entry.backend());
+            let plan = settings.plan_for(entry.backend());
             let cell = Arc::clone(entry.health());
             let task = tokio::spawn(prober(
                 entry.id().clone(),
@@ -236,12 +274,15 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(factor)
 }
 
+/// Probes that could not run for a local reason: one log line per minute at most.
+static LOCAL_FAILURES: std::sync::OnceLock<LogLimiter> = std::sync::OnceLock::new();
+
 async fn prober(
     id: BackendId,
     addr: SocketAddr,
     plan: ProbePlan,
     cell: Arc<HealthCell>,
-    settings: Arc<CheckSettings>,
+    settings: Arc<ArcSwap<CheckSettings>>,
     events: Option<mpsc::UnboundedSender<ProbeEvent>>,
 ) {
     let status = metrics::gauge!("health_check_status", "backend" => id.to_string());
@@ -250,12 +291,20 @@ async fn prober(
     let mut first = true;
     let (mut failures, mut successes) = (0u32, 0u32);
     loop {
+        let settings = settings.load_full();
         let result = match tokio::time::timeout(settings.timeout, probe(addr, &plan)).await {
             Ok(r) => r,
             Err(_) => Err(ProbeError::Timeout(settings.timeout)),
         };
         let was_healthy = cell.is_healthy();
         match &result {
+            Err(e @ ProbeError::Local(_)) => {
+                let limiter =
+                    LOCAL_FAILURES.get_or_init(|| LogLimiter::new(Duration::from_secs(60)));
+                if let Some(held_back) = limiter.admit() {
+                    tracing::warn!(backend = %id, %addr, error = %e, similar_not_logged = held_back, "health probe could not run (this host is out of a resource); not counted against the backend");
+                }
+            }
             Ok(()) => {
                 successes = successes.saturating_add(1);
                 failures = 0;
@@ -275,7 +324,8 @@ async fn prober(
                 }
             }
         }
-        first = false;
+        // A probe that could not run decides nothing, not even as the first one.
+        first = first && matches!(result, Err(ProbeError::Local(_)));
         let healthy = cell.is_healthy();
         status.set(if healthy { 1.0 } else { 0.0 });
         if let Some(tx) = &events {

@@ -19,6 +19,10 @@ pub enum ProbeError {
     /// The TCP connection failed.
     #[error("connect failed: {0}")]
     Connect(std::io::Error),
+    /// The probe could not run because this host ran out of a resource (file descriptors, socket
+    /// buffers, local ports): says nothing about the backend, never counted against it.
+    #[error("probe not run, local resource exhausted: {0}")]
+    Local(std::io::Error),
     /// Sending the request or reading the answer failed.
     #[error("HTTP exchange failed: {0}")]
     Io(std::io::Error),
@@ -37,14 +41,29 @@ pub enum ProbeError {
     },
 }
 
+/// True for errors that come from this host running out of a resource — file descriptors
+/// (`EMFILE`, `ENFILE`), socket buffers or memory (`ENOBUFS`, `ENOMEM`), local ports
+/// (`EADDRNOTAVAIL`) — rather than from the peer. Such a failure must never count against a
+/// backend's health.
+pub fn is_local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
 /// Largest response head read from an HTTP probe.
 const MAX_HEAD: usize = 8 * 1024;
 
 /// Probes `addr` once according to `plan` (no timeout of its own: the caller bounds it).
 pub async fn probe(addr: SocketAddr, plan: &ProbePlan) -> Result<(), ProbeError> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(ProbeError::Connect)?;
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| {
+        if is_local_exhaustion(&e) {
+            ProbeError::Local(e)
+        } else {
+            ProbeError::Connect(e)
+        }
+    })?;
     if plan.kind == ProbeKind::Tcp {
         return Ok(());
     }

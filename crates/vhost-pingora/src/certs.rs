@@ -6,6 +6,11 @@
 //! listener's `TlsAccept` — looks the client's SNI up in the current map (exact name, then a
 //! one-label wildcard, then the default certificate) and reports the SNI to the proxy logic
 //! through the connection digest.
+//!
+//! Certificate paths come from the admin API, so they are not trusted: a file must be a regular
+//! file (not a device, FIFO, socket or directory) of at most [`MAX_PEM_BYTES`], opened without
+//! blocking, and [`CertStore::prepare_within`] gives up after a timeout (a hung network mount).
+//! Errors name the file and the class of problem, never the file's contents.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,31 +27,76 @@ use pingora_core::tls::pkey::{PKey, Private};
 use pingora_core::tls::ssl::NameType;
 use pingora_core::tls::x509::X509;
 use thiserror::Error;
-use vhost_routing::{normalize_host, DomainName, State, MAX_DOMAIN_LEN};
+use vhost_routing::{normalize_host, State, MAX_DOMAIN_LEN};
+
+/// Largest certificate or key file read, in bytes.
+pub const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
+/// Which file of a certificate/key pair an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRole {
+    /// The certificate (chain) file.
+    Certificate,
+    /// The private key file.
+    Key,
+}
+
+impl std::fmt::Display for FileRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Certificate => "certificate",
+            Self::Key => "private key",
+        })
+    }
+}
 
 /// A certificate or key file could not be used.
 #[derive(Debug, Error)]
 pub enum CertError {
+    /// The path names something other than a regular file.
+    #[error("{role} {} for {owner} is {kind}, not a regular file", path.display())]
+    NotAFile {
+        /// The domain (or `default`) the file belongs to.
+        owner: String,
+        /// Certificate or key.
+        role: FileRole,
+        /// The path.
+        path: PathBuf,
+        /// What it is: `a directory`, `a FIFO`, `a character device`, ...
+        kind: &'static str,
+    },
+    /// The file is larger than [`MAX_PEM_BYTES`].
+    #[error("{role} {} for {owner} is larger than {MAX_PEM_BYTES} bytes", path.display())]
+    TooLarge {
+        /// The domain (or `default`).
+        owner: String,
+        /// Certificate or key.
+        role: FileRole,
+        /// The file.
+        path: PathBuf,
+    },
     /// The file could not be read.
-    #[error("cannot read {} for {owner}: {source}", path.display())]
+    #[error("cannot read {role} {} for {owner}: {source}", path.display())]
     Read {
         /// The domain (or `default`) the file belongs to.
         owner: String,
+        /// Certificate or key.
+        role: FileRole,
         /// The file.
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
     },
     /// The file is not valid PEM of the expected kind.
-    #[error("{} for {owner} is not a valid PEM {kind}: {message}", path.display())]
+    #[error("{} for {owner} is not a valid PEM {role}: {message}", path.display())]
     Parse {
         /// The domain (or `default`).
         owner: String,
+        /// Certificate or key.
+        role: FileRole,
         /// The file.
         path: PathBuf,
-        /// `certificate` or `private key`.
-        kind: &'static str,
-        /// The OpenSSL error.
+        /// OpenSSL's reasons (never the file's contents).
         message: String,
     },
     /// The key does not belong to the certificate.
@@ -59,6 +109,27 @@ pub enum CertError {
         /// The key file.
         key: PathBuf,
     },
+    /// Reading the certificate files took longer than allowed.
+    #[error("reading the certificate files took longer than {0:?} (a hung file system?)")]
+    Timeout(std::time::Duration),
+    /// No thread could be started to read the files.
+    #[error("cannot start a thread to read the certificate files: {0}")]
+    Thread(std::io::Error),
+}
+
+impl CertError {
+    /// The domain (or `default`) and the file (certificate or key) the error is about, when it
+    /// is about one.
+    pub fn subject(&self) -> Option<(&str, FileRole)> {
+        match self {
+            Self::NotAFile { owner, role, .. }
+            | Self::TooLarge { owner, role, .. }
+            | Self::Read { owner, role, .. }
+            | Self::Parse { owner, role, .. } => Some((owner, *role)),
+            Self::Mismatch { owner, .. } => Some((owner, FileRole::Key)),
+            Self::Timeout(_) | Self::Thread(_) => None,
+        }
+    }
 }
 
 /// A parsed certificate chain (leaf first) and its private key.
@@ -69,33 +140,103 @@ pub struct CertifiedKey {
     not_after_unix: Option<i64>,
 }
 
+/// What a non-regular file is, for error messages.
+fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads a PEM file that must be a regular file of at most [`MAX_PEM_BYTES`] (symbolic links are
+/// followed). Opened non-blocking, so a FIFO that appears between the check and the open cannot
+/// hang the caller; checked again on the open file.
+fn read_pem(owner: &str, role: FileRole, path: &Path) -> Result<Vec<u8>, CertError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| CertError::Read {
+        owner: owner.to_owned(),
+        role,
+        path: path.to_owned(),
+        source,
+    };
+    let too_large = || CertError::TooLarge {
+        owner: owner.to_owned(),
+        role,
+        path: path.to_owned(),
+    };
+    let check = |meta: &std::fs::Metadata| {
+        if !meta.is_file() {
+            return Err(CertError::NotAFile {
+                owner: owner.to_owned(),
+                role,
+                path: path.to_owned(),
+                kind: file_kind(meta.file_type()),
+            });
+        }
+        if meta.len() > MAX_PEM_BYTES {
+            return Err(too_large());
+        }
+        Ok(())
+    };
+    check(&std::fs::metadata(path).map_err(read_err)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_err)?;
+    check(&file.metadata().map_err(read_err)?)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+/// OpenSSL's reasons for a parse failure: fixed texts from its reason table (never the data
+/// being parsed, which may be a secret key).
+fn reasons(e: &openssl::error::ErrorStack) -> String {
+    let reasons: Vec<&str> = e.errors().iter().filter_map(|e| e.reason()).collect();
+    if reasons.is_empty() {
+        "unreadable".to_owned()
+    } else {
+        reasons.join("; ")
+    }
+}
+
 impl CertifiedKey {
     /// Loads a PEM chain and key, checking that they match.
     pub fn load(owner: &str, cert_path: &Path, key_path: &Path) -> Result<Self, CertError> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|source| CertError::Read {
-                owner: owner.to_owned(),
-                path: path.to_owned(),
-                source,
-            })
-        };
-        let parse_err = |path: &Path, kind, e: &dyn std::fmt::Display| CertError::Parse {
+        let parse_err = |path: &Path, role, message: String| CertError::Parse {
             owner: owner.to_owned(),
+            role,
             path: path.to_owned(),
-            kind,
-            message: e.to_string(),
+            message,
         };
-        let chain = X509::stack_from_pem(&read(cert_path)?)
-            .map_err(|e| parse_err(cert_path, "certificate", &e))?;
+        let chain = X509::stack_from_pem(&read_pem(owner, FileRole::Certificate, cert_path)?)
+            .map_err(|e| parse_err(cert_path, FileRole::Certificate, reasons(&e)))?;
         let Some(leaf) = chain.first() else {
             return Err(parse_err(
                 cert_path,
-                "certificate",
-                &"no certificate in file",
+                FileRole::Certificate,
+                "no certificate in file".to_owned(),
             ));
         };
-        let key = PKey::private_key_from_pem(&read(key_path)?)
-            .map_err(|e| parse_err(key_path, "private key", &e))?;
+        let key = PKey::private_key_from_pem(&read_pem(owner, FileRole::Key, key_path)?)
+            .map_err(|e| parse_err(key_path, FileRole::Key, reasons(&e)))?;
         let matches = leaf
             .public_key()
             .map(|public| public.public_eq(&key))
@@ -137,6 +278,8 @@ pub struct CertMap {
     default: Option<Arc<CertifiedKey>>,
     /// Files already loaded, to reuse unchanged ones on the next `prepare`.
     files: HashMap<(PathBuf, PathBuf), (Option<SystemTime>, Arc<CertifiedKey>)>,
+    /// The default certificate's files (`[proxy] default_cert_path` / `default_key_path`).
+    default_paths: Option<(PathBuf, PathBuf)>,
 }
 
 impl CertMap {
@@ -153,6 +296,11 @@ impl CertMap {
             })
         });
         by_name.or(self.default.as_ref())
+    }
+
+    /// The default certificate's files, if one is configured.
+    pub fn default_paths(&self) -> Option<&(PathBuf, PathBuf)> {
+        self.default_paths.as_ref()
     }
 
     /// True if no certificate at all is configured (the HTTPS listener is then not started).
@@ -183,54 +331,149 @@ impl CertMap {
 #[derive(Debug, Default)]
 pub struct CertStore {
     current: ArcSwap<CertMap>,
-    default_paths: Option<(PathBuf, PathBuf)>,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
+/// How a certificate is found: by exact domain, by wildcard suffix, or as the default.
+#[derive(Debug, Clone)]
+enum Slot {
+    Exact(Box<str>),
+    Wildcard(Box<str>),
+    Default,
+}
+
+/// One certificate/key pair to load.
+#[derive(Debug, Clone)]
+struct Wanted {
+    owner: String,
+    cert: PathBuf,
+    key: PathBuf,
+    slot: Slot,
+}
+
+/// Loads `wanted` into a new map, reusing the pairs of `previous` whose files did not change.
+fn load_all(
+    previous: &CertMap,
+    wanted: Vec<Wanted>,
+    default_paths: Option<(PathBuf, PathBuf)>,
+) -> Result<CertMap, CertError> {
+    let mut next = CertMap {
+        default_paths,
+        ..CertMap::default()
+    };
+    for w in wanted {
+        let files = (w.cert, w.key);
+        let stamp = mtime(&files.0).max(mtime(&files.1));
+        let reused = previous
+            .files
+            .get(&files)
+            .filter(|(old_stamp, _)| *old_stamp == stamp && stamp.is_some())
+            .map(|(_, ck)| Arc::clone(ck));
+        let ck = match reused {
+            Some(ck) => ck,
+            None => Arc::new(CertifiedKey::load(&w.owner, &files.0, &files.1)?),
+        };
+        match w.slot {
+            Slot::Exact(name) => next.exact.insert(name, Arc::clone(&ck)),
+            Slot::Wildcard(suffix) => next.wildcard.insert(suffix, Arc::clone(&ck)),
+            Slot::Default => next.default.replace(Arc::clone(&ck)),
+        };
+        next.files.insert(files, (stamp, ck));
+    }
+    Ok(next)
+}
+
+/// Longest time [`CertStore::prepare_within`] callers should wait, by default.
+pub const CERT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl CertStore {
-    /// An empty store; `default_paths` is the `[proxy] default_cert_path` / `default_key_path`.
+    /// An empty store; `default_paths` is the `[proxy] default_cert_path` / `default_key_path`
+    /// (loaded by the first [`CertStore::prepare`]).
     pub fn new(default_paths: Option<(PathBuf, PathBuf)>) -> Self {
         Self {
-            current: ArcSwap::default(),
-            default_paths,
+            current: ArcSwap::from_pointee(CertMap {
+                default_paths,
+                ..CertMap::default()
+            }),
         }
     }
 
-    /// Loads every certificate `state` references (plus the default), reusing files unchanged
-    /// since the current map was built. Nothing is published.
+    /// Loads every certificate `state` references plus the current default certificate, reusing
+    /// files unchanged since the current map was built. Nothing is published.
     pub fn prepare(&self, state: &State) -> Result<CertMap, CertError> {
-        let previous = self.current.load();
-        let mut next = CertMap::default();
-        let mut files_seen = HashMap::new();
-        let mut load =
-            |owner: &str, cert: &Path, key: &Path| -> Result<Arc<CertifiedKey>, CertError> {
-                let files = (cert.to_owned(), key.to_owned());
-                let stamp = mtime(cert).max(mtime(key));
-                if let Some((old_stamp, ck)) = previous.files.get(&files) {
-                    if *old_stamp == stamp && stamp.is_some() {
-                        files_seen.insert(files, (stamp, Arc::clone(ck)));
-                        return Ok(Arc::clone(ck));
-                    }
-                }
-                let ck = Arc::new(CertifiedKey::load(owner, cert, key)?);
-                files_seen.insert(files, (stamp, Arc::clone(&ck)));
-                Ok(ck)
-            };
-        if let Some((cert, key)) = &self.default_paths {
-            next.default = Some(load("default", cert, key)?);
+        let default_paths = self.current.load().default_paths.clone();
+        self.prepare_with_default(state, default_paths)
+    }
+
+    /// Like [`CertStore::prepare`], with another default certificate (a reloaded config).
+    pub fn prepare_with_default(
+        &self,
+        state: &State,
+        default_paths: Option<(PathBuf, PathBuf)>,
+    ) -> Result<CertMap, CertError> {
+        load_all(
+            &self.current.load(),
+            Self::wanted(state, default_paths.as_ref()),
+            default_paths,
+        )
+    }
+
+    /// Like [`CertStore::prepare_with_default`], but gives up after `timeout`: the files are read
+    /// on a thread of their own, so a file system that hangs costs the caller `timeout`, not
+    /// forever (the thread ends whenever the file system answers).
+    pub fn prepare_within(
+        &self,
+        state: &State,
+        default_paths: Option<(PathBuf, PathBuf)>,
+        timeout: std::time::Duration,
+    ) -> Result<CertMap, CertError> {
+        let wanted = Self::wanted(state, default_paths.as_ref());
+        if wanted.is_empty() {
+            return Ok(CertMap {
+                default_paths,
+                ..CertMap::default()
+            });
         }
-        for vhost in state.vhosts() {
+        let previous = self.current.load_full();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("cert-load".into())
+            .spawn(move || {
+                let _ = tx.send(load_all(&previous, wanted, default_paths));
+            });
+        if let Err(e) = spawned {
+            return Err(CertError::Thread(e));
+        }
+        rx.recv_timeout(timeout)
+            .unwrap_or(Err(CertError::Timeout(timeout)))
+    }
+
+    fn wanted(state: &State, default_paths: Option<&(PathBuf, PathBuf)>) -> Vec<Wanted> {
+        let default = default_paths.map(|(cert, key)| Wanted {
+            owner: "default".into(),
+            cert: cert.clone(),
+            key: key.clone(),
+            slot: Slot::Default,
+        });
+        let domains = state.vhosts().filter_map(|vhost| {
             let (Some(cert), Some(key)) = (&vhost.tls_cert_path, &vhost.tls_key_path) else {
-                continue;
+                return None;
             };
-            let ck = load(vhost.domain.as_str(), Path::new(cert), Path::new(key))?;
-            insert(&mut next, &vhost.domain, ck);
-        }
-        next.files = files_seen;
-        Ok(next)
+            let slot = match vhost.domain.wildcard_suffix() {
+                Some(suffix) => Slot::Wildcard(suffix.into()),
+                None => Slot::Exact(vhost.domain.as_str().into()),
+            };
+            Some(Wanted {
+                owner: vhost.domain.to_string(),
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+                slot,
+            })
+        });
+        default.into_iter().chain(domains).collect()
     }
 
     /// Makes `map` the one new handshakes use.
@@ -242,13 +485,6 @@ impl CertStore {
     pub fn current(&self) -> Arc<CertMap> {
         self.current.load_full()
     }
-}
-
-fn insert(map: &mut CertMap, domain: &DomainName, ck: Arc<CertifiedKey>) {
-    match domain.wildcard_suffix() {
-        Some(suffix) => map.wildcard.insert(suffix.into(), ck),
-        None => map.exact.insert(domain.as_str().into(), ck),
-    };
 }
 
 /// The SNI a TLS client sent, attached to the connection digest by [`SniCertResolver`].
@@ -297,5 +533,92 @@ impl TlsAccept for SniCertResolver {
     ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         let sni = ssl.servername(NameType::HOST_NAME)?;
         Some(Arc::new(ClientSni(sni.into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(path: &Path) -> String {
+        match read_pem("example.com", FileRole::Certificate, path) {
+            Ok(_) => panic!("{} was read", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = err(Path::new("/dev/zero"));
+        assert!(
+            e.contains("is a character device, not a regular file"),
+            "{e}"
+        );
+        let e = err(dir.path());
+        assert!(e.contains("is a directory"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Refused without opening it (opening a FIFO for reading would block until a writer).
+        let e = err(&fifo);
+        assert!(e.contains("is a FIFO"), "{e}");
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'A'; MAX_PEM_BYTES as usize + 1]).unwrap();
+        let e = err(&big);
+        assert!(e.contains("larger than"), "{e}");
+        let missing = dir.path().join("missing.pem");
+        assert!(err(&missing).contains("cannot read"));
+        // A symbolic link to a regular file is followed.
+        let real = dir.path().join("real.pem");
+        std::fs::write(&real, b"x").unwrap();
+        let link = dir.path().join("link.pem");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert_eq!(read_pem("example.com", FileRole::Key, &link).unwrap(), b"x");
+        let link_to_device = dir.path().join("zero.pem");
+        std::os::unix::fs::symlink("/dev/zero", &link_to_device).unwrap();
+        assert!(err(&link_to_device).contains("character device"));
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret =
+            "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-MATERIAL\n-----END PRIVATE KEY-----\n";
+        let cert = dir.path().join("c.pem");
+        let key = dir.path().join("k.pem");
+        std::fs::write(&cert, secret).unwrap();
+        std::fs::write(&key, secret).unwrap();
+        let e = CertifiedKey::load("example.com", &cert, &key)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not a valid PEM certificate"), "{e}");
+        assert!(!e.contains("TOP-SECRET"), "{e}");
+    }
+
+    #[test]
+    fn prepare_within_reports_files_that_cannot_be_served() {
+        use vhost_routing::{DomainName, Tag, VirtualHost};
+        let mut vhost = VirtualHost::new(
+            DomainName::parse("example.com").unwrap(),
+            Tag::parse("a").unwrap(),
+        );
+        vhost.tls_cert_path = Some("/dev/zero".into());
+        vhost.tls_key_path = Some("/dev/zero".into());
+        let state = State::new(vec![vhost], vec![]).unwrap();
+        let store = CertStore::new(None);
+        let e = store
+            .prepare_within(&state, None, CERT_READ_TIMEOUT)
+            .err()
+            .unwrap();
+        assert!(matches!(e, CertError::NotAFile { .. }), "{e}");
+        assert!(store
+            .prepare_within(&State::default(), None, CERT_READ_TIMEOUT)
+            .unwrap()
+            .is_empty());
     }
 }

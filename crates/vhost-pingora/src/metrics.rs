@@ -97,7 +97,11 @@ pub fn describe() {
     );
     describe_counter!(
         "proxy_local_responses_total",
-        "Responses the proxy gave itself, by reason: unknown_host (404), misdirected (421), no_backend (503), redirect (308)"
+        "Responses the proxy gave itself, by reason: unknown_host (404), misdirected (421), no_backend (503), redirect (308), upstream_timeout (504), upstream_error (502), overloaded (503: out of descriptors or ports)"
+    );
+    describe_counter!(
+        "proxy_client_errors_total",
+        "Requests ended by their client: disconnects and resets in the middle of a request, malformed requests"
     );
     describe_counter!(
         "proxy_retries_total",
@@ -113,8 +117,19 @@ pub fn describe() {
 /// Handles for the fixed-label series.
 struct Fixed {
     unknown_host: ClassCounters,
-    local: [Counter; 4],
+    local: [Counter; LOCAL_REASONS.len()],
+    client_errors: Counter,
 }
+
+const LOCAL_REASONS: [LocalReason; 7] = [
+    LocalReason::Redirect,
+    LocalReason::UnknownHost,
+    LocalReason::Misdirected,
+    LocalReason::NoBackend,
+    LocalReason::UpstreamTimeout,
+    LocalReason::UpstreamError,
+    LocalReason::Overloaded,
+];
 
 /// The proxy's metric handles (see the module docs).
 pub struct ProxyMetrics {
@@ -151,13 +166,8 @@ impl ProxyMetrics {
             }),
             fixed: Fixed {
                 unknown_host: ClassCounters::default(),
-                local: [
-                    LocalReason::Redirect,
-                    LocalReason::UnknownHost,
-                    LocalReason::Misdirected,
-                    LocalReason::NoBackend,
-                ]
-                .map(local_counter),
+                local: LOCAL_REASONS.map(local_counter),
+                client_errors: counter!("proxy_client_errors_total"),
             },
         }
     }
@@ -184,13 +194,9 @@ impl ProxyMetrics {
     /// Records one finished request.
     pub(crate) fn record(&self, done: &Finished<'_>) {
         if let Some(reason) = done.local {
-            let i = match reason {
-                LocalReason::Redirect => 0,
-                LocalReason::UnknownHost => 1,
-                LocalReason::Misdirected => 2,
-                LocalReason::NoBackend => 3,
-            };
-            self.fixed.local[i].increment(1);
+            if let Some(i) = LOCAL_REASONS.iter().position(|r| *r == reason) {
+                self.fixed.local[i].increment(1);
+            }
         }
         let class = class_index(done.status);
         let (Some(table), Some(route)) = (done.table, done.route) else {
@@ -204,6 +210,11 @@ impl ProxyMetrics {
                 record_route(slot, route, done, class);
             }
         });
+    }
+
+    /// Counts a request ended by its client.
+    pub(crate) fn client_error(&self) {
+        self.fixed.client_errors.increment(1);
     }
 
     /// Records a failed connection to `backend`.
@@ -236,7 +247,7 @@ fn record_route(slot: &OnceLock<RouteSlot>, route: &Route, done: &Finished<'_>, 
         slot.retries.increment((done.attempts - 1) as u64);
     }
     match (done.member, done.backend) {
-        (Some(i), Some(b)) if done.local.is_none() => {
+        (Some(i), Some(b)) if done.local.is_none_or(|r| !r.before_backend()) => {
             if let Some(c) = slot.members.get(i) {
                 c.increment(class, domain, tag, b.id().as_str());
             }

@@ -8,7 +8,7 @@
 //! listener; the connection's TLS digest tells them apart.
 
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,9 +18,10 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
-use pingora_error::{Error, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::ResponseHeader;
-use pingora_proxy::{ProxyHttp, Session};
+use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
+use vhost_health::LogLimiter;
 use vhost_routing::{
     normalize_host, BackendEntry, Route, RouteStore, RoutingTable, MAX_DOMAIN_LEN,
 };
@@ -50,6 +51,9 @@ pub struct ProxyOptions {
     pub passive_failure_threshold: u32,
     /// Emit one `access` log event per request.
     pub access_log: bool,
+    /// Keep client connections open between requests (HTTP/1.1 keep-alive); `false` closes
+    /// each connection after its response.
+    pub client_keepalive: bool,
 }
 
 impl Default for ProxyOptions {
@@ -64,6 +68,7 @@ impl Default for ProxyOptions {
             retry_after_secs: 5,
             passive_failure_threshold: 5,
             access_log: true,
+            client_keepalive: true,
         }
     }
 }
@@ -79,6 +84,12 @@ pub enum LocalReason {
     Misdirected,
     /// 503: the active tag has no backend, or none is healthy.
     NoBackend,
+    /// 504: the backend did not answer (or accept the request) in time.
+    UpstreamTimeout,
+    /// 502: the backend could not be reached, or failed in the middle of the exchange.
+    UpstreamError,
+    /// 503: this host ran out of a resource (file descriptors, ports) to reach the backend.
+    Overloaded,
 }
 
 impl LocalReason {
@@ -89,18 +100,38 @@ impl LocalReason {
             Self::UnknownHost => "unknown_host",
             Self::Misdirected => "misdirected",
             Self::NoBackend => "no_backend",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamError => "upstream_error",
+            Self::Overloaded => "overloaded",
         }
+    }
+
+    /// Whether the proxy answered before choosing a backend (the request never reached one).
+    pub fn before_backend(self) -> bool {
+        matches!(
+            self,
+            Self::Redirect | Self::UnknownHost | Self::Misdirected | Self::NoBackend
+        )
     }
 }
 
 /// Number of requests being handled, for draining on shutdown.
 #[derive(Debug, Default)]
-pub struct Inflight(AtomicUsize);
+pub struct Inflight {
+    active: AtomicUsize,
+    cut: AtomicUsize,
+}
 
 impl Inflight {
     /// Requests in progress now.
     pub fn get(&self) -> usize {
-        self.0.load(Ordering::Acquire)
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Requests dropped before they finished (cut when the runtime stopped at the end of the
+    /// shutdown grace period).
+    pub fn cut(&self) -> usize {
+        self.cut.load(Ordering::Acquire)
     }
 }
 
@@ -110,14 +141,14 @@ struct InflightGuard(Arc<Inflight>);
 
 impl InflightGuard {
     fn new(counter: &Arc<Inflight>) -> Self {
-        counter.0.fetch_add(1, Ordering::AcqRel);
+        counter.active.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(counter))
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -143,6 +174,135 @@ pub struct RequestCtx {
     local: Option<LocalReason>,
     /// Downstream is TLS.
     tls: bool,
+    /// The client's address.
+    client: Option<IpAddr>,
+    /// The request line, kept to write the access-log line of a request cut short (see `Drop`).
+    request_line: Option<RequestLine>,
+    /// Whether to write access-log lines.
+    access_log: bool,
+    /// `logging` ran (the request finished and was logged).
+    logged: bool,
+}
+
+/// What a request asked for, kept cheaply for the access log of a request that never finishes.
+#[derive(Debug)]
+enum RequestLine {
+    /// The HTTP/1 request head as received (shares the session's buffer).
+    Raw(Bytes),
+    /// Method and target of an HTTP/2 request.
+    Parts(http::Method, Option<http::uri::PathAndQuery>),
+}
+
+impl RequestLine {
+    fn capture(session: &Session) -> Self {
+        match session.as_http1() {
+            Some(h1) => Self::Raw(h1.get_headers_raw_bytes()),
+            None => {
+                let req = session.req_header();
+                Self::Parts(req.method.clone(), req.uri.path_and_query().cloned())
+            }
+        }
+    }
+
+    /// `(method, target)`.
+    fn parts(&self) -> (String, String) {
+        match self {
+            Self::Raw(head) => {
+                let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+                let line = String::from_utf8_lossy(line);
+                let mut words = line.split_ascii_whitespace();
+                (
+                    words.next().unwrap_or("").to_owned(),
+                    words.next().unwrap_or("").to_owned(),
+                )
+            }
+            Self::Parts(method, path) => (
+                method.as_str().to_owned(),
+                path.as_ref().map_or("/", |p| p.as_str()).to_owned(),
+            ),
+        }
+    }
+}
+
+/// Requests dropped before they finished (the runtime shut down at the grace deadline): they
+/// still get an access-log line, with status 0 and `local = "cut"`.
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        if self.logged || self.start.is_none() {
+            return;
+        }
+        if let Some(guard) = &self._inflight {
+            guard.0.cut.fetch_add(1, Ordering::AcqRel);
+        }
+        if !self.access_log {
+            return;
+        }
+        let (method, path) = self
+            .request_line
+            .as_ref()
+            .map(RequestLine::parts)
+            .unwrap_or_default();
+        access_log(&AccessLine {
+            domain: domain_label(self.route.as_ref()),
+            tag: tag_label(self.route.as_ref()),
+            backend: backend_label(self.backend.as_deref(), self.local),
+            method: &method,
+            path: &path,
+            status: 0,
+            bytes: 0,
+            elapsed: self.start.map_or(Duration::ZERO, |s| s.elapsed()),
+            client: self.client,
+            local: "cut",
+        });
+    }
+}
+
+/// One line of the access log (target `access`).
+struct AccessLine<'a> {
+    domain: &'a str,
+    tag: &'a str,
+    backend: &'a str,
+    method: &'a str,
+    path: &'a str,
+    status: u16,
+    bytes: usize,
+    elapsed: Duration,
+    client: Option<IpAddr>,
+    local: &'a str,
+}
+
+fn access_log(line: &AccessLine<'_>) {
+    tracing::info!(
+        target: "access",
+        domain = line.domain,
+        tag = line.tag,
+        backend = line.backend,
+        method = line.method,
+        path = line.path,
+        status = line.status,
+        bytes = line.bytes,
+        duration_ms = line.elapsed.as_secs_f64() * 1000.0,
+        client = %line.client.map_or_else(String::new, |c| c.to_string()),
+        local = line.local,
+    );
+}
+
+fn domain_label(route: Option<&Route>) -> &str {
+    route.map_or(crate::metrics::UNKNOWN_DOMAIN, |r| {
+        r.vhost().domain.as_str()
+    })
+}
+
+fn tag_label(route: Option<&Route>) -> &str {
+    route.map_or("", |r| r.vhost().enabled_backends_tag.as_str())
+}
+
+fn backend_label(backend: Option<&BackendEntry>, local: Option<LocalReason>) -> &str {
+    match (backend, local) {
+        (Some(b), None) => b.id().as_str(),
+        (Some(b), Some(reason)) if !reason.before_backend() => b.id().as_str(),
+        _ => crate::metrics::NO_BACKEND,
+    }
 }
 
 impl RequestCtx {
@@ -172,6 +332,15 @@ impl RequestCtx {
     }
 }
 
+/// Limits on the log lines failed requests produce.
+#[derive(Debug)]
+struct LogLimits {
+    /// Requests ended by their client: a summary once a minute.
+    client: LogLimiter,
+    /// Other failures: one warning per second.
+    proxy: LogLimiter,
+}
+
 /// The virtual-host reverse proxy over a [`RouteStore`].
 #[derive(Debug, Clone)]
 pub struct VhostProxy {
@@ -179,6 +348,7 @@ pub struct VhostProxy {
     options: Arc<ProxyOptions>,
     inflight: Arc<Inflight>,
     metrics: Arc<ProxyMetrics>,
+    log_limits: Arc<LogLimits>,
 }
 
 impl VhostProxy {
@@ -189,6 +359,10 @@ impl VhostProxy {
             options: Arc::new(options),
             inflight: Arc::default(),
             metrics: Arc::new(ProxyMetrics::new()),
+            log_limits: Arc::new(LogLimits {
+                client: LogLimiter::new(Duration::from_secs(60)),
+                proxy: LogLimiter::new(Duration::from_secs(1)),
+            }),
         }
     }
 
@@ -261,14 +435,27 @@ impl ProxyHttp for VhostProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            _inflight: Some(InflightGuard::new(&self.inflight)),
-            start: Some(Instant::now()),
-            ..RequestCtx::default()
-        }
+        let mut ctx = RequestCtx::default();
+        ctx._inflight = Some(InflightGuard::new(&self.inflight));
+        ctx.start = Some(Instant::now());
+        ctx.access_log = self.options.access_log;
+        ctx
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if !session.is_http2() {
+            crate::conn::head_parsed(session.stream());
+            if !self.options.client_keepalive {
+                session.set_keepalive(None);
+            }
+        }
+        ctx.client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(SocketAddr::ip);
+        if self.options.access_log {
+            ctx.request_line = Some(RequestLine::capture(session));
+        }
         let table = self.store.load_full();
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let route = request_host(session).and_then(|h| table.lookup(h)).cloned();
@@ -434,6 +621,16 @@ impl ProxyHttp for VhostProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if is_local_failure(&e) {
+            // This host is out of descriptors or ports: nothing the backend did, and another
+            // backend would fail the same way. Not counted, not retried: 503.
+            ctx.local = Some(LocalReason::Overloaded);
+            return Error::because(
+                ErrorType::HTTPStatus(503),
+                "cannot connect to the backend: this host is out of resources",
+                e,
+            );
+        }
         if let Some(addr) = peer.address().as_inet() {
             ctx.failed.push(*addr);
         }
@@ -456,6 +653,47 @@ impl ProxyHttp for VhostProxy {
         e
     }
 
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (code, reason) = failure_status(e);
+        if ctx.local.is_none() {
+            ctx.local = reason;
+        }
+        if code > 0 {
+            let mut resp = pingora_core::protocols::http::ServerSession::generate_error(code);
+            if code == 503 {
+                let _ = resp.insert_header(header::RETRY_AFTER, self.options.retry_after_secs);
+            }
+            if let Err(write) = session.write_error_response(resp, Bytes::new()).await {
+                tracing::debug!(error = %write, "could not send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _e: &Error) -> bool {
+        // `logging` reports every failed request itself, at a level that fits its cause.
+        true
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        _e: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        // Retries are counted in metrics; a dead backend is logged once when it is ejected.
+        true
+    }
+
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
@@ -472,6 +710,28 @@ impl ProxyHttp for VhostProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.logged = true;
+        if !session.is_http2() {
+            // Framing is settled now (an upgrade was decided by the response): tell the
+            // connection loop how long this request's body was on the wire.
+            let body_len = if session.is_body_empty() {
+                Some(0)
+            } else if session
+                .req_header()
+                .headers
+                .contains_key(header::TRANSFER_ENCODING)
+            {
+                None
+            } else {
+                session
+                    .req_header()
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse().ok())
+            };
+            crate::conn::request_framed(session.stream(), body_len);
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.map_or(Duration::ZERO, |s| s.elapsed());
         self.metrics.record(&Finished {
@@ -484,44 +744,94 @@ impl ProxyHttp for VhostProxy {
             attempts: ctx.attempts,
             seconds: elapsed.as_secs_f64(),
         });
-        let domain = ctx
-            .route
-            .as_ref()
-            .map_or(crate::metrics::UNKNOWN_DOMAIN, |r| {
-                r.vhost().domain.as_str()
-            });
-        let tag = ctx
-            .route
-            .as_ref()
-            .map_or("", |r| r.vhost().enabled_backends_tag.as_str());
-        let backend = match (&ctx.backend, ctx.local) {
-            (Some(b), None) => b.id().as_str(),
-            _ => crate::metrics::NO_BACKEND,
-        };
+        let domain = domain_label(ctx.route.as_ref());
+        let backend = backend_label(ctx.backend.as_deref(), ctx.local);
         if let Some(e) = e {
-            tracing::warn!(domain, backend, attempts = ctx.attempts, status, error = %e, "proxy error");
+            self.log_failure(e, domain, backend, ctx.attempts, status);
         }
         if self.options.access_log {
             let req = session.req_header();
-            let client = session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(SocketAddr::ip);
-            tracing::info!(
-                target: "access",
+            access_log(&AccessLine {
                 domain,
-                tag,
+                tag: tag_label(ctx.route.as_ref()),
                 backend,
-                method = req.method.as_str(),
-                path = req.uri.path_and_query().map_or("/", |p| p.as_str()),
+                method: req.method.as_str(),
+                path: req.uri.path_and_query().map_or("/", |p| p.as_str()),
                 status,
-                bytes = session.body_bytes_sent(),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                client = %client.map_or_else(String::new, |c| c.to_string()),
-                local = ctx.local.map_or("", LocalReason::as_str),
+                bytes: session.body_bytes_sent(),
+                elapsed,
+                client: ctx.client,
+                local: ctx.local.map_or("", LocalReason::as_str),
+            });
+        }
+    }
+}
+
+impl VhostProxy {
+    /// Logs a failed request: clients that went away at debug level (and as a summary at most
+    /// once a minute), everything else as a warning, at most one line per second.
+    fn log_failure(&self, e: &Error, domain: &str, backend: &str, attempts: usize, status: u16) {
+        if *e.esource() == ErrorSource::Downstream {
+            tracing::debug!(domain, error = %e, "client went away or sent a bad request");
+            self.metrics.client_error();
+            if let Some(held_back) = self.log_limits.client.admit() {
+                if held_back > 0 {
+                    tracing::info!(
+                        count = held_back,
+                        "requests ended by their client (disconnects, resets, bad requests) in the last minute"
+                    );
+                }
+            }
+            return;
+        }
+        if let Some(held_back) = self.log_limits.proxy.admit() {
+            tracing::warn!(
+                domain,
+                backend,
+                attempts,
+                status,
+                error = %e,
+                similar_not_logged = held_back,
+                "proxy error"
             );
         }
     }
+}
+
+/// The status the client gets for a failed request (0: the connection is gone) and why.
+fn failure_status(e: &Error) -> (u16, Option<LocalReason>) {
+    match (e.etype(), e.esource()) {
+        (ErrorType::HTTPStatus(503), _) => (503, Some(LocalReason::Overloaded)),
+        (ErrorType::HTTPStatus(502), _) => (502, Some(LocalReason::UpstreamError)),
+        (ErrorType::HTTPStatus(code), _) => (*code, None),
+        (
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout,
+            ErrorSource::Upstream,
+        ) => (504, Some(LocalReason::UpstreamTimeout)),
+        (_, ErrorSource::Upstream) => (502, Some(LocalReason::UpstreamError)),
+        (
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+            ErrorSource::Downstream,
+        ) => (0, None),
+        (_, ErrorSource::Downstream) => (400, None),
+        _ => (500, None),
+    }
+}
+
+/// True when a connection attempt failed because this host is out of a resource (see
+/// [`vhost_health::is_local_exhaustion`]), not because of the backend.
+fn is_local_failure(e: &Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e
+        .cause
+        .as_deref()
+        .map(|c| c as &(dyn std::error::Error + 'static));
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return vhost_health::is_local_exhaustion(io);
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// `https://host[:port]/path?query` for a plain-HTTP request, `None` if the host is unusable.

@@ -15,7 +15,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
-use vhost_pingora::{proxy_service, ProxyOptions, VhostProxy};
+use vhost_pingora::{proxy_service, ConnLimits, Connections, ProxyOptions, VhostProxy};
 use vhost_routing::{
     Backend, BackendAddress, BackendId, BuildOptions, Command, DomainName, LiteralOnly,
     RouteWriter, State, Tag, VirtualHost,
@@ -80,8 +80,9 @@ fn start_server(
     let service = proxy_service(
         &server.configuration,
         VhostProxy::new(store, options),
-        Some(&listen),
+        Some(listen.parse().unwrap()),
         None,
+        Connections::new(ConnLimits::default()),
     )
     .unwrap();
     server.add_service(service);

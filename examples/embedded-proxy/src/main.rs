@@ -16,7 +16,7 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use tokio::sync::Mutex;
-use vhost_pingora::{proxy_service, ProxyOptions, VhostProxy};
+use vhost_pingora::{proxy_service, ConnLimits, Connections, ProxyOptions, VhostProxy};
 use vhost_routing::{
     Backend, BackendAddress, BackendId, BuildOptions, Command, DomainName, LiteralOnly,
     RouteWriter, State, Tag, VirtualHost,
@@ -95,8 +95,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     server.add_service(proxy_service(
         &server.configuration,
         proxy,
-        Some(listen),
+        Some(listen.parse()?),
         None,
+        Connections::new(ConnLimits::default()),
     )?);
     server.add_service(background_service(
         "tag flipper",

@@ -217,6 +217,11 @@ pub fn common_name(der: &[u8]) -> String {
     String::from_utf8_lossy(entry.data().as_slice()).into_owned()
 }
 
+thread_local! {
+    /// A command line the next spawned binary runs under (see `start_wrapped`).
+    static WRAPPER: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The real binary, running a config on ephemeral ports.
 pub struct ProxyProcess {
     pub child: Child,
@@ -254,6 +259,33 @@ impl ProxyProcess {
         Self::start_full(dir, proxy_extra, "", body, false, envs)
     }
 
+    /// Like `start`, with extra `[logging]` keys and the binary run through `wrapper` (e.g.
+    /// `["prlimit", "--nofile=600:600", "--"]`).
+    pub fn start_wrapped(
+        dir: tempfile::TempDir,
+        proxy_extra: &str,
+        logging_extra: &str,
+        body: &str,
+        wait_https: bool,
+        wrapper: &[&str],
+    ) -> Self {
+        WRAPPER.with(|w| *w.borrow_mut() = wrapper.iter().map(|s| (*s).to_owned()).collect());
+        let p = Self::start_full(dir, proxy_extra, logging_extra, body, wait_https, &[]);
+        WRAPPER.with(|w| w.borrow_mut().clear());
+        p
+    }
+
+    /// Like `start`, with extra `[proxy]` and `[logging]` keys.
+    pub fn start_logged(
+        dir: tempfile::TempDir,
+        proxy_extra: &str,
+        logging_extra: &str,
+        body: &str,
+        wait_https: bool,
+    ) -> Self {
+        Self::start_full(dir, proxy_extra, logging_extra, body, wait_https, &[])
+    }
+
     fn start_full(
         dir: tempfile::TempDir,
         proxy_extra: &str,
@@ -266,8 +298,13 @@ impl ProxyProcess {
         let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let grace = if proxy_extra.contains("grace_period_secs") {
+            ""
+        } else {
+            "grace_period_secs = 5\n"
+        };
         let config = format!(
-            "# test config\n[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\nmanagement_api_addr = \"{admin}\"\ngrace_period_secs = 5\n{proxy_extra}\n\n[logging]\nlevel = \"info\"\n{logging_extra}\n\n[metrics]\nenabled = true\nlisten_addr = \"{metrics}\"\n\n{body}"
+            "# test config\n[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\nmanagement_api_addr = \"{admin}\"\n{grace}{proxy_extra}\n\n[logging]\nlevel = \"info\"\n{logging_extra}\n\n[metrics]\nenabled = true\nlisten_addr = \"{metrics}\"\n\n{body}"
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -288,7 +325,16 @@ impl ProxyProcess {
         envs: &[(&str, &str)],
     ) -> Self {
         let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
-        let child = Command::new(binary())
+        let wrapper = WRAPPER.with(|w| w.borrow().clone());
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .env_remove("PINGORA_VHOST_API_TOKEN")
@@ -410,4 +456,94 @@ pub fn client(resolve: &[(&str, SocketAddr)], http1_only: bool) -> reqwest::Clie
 pub fn backend_of(body: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
     v["backend"].as_str().unwrap().to_owned()
+}
+
+/// A plain TCP connection to `addr` with a read timeout of `DEADLINE`.
+pub fn raw_connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body: (status, head, body).
+pub fn read_response(s: &mut impl std::io::Read) -> (u16, String, String) {
+    let mut data = Vec::new();
+    let mut byte = [0u8; 1];
+    while !data.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).unwrap();
+        assert!(
+            n > 0,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&data).into_owned();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).unwrap();
+    (status, head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Waits until the peer closes `s` (EOF or reset); returns how long that took from `since`.
+/// Panics if it stays open past `DEADLINE`.
+pub fn wait_closed(s: &mut impl std::io::Read, since: Instant) -> Duration {
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return since.elapsed(),
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!("still open after {:?}", since.elapsed())
+            }
+            Err(_) => return since.elapsed(),
+        }
+    }
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) on the metrics listener, 0 if
+/// absent.
+pub fn metric(metrics: SocketAddr, series: &str) -> f64 {
+    let text = plain_http::get_text(&format!("http://{metrics}/metrics"));
+    text.lines()
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Minimal blocking HTTP GET over a raw socket (the metrics listener), for use outside a runtime.
+pub mod plain_http {
+    use std::io::{Read, Write};
+
+    /// The body of `GET url` (HTTP/1.1, `Connection: close`).
+    pub fn get_text(url: &str) -> String {
+        let rest = url.strip_prefix("http://").unwrap();
+        let (authority, path) = rest
+            .split_once('/')
+            .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+        let mut s = std::net::TcpStream::connect(authority).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()
+    }
 }

@@ -1,0 +1,1131 @@
+//! Downstream connections, the first stage of the data path: accepted TCP connection →
+//! connection limit → TLS handshake (HTTPS listener) → HTTP/1.1 keep-alive loop or HTTP/2 →
+//! Pingora's `HttpProxy` → [`VhostProxy`].
+//!
+//! Pingora's own connection handling trusts the client: the request head has a per-read
+//! timeout but no total deadline, a keep-alive connection whose client sends nothing is kept
+//! forever, heads may grow to 1 MiB, and every accepted connection is served. [`VhostApp`]
+//! replaces it with bounded behaviour:
+//! - at most [`ConnLimits::max_connections`] connections; more are closed at once (counted);
+//! - the TLS handshake plus the first request head must arrive within
+//!   [`ConnLimits::header_timeout`] of the accept, every later head within that time of its
+//!   first byte; a keep-alive connection idle for [`ConnLimits::keepalive_timeout`] is closed;
+//! - a head larger than [`ConnLimits::max_header_bytes`] gets `431` and the connection closes;
+//! - clients that give up or dawdle are closed quietly (debug log, a counter per reason), so a
+//!   flood of them cannot flood the log.
+//!
+//! Between two requests of a keep-alive connection nothing of Pingora's request machinery is
+//! kept: the loop waits for the next request's first bytes itself, holding only the socket (and
+//! TLS state) and one 4 KiB read buffer, then hands the bytes to a fresh Pingora session. That
+//! keeps an idle connection at a few KiB instead of Pingora's tens of KiB. Pipelined requests
+//! (sent before the previous response) are served in order: when the wire accounting of
+//! [`ConnStream`] shows that Pingora already read past the end of a request, the next session
+//! starts at once with those bytes.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use metrics::{counter, gauge, Counter, Gauge};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::tls::{SslDigest, TlsRef};
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::tls::ssl::{
+    select_next_proto, AlpnError, SslAcceptor, SslMethod, SslMode, SslSessionCacheMode,
+};
+use pingora_proxy::HttpProxy;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use vhost_health::LogLimiter;
+
+use crate::certs::SniCertResolver;
+use crate::proxy::VhostProxy;
+
+/// Limits applied to every client connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Longest time for a request head: from the accept (TLS handshake included) for the first
+    /// request of a connection, from its first byte for the next ones. For HTTP/2 it bounds the
+    /// TLS handshake and the connection preface.
+    pub header_timeout: Duration,
+    /// Longest idle time between two requests; zero: no keep-alive (a connection serves one
+    /// request). HTTP/2 connections without an open stream are closed after the same time.
+    pub keepalive_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Largest request head, in bytes (HTTP/1: request line and headers on the wire; HTTP/2: the
+    /// decoded header list).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_header_bytes: 32 * 1024,
+        }
+    }
+}
+
+/// Why the proxy closed a connection on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The request head (or TLS handshake) did not arrive within the header timeout.
+    HeaderTimeout,
+    /// The connection was idle longer than the keep-alive timeout.
+    KeepaliveTimeout,
+    /// The request head was larger than allowed (431 sent).
+    HeaderTooLarge,
+    /// The TLS handshake failed.
+    HandshakeFailed,
+    /// The client closed or reset the connection in the middle of a request head.
+    ClientClosed,
+}
+
+impl CloseReason {
+    const ALL: [Self; 5] = [
+        Self::HeaderTimeout,
+        Self::KeepaliveTimeout,
+        Self::HeaderTooLarge,
+        Self::HandshakeFailed,
+        Self::ClientClosed,
+    ];
+
+    /// Label value in `proxy_connections_closed_total{reason}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HeaderTimeout => "header_timeout",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::HeaderTooLarge => "header_too_large",
+            Self::HandshakeFailed => "handshake_failed",
+            Self::ClientClosed => "client_closed",
+        }
+    }
+}
+
+/// Registers the descriptions (Prometheus `# HELP`) of the connection metrics.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(
+        "proxy_connections_open",
+        "Client connections open now (HTTP and HTTPS listeners)"
+    );
+    describe_counter!(
+        "proxy_connections_rejected_total",
+        "Client connections closed at accept because max_connections were open"
+    );
+    describe_counter!(
+        "proxy_connections_closed_total",
+        "Client connections the proxy closed on its own, by reason: header_timeout, keepalive_timeout, header_too_large (431), handshake_failed, client_closed (gone in the middle of a request head)"
+    );
+}
+
+/// The connection limits and counters shared by every connection of a service.
+pub struct Connections {
+    limits: ConnLimits,
+    open: AtomicUsize,
+    /// Most connections open at once since [`Connections::take_peak`] was last called.
+    peak: AtomicUsize,
+    open_gauge: Gauge,
+    rejected: Counter,
+    closed: [Counter; 5],
+    rejected_log: LogLimiter,
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("limits", &self.limits)
+            .field("open", &self.open())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connections {
+    /// Counters registered with the metrics recorder installed now.
+    pub fn new(limits: ConnLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            open: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            open_gauge: gauge!("proxy_connections_open"),
+            rejected: counter!("proxy_connections_rejected_total"),
+            closed: CloseReason::ALL
+                .map(|r| counter!("proxy_connections_closed_total", "reason" => r.as_str())),
+            rejected_log: LogLimiter::new(Duration::from_secs(60)),
+        })
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &ConnLimits {
+        &self.limits
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The most connections open at once since the previous call (used to notice that a wave
+    /// of connections has come and gone, e.g. to return memory to the system).
+    pub fn take_peak(&self) -> usize {
+        self.peak.swap(self.open(), Ordering::Relaxed)
+    }
+
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let previous = self.open.fetch_add(1, Ordering::AcqRel);
+        self.peak.fetch_max(previous + 1, Ordering::Relaxed);
+        if previous >= self.limits.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.rejected.increment(1);
+            if let Some(held_back) = self.rejected_log.admit() {
+                tracing::warn!(
+                    max_connections = self.limits.max_connections,
+                    similar_not_logged = held_back,
+                    "connection refused: max_connections are open"
+                );
+            }
+            return None;
+        }
+        self.open_gauge.increment(1.0);
+        Some(Slot(Arc::clone(self)))
+    }
+
+    fn closed(&self, reason: CloseReason, peer: Option<SocketAddr>) {
+        let i = CloseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.closed[i].increment(1);
+        tracing::debug!(reason = reason.as_str(), client = ?peer, "connection closed by the proxy");
+    }
+}
+
+/// One admitted connection; frees its place when dropped.
+struct Slot(Arc<Connections>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.open_gauge.decrement(1.0);
+    }
+}
+
+/// The HTTPS side of the listener set.
+struct TlsEndpoint {
+    addr: SocketAddr,
+    acceptor: SslAcceptor,
+    certs: SniCertResolver,
+}
+
+/// The Pingora `ServerApp` of the proxy service (see the module docs).
+pub struct VhostApp {
+    http: Arc<HttpProxy<VhostProxy>>,
+    tls: Option<TlsEndpoint>,
+    conns: Arc<Connections>,
+}
+
+impl std::fmt::Debug for VhostApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostApp")
+            .field("https", &self.tls.as_ref().map(|t| t.addr))
+            .field("conns", &self.conns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The TLS acceptor of the HTTPS listener: Mozilla "intermediate" (TLS 1.2 and 1.3), ALPN `h2`
+/// preferred over `http/1.1`, and OpenSSL's buffers released while a connection is idle.
+fn tls_acceptor() -> pingora_error::Result<SslAcceptor> {
+    use pingora_error::{ErrorType, OrErr};
+    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())
+        .or_err(ErrorType::InternalError, "creating the TLS acceptor")?;
+    builder.set_mode(SslMode::RELEASE_BUFFERS);
+    builder.set_read_ahead(true);
+    builder.set_session_cache_mode(SslSessionCacheMode::OFF);
+    builder.set_alpn_select_callback(|_, offered| {
+        select_next_proto(b"\x02h2\x08http/1.1", offered).ok_or(AlpnError::NOACK)
+    });
+    Ok(builder.build())
+}
+
+impl VhostApp {
+    /// Serves `proxy` (already configured with `server_options` / `h2_options`); `https`: the
+    /// HTTPS listener's address and certificates.
+    pub(crate) fn new(
+        proxy: HttpProxy<VhostProxy>,
+        https: Option<(SocketAddr, SniCertResolver)>,
+        conns: Arc<Connections>,
+    ) -> pingora_error::Result<Self> {
+        let tls = match https {
+            Some((addr, certs)) => Some(TlsEndpoint {
+                addr,
+                acceptor: tls_acceptor()?,
+                certs,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            http: Arc::new(proxy),
+            tls,
+            conns,
+        })
+    }
+
+    /// The connection limits and counters.
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.conns
+    }
+
+    /// The TLS endpoint if `stream` was accepted on the HTTPS listener.
+    fn tls_for(&self, stream: &Stream) -> Option<&TlsEndpoint> {
+        let tls = self.tls.as_ref()?;
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())?;
+        let same = if tls.addr.ip().is_unspecified() {
+            local.port() == tls.addr.port()
+        } else {
+            local == tls.addr
+        };
+        same.then_some(tls)
+    }
+
+    async fn serve_h2(
+        &self,
+        stream: Stream,
+        shared: &ConnShared,
+        deadline: Instant,
+        shutdown: &ShutdownWatch,
+    ) {
+        let conn = ServerApp::process_new(&self.http, stream, shutdown);
+        match until_head(conn, shared, Some(deadline)).await {
+            Outcome::Done(_) => {}
+            Outcome::Closed(reason) | Outcome::TimedOut(reason) => {
+                self.conns.closed(reason, None);
+            }
+        }
+    }
+
+    async fn serve_h1(
+        &self,
+        mut stream: Stream,
+        shared: &ConnShared,
+        accepted: Instant,
+        shutdown: &ShutdownWatch,
+    ) {
+        let limits = &self.conns.limits;
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        let mut settings: Option<HttpPersistentSettings> = None;
+        // Until when to wait for the first bytes of the next request; `None`: Pingora already
+        // holds some (pipelining), start the session at once.
+        let mut wait_until = Some(accepted + limits.header_timeout);
+        let mut first_request = true;
+        // One timer and one shutdown waiter for the connection's whole life, reset per request:
+        // pushing a registered timer's deadline later costs an atomic, not a timer-wheel update.
+        let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(
+            (accepted + limits.header_timeout).into()
+        ));
+        let mut stop_rx = shutdown.clone();
+        let mut stopping = std::pin::pin!(async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        });
+        loop {
+            let scan = wait_until.is_some();
+            let Some(started) = ConnStream::start_request(stream, shared, scan) else {
+                return;
+            };
+            stream = started;
+            let (first_bytes, deadline) = match wait_until {
+                Some(until) => {
+                    let idle = if first_request {
+                        CloseReason::HeaderTimeout
+                    } else {
+                        CloseReason::KeepaliveTimeout
+                    };
+                    idle_timer.as_mut().reset(until.into());
+                    let wait = first_bytes(
+                        &mut stream,
+                        shared,
+                        idle_timer.as_mut(),
+                        stopping.as_mut(),
+                        idle,
+                    );
+                    match wait.await {
+                        Ok(bytes) => {
+                            let deadline = if first_request {
+                                accepted + limits.header_timeout
+                            } else {
+                                Instant::now() + limits.header_timeout
+                            };
+                            (Some(bytes), deadline)
+                        }
+                        Err(Some(reason)) => return self.conns.closed(reason, peer),
+                        Err(None) => return,
+                    }
+                }
+                // The boundary is unknown: whatever Pingora holds is a request head in progress,
+                // or nothing and the connection is idle. Allow for both.
+                None => (
+                    None,
+                    Instant::now() + limits.keepalive_timeout + limits.header_timeout,
+                ),
+            };
+            first_request = false;
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(s) = settings.take() {
+                s.apply_to_session(&mut session);
+            }
+            session.set_pipelining_enabled(true);
+            if let Some(bytes) = first_bytes {
+                session.set_pipelined_prefix(bytes);
+            }
+            let request = self.http.process_new_http(session, shutdown);
+            let reused = match until_head(request, shared, Some(deadline)).await {
+                Outcome::Done(Some(reused)) => reused,
+                Outcome::Done(None) => return,
+                Outcome::Closed(reason) => return self.conns.closed(reason, peer),
+                Outcome::TimedOut(reason) => {
+                    // Nothing at all arrived (a session started on a pipelined boundary that
+                    // turned out to be idle): that is a keep-alive timeout, not a slow head.
+                    let reason = if shared.read_some() {
+                        reason
+                    } else {
+                        CloseReason::KeepaliveTimeout
+                    };
+                    return self.conns.closed(reason, peer);
+                }
+            };
+            let (next_stream, next_settings) = reused.consume();
+            settings = next_settings;
+            let boundary_known = ConnStream::request_boundary_known(&next_stream, shared);
+            stream = next_stream;
+            wait_until = boundary_known.then(|| Instant::now() + limits.keepalive_timeout);
+        }
+    }
+}
+
+/// How waiting for a request head ended.
+enum Outcome<T> {
+    /// The future completed.
+    Done(T),
+    /// The client closed or overran the limit during the head.
+    Closed(CloseReason),
+    /// The deadline passed before the head was complete.
+    TimedOut(CloseReason),
+}
+
+/// Runs `fut` (a session or connection) to completion, but gives up when the connection's head
+/// is still incomplete at `deadline` or [`ConnStream`] closed it.
+async fn until_head<F: std::future::Future>(
+    fut: F,
+    shared: &ConnShared,
+    deadline: Option<Instant>,
+) -> Outcome<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut closed = std::pin::pin!(closed(shared));
+    if let Some(deadline) = deadline.filter(|_| !shared.head_done()) {
+        let sleep = tokio::time::sleep_until(deadline.into());
+        tokio::select! {
+            biased;
+            out = &mut fut => return Outcome::Done(out),
+            reason = &mut closed => return Outcome::Closed(reason),
+            () = sleep => {
+                if !shared.head_done() {
+                    return Outcome::TimedOut(CloseReason::HeaderTimeout);
+                }
+            }
+        }
+    }
+    tokio::select! {
+        biased;
+        out = &mut fut => Outcome::Done(out),
+        reason = &mut closed => Outcome::Closed(reason),
+    }
+}
+
+/// Resolves when [`ConnStream`] closed the connection (it wakes the task when it does).
+fn closed(shared: &ConnShared) -> impl std::future::Future<Output = CloseReason> + '_ {
+    std::future::poll_fn(|_| match shared.closed() {
+        Some(reason) => Poll::Ready(reason),
+        None => Poll::Pending,
+    })
+}
+
+/// Waits (until `timer` fires) for the first bytes of the next request and returns them in a
+/// buffer the Pingora session continues to read into. `Err(Some(reason))`: counted close;
+/// `Err(None)`: the client closed or the service is shutting down.
+async fn first_bytes(
+    stream: &mut Stream,
+    shared: &ConnShared,
+    timer: Pin<&mut tokio::time::Sleep>,
+    stopping: Pin<&mut impl std::future::Future<Output = ()>>,
+    idle: CloseReason,
+) -> Result<BytesMut, Option<CloseReason>> {
+    // Pingora's initial request buffer size.
+    let mut buf = BytesMut::with_capacity(4096);
+    let read = tokio::select! {
+        biased;
+        r = stream.read_buf(&mut buf) => matches!(r, Ok(n) if n > 0),
+        reason = closed(shared) => return Err(Some(reason)),
+        () = stopping => false,
+        () = timer => return Err(Some(idle)),
+    };
+    if read {
+        Ok(buf)
+    } else {
+        Err(None)
+    }
+}
+
+const HEAD_DONE: u8 = 1;
+const PARSED: u8 = 2;
+const CLOSED_CLIENT: u8 = 4;
+const CLOSED_TOO_LARGE: u8 = 8;
+/// Some bytes of the current request were read.
+const READ_SOME: u8 = 16;
+const BODY_UNKNOWN: u64 = u64::MAX;
+
+/// What a connection's stream, its loop and the proxy logic tell each other.
+#[derive(Debug, Default)]
+struct ConnShared {
+    flags: AtomicU8,
+    /// Wire length of the current request's body ([`BODY_UNKNOWN`] until the head is parsed, and
+    /// for chunked bodies).
+    body: AtomicU64,
+}
+
+impl ConnShared {
+    fn set(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::Relaxed);
+    }
+
+    fn read_some(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & READ_SOME != 0
+    }
+
+    fn head_done(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & (HEAD_DONE | PARSED) != 0
+    }
+
+    fn closed(&self) -> Option<CloseReason> {
+        let flags = self.flags.load(Ordering::Relaxed);
+        if flags & CLOSED_TOO_LARGE != 0 {
+            Some(CloseReason::HeaderTooLarge)
+        } else if flags & CLOSED_CLIENT != 0 {
+            Some(CloseReason::ClientClosed)
+        } else {
+            None
+        }
+    }
+}
+
+/// The connection state behind a session's stream, if [`VhostApp`] serves it.
+fn shared_of(stream: Option<&Stream>) -> Option<&ConnShared> {
+    stream
+        .and_then(|s| (**s).as_any().downcast_ref::<ConnStream>())
+        .and_then(|c| c.shared.as_deref())
+}
+
+/// Tells the connection loop that a request head was parsed (it stops timing the head). Called
+/// by [`VhostProxy`] for every HTTP/1 request; a no-op for streams not served by [`VhostApp`].
+pub(crate) fn head_parsed(stream: Option<&Stream>) {
+    if let Some(shared) = shared_of(stream) {
+        shared.set(PARSED);
+    }
+}
+
+/// Tells the connection loop how long the finished request's body was on the wire (`None`:
+/// unknown, e.g. chunked), so it can tell whether Pingora already read into the next request.
+pub(crate) fn request_framed(stream: Option<&Stream>, body_len: Option<u64>) {
+    if let Some(shared) = shared_of(stream) {
+        shared
+            .body
+            .store(body_len.unwrap_or(BODY_UNKNOWN), Ordering::Relaxed);
+    }
+}
+
+/// The answer to a request head over [`ConnLimits::max_header_bytes`].
+const TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 32\r\nConnection: close\r\n\r\nrequest header fields too large\n";
+
+/// How a [`ConnStream`] watches what it delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Nothing: a plain pass-through (the TCP side of a TLS connection).
+    Off,
+    /// An HTTP/1 request head is expected: find its end on the wire, count its size.
+    H1Head,
+    /// The head is done (or its bytes were already read): only count bytes.
+    H1Rest,
+    /// HTTP/2: the head phase ends with the 24-byte connection preface.
+    H2Preface,
+}
+
+/// The client stream as Pingora sees it: delegates everything to the real (TCP or TLS) stream,
+/// and watches the bytes of each HTTP/1 request head (see the module docs).
+pub(crate) struct ConnStream {
+    inner: Stream,
+    shared: Option<Arc<ConnShared>>,
+    watch: Watch,
+    /// Bytes delivered to readers since the connection started.
+    delivered: u64,
+    /// `delivered` when the current request started.
+    request_start: u64,
+    /// `delivered` at the end of the current request head, once found.
+    head_end: Option<u64>,
+    /// Head scanner state: 0 = before the request line, 1 = in a line, 2 = just after a line
+    /// feed, 3 = after a line feed and a carriage return.
+    scan: u8,
+    max_head: u64,
+    /// Bytes of [`TOO_LARGE`] written, while answering 431.
+    rejecting: Option<usize>,
+}
+
+impl std::fmt::Debug for ConnStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnStream")
+            .field("inner", &self.inner)
+            .field("watch", &self.watch)
+            .field("delivered", &self.delivered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnStream {
+    fn new(inner: Stream, shared: Option<Arc<ConnShared>>, watch: Watch, max_head: u64) -> Self {
+        Self {
+            inner,
+            shared,
+            watch,
+            delivered: 0,
+            request_start: 0,
+            head_end: None,
+            scan: 0,
+            max_head,
+            rejecting: None,
+        }
+    }
+
+    /// Resets the per-request accounting of the connection's stream (a boxed `ConnStream`;
+    /// `None` for any other stream, which the loop never sees).
+    fn start_request(stream: Stream, shared: &ConnShared, scan: bool) -> Option<Stream> {
+        shared.flags.store(0, Ordering::Relaxed);
+        shared.body.store(BODY_UNKNOWN, Ordering::Relaxed);
+        let mut conn = stream.into_any().downcast::<ConnStream>().ok()?;
+        conn.request_start = conn.delivered;
+        conn.head_end = None;
+        conn.scan = 0;
+        conn.watch = if scan { Watch::H1Head } else { Watch::H1Rest };
+        Some(conn)
+    }
+
+    /// True when every byte Pingora read during the request just finished belonged to it, so
+    /// it holds none of the next one: known head length (scanned) plus a known body length
+    /// equals what was delivered.
+    fn request_boundary_known(stream: &Stream, shared: &ConnShared) -> bool {
+        let Some(conn) = (**stream).as_any().downcast_ref::<ConnStream>() else {
+            return false;
+        };
+        let body = shared.body.load(Ordering::Relaxed);
+        let (Some(head_end), true) = (conn.head_end, body != BODY_UNKNOWN) else {
+            return false;
+        };
+        head_end
+            .checked_add(body)
+            .is_some_and(|end| end == conn.delivered)
+    }
+
+    /// Scans newly delivered head bytes; `Err` when the head is over the limit. Only the bytes
+    /// right after each line feed are looked at (the line feeds are found with `memchr`).
+    fn scan_head(&mut self, data: &[u8]) -> Result<(), ()> {
+        let start = self.delivered;
+        let mut i = 0;
+        while i < data.len() {
+            match self.scan {
+                // Before the request line: empty lines are skipped, never taken for its end.
+                0 => match data[i..].iter().position(|b| *b != b'\r' && *b != b'\n') {
+                    Some(p) => {
+                        i += p;
+                        self.scan = 1;
+                    }
+                    None => i = data.len(),
+                },
+                // In a line: on to the next line feed.
+                1 => match memchr::memchr(b'\n', &data[i..]) {
+                    Some(p) => {
+                        i += p + 1;
+                        self.scan = 2;
+                    }
+                    None => i = data.len(),
+                },
+                // After a line feed (2), or a line feed and a carriage return (3): another line
+                // feed ends the head, anything else starts the next header line.
+                state => match data[i] {
+                    b'\n' => return self.head_complete(start + i as u64 + 1),
+                    b'\r' if state == 2 => {
+                        self.scan = 3;
+                        i += 1;
+                    }
+                    _ => self.scan = 1,
+                },
+            }
+        }
+        if start + data.len() as u64 - self.request_start > self.max_head {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The head ended at wire offset `end`; `Err` if it was over the limit.
+    fn head_complete(&mut self, end: u64) -> Result<(), ()> {
+        self.head_end = Some(end);
+        self.watch = Watch::H1Rest;
+        if let Some(shared) = &self.shared {
+            shared.set(HEAD_DONE);
+        }
+        if end - self.request_start > self.max_head {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Writes the 431 answer, then marks the connection closed and wakes its loop.
+    fn poll_reject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(written) = self.rejecting.filter(|w| *w < TOO_LARGE.len()) {
+            match Pin::new(&mut self.inner).poll_write(cx, &TOO_LARGE[written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => self.rejecting = Some(written + n),
+                Poll::Ready(_) => break,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if Pin::new(&mut self.inner).poll_flush(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.rejecting = Some(TOO_LARGE.len());
+        self.close(CLOSED_TOO_LARGE, cx)
+    }
+
+    /// Marks the connection closed for the loop (which drops the session) and keeps the reader
+    /// pending meanwhile.
+    fn close(&mut self, flag: u8, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(shared) = &self.shared {
+            shared.set(flag);
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        } else {
+            Poll::Ready(Err(io::Error::from(io::ErrorKind::ConnectionAborted)))
+        }
+    }
+}
+
+impl AsyncRead for ConnStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.rejecting.is_some() {
+            return this.poll_reject(cx);
+        }
+        if let Some(shared) = &this.shared {
+            if shared.closed().is_some() {
+                return Poll::Pending;
+            }
+        }
+        let before = buf.filled().len();
+        let result = match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            if let Some(shared) = &this.shared {
+                if shared.flags.load(Ordering::Relaxed) & READ_SOME == 0 {
+                    shared.set(READ_SOME);
+                }
+            }
+        }
+        match this.watch {
+            Watch::Off | Watch::H1Rest => {}
+            Watch::H1Head => {
+                if result.is_err() || n == 0 {
+                    if this.delivered > this.request_start {
+                        // Gone in the middle of a head: close quietly instead of letting Pingora
+                        // log an error per such client.
+                        return this.close(CLOSED_CLIENT, cx);
+                    }
+                } else {
+                    let parsed = this
+                        .shared
+                        .as_ref()
+                        .is_some_and(|s| s.flags.load(Ordering::Relaxed) & PARSED != 0);
+                    if parsed {
+                        this.watch = Watch::H1Rest;
+                    } else if this.scan_head(&buf.filled()[before..]).is_err() {
+                        this.rejecting = Some(0);
+                        return this.poll_reject(cx);
+                    }
+                }
+            }
+            Watch::H2Preface => {
+                if this.delivered + n as u64 >= 24 {
+                    this.watch = Watch::Off;
+                    if let Some(shared) = &this.shared {
+                        shared.set(HEAD_DONE);
+                    }
+                }
+            }
+        }
+        this.delivered += n as u64;
+        Poll::Ready(result)
+    }
+}
+
+impl AsyncWrite for ConnStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for ConnStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await;
+    }
+}
+
+impl UniqueID for ConnStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for ConnStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for ConnStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for ConnStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for ConnStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for ConnStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[async_trait]
+impl ServerApp for VhostApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let accepted = Instant::now();
+        let _slot = self.conns.admit()?;
+        let limits = &self.conns.limits;
+        let deadline = accepted + limits.header_timeout;
+        let shared = Arc::new(ConnShared::default());
+        let stream = match self.tls_for(&stream) {
+            Some(tls) => {
+                let peer = stream
+                    .get_socket_digest()
+                    .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+                let plain = ConnStream::new(stream, None, Watch::Off, 0);
+                let handshake = pingora_core::protocols::tls::server::handshake_with_callback(
+                    &tls.acceptor,
+                    plain,
+                    &tls.certs,
+                );
+                match tokio::time::timeout_at(deadline.into(), handshake).await {
+                    Ok(Ok(tls_stream)) => Box::new(tls_stream) as Stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, client = ?peer, "TLS handshake failed");
+                        self.conns.closed(CloseReason::HandshakeFailed, peer);
+                        return None;
+                    }
+                    Err(_) => {
+                        self.conns.closed(CloseReason::HeaderTimeout, peer);
+                        return None;
+                    }
+                }
+            }
+            None => stream,
+        };
+        let max_head = limits.max_header_bytes as u64;
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            let stream = Box::new(ConnStream::new(
+                stream,
+                Some(Arc::clone(&shared)),
+                Watch::H2Preface,
+                max_head,
+            ));
+            self.serve_h2(stream, &shared, deadline, shutdown).await;
+        } else {
+            let stream = Box::new(ConnStream::new(
+                stream,
+                Some(Arc::clone(&shared)),
+                Watch::H1Head,
+                max_head,
+            ));
+            self.serve_h1(stream, &shared, accepted, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        // Wakes requests of Pingora's that wait for a keep-alive client (fallback path).
+        ServerApp::cleanup(&*self.http).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream with nothing to read (the scanner tests never read from it).
+    #[derive(Debug)]
+    struct ClosedStream;
+
+    impl AsyncRead for ClosedStream {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for ClosedStream {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::NotConnected.into()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[async_trait]
+    impl Shutdown for ClosedStream {
+        async fn shutdown(&mut self) {}
+    }
+
+    impl UniqueID for ClosedStream {
+        fn id(&self) -> UniqueIDType {
+            -1
+        }
+    }
+
+    impl Ssl for ClosedStream {}
+    impl Peek for ClosedStream {}
+
+    impl GetTimingDigest for ClosedStream {
+        fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+            Vec::new()
+        }
+    }
+
+    impl GetProxyDigest for ClosedStream {
+        fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+            None
+        }
+    }
+
+    impl GetSocketDigest for ClosedStream {
+        fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+            None
+        }
+    }
+
+    fn scanner(max_head: u64) -> ConnStream {
+        ConnStream::new(
+            Box::new(ClosedStream),
+            Some(Arc::new(ConnShared::default())),
+            Watch::H1Head,
+            max_head,
+        )
+    }
+
+    /// Feeds `chunks` as successive reads; the head end offset, or `Err` at the limit.
+    fn head_end(max_head: u64, chunks: &[&[u8]]) -> Result<Option<u64>, ()> {
+        let mut s = scanner(max_head);
+        for chunk in chunks {
+            if s.watch == Watch::H1Head {
+                s.scan_head(chunk)?;
+            }
+            s.delivered += chunk.len() as u64;
+        }
+        Ok(s.head_end)
+    }
+
+    #[test]
+    fn finds_the_end_of_a_head_with_any_line_ending_split_anywhere() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(head_end(1024, &[head]), Ok(Some(head.len() as u64)));
+        for split in 1..head.len() {
+            let (a, b) = head.split_at(split);
+            assert_eq!(
+                head_end(1024, &[a, b]),
+                Ok(Some(head.len() as u64)),
+                "split {split}"
+            );
+        }
+        assert_eq!(
+            head_end(1024, &[b"GET / HTTP/1.1\nHost: a\n\nBODY"]),
+            Ok(Some(24))
+        );
+        assert_eq!(
+            head_end(1024, &[b"GET / HTTP/1.1\r\nHost: a\n\r\n"]),
+            Ok(Some(26))
+        );
+        assert_eq!(
+            head_end(1024, &[b"GET / HTTP/1.1\r\nHost: a\r\n"]),
+            Ok(None)
+        );
+    }
+
+    /// The end of the head by definition: past leading empty lines, the first empty line.
+    fn reference_end(data: &[u8]) -> Option<u64> {
+        let start = data.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+        let rest = &data[start..];
+        (0..rest.len()).find_map(|i| {
+            let tail = &rest[i..];
+            if tail.starts_with(b"\n\n") {
+                Some((start + i + 2) as u64)
+            } else if tail.starts_with(b"\n\r\n") {
+                Some((start + i + 3) as u64)
+            } else {
+                None
+            }
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_scanner_finds_the_reference_end_whatever_the_read_sizes(
+            data in proptest::collection::vec(proptest::sample::select(vec![b'a', b':', b' ', b'\r', b'\n']), 0..80),
+            a in 0usize..80,
+            b in 0usize..80,
+        ) {
+            let (a, b) = (a.min(data.len()), b.min(data.len()));
+            let (a, b) = (a.min(b), a.max(b));
+            let found = head_end(1 << 20, &[&data[..a], &data[a..b], &data[b..]]).unwrap();
+            proptest::prop_assert_eq!(found, reference_end(&data));
+        }
+    }
+
+    #[test]
+    fn empty_lines_before_the_request_line_do_not_end_the_head() {
+        assert_eq!(
+            head_end(1024, &[b"\r\n\r\n\n", b"GET / HTTP/1.1\r\n\r\n"]),
+            Ok(Some(23))
+        );
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused_even_without_its_end() {
+        let long = vec![b'a'; 2000];
+        assert_eq!(head_end(1024, &[b"GET /", &long]), Err(()));
+        let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        head.extend_from_slice(&long);
+        head.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(head_end(1024, &[&head]), Err(()));
+        // Body bytes after the head are not counted.
+        let mut req = b"POST / HTTP/1.1\r\nContent-Length: 2000\r\n\r\n".to_vec();
+        req.extend_from_slice(&long);
+        assert_eq!(head_end(1024, &[&req]), Ok(Some(41)));
+    }
+}
