@@ -8,15 +8,21 @@ use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 use vhost_config::{LogFormat, LogOutput, LoggingConfig};
 
-use crate::server::AppError;
-
 /// Pingora's own lifecycle chatter, which the binary replaces with lines of its own (the signal
 /// actually received, requests drained or cut): only its warnings and errors are kept.
 const QUIET_TARGETS: &str = "pingora_core::server=warn,pingora_core::services=warn";
 
+/// The log file cannot be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open log file {}: {source}", path.display())]
+pub(crate) struct LogFileError {
+    path: std::path::PathBuf,
+    source: std::io::Error,
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides the configured level when set. Keep the
 /// returned guard alive: dropping it flushes and stops the writer.
-pub(crate) fn init(config: &LoggingConfig) -> Result<WorkerGuard, AppError> {
+pub(crate) fn init(config: &LoggingConfig) -> Result<WorkerGuard, LogFileError> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{},{QUIET_TARGETS}", config.level.as_str())));
     let (writer, guard) = match (config.output, &config.file_path) {
@@ -25,7 +31,7 @@ pub(crate) fn init(config: &LoggingConfig) -> Result<WorkerGuard, AppError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| AppError::LogFile {
+                .map_err(|source| LogFileError {
                     path: path.clone(),
                     source,
                 })?;

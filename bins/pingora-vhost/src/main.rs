@@ -1,15 +1,7 @@
-//! `pingora-vhost`: the binary. Wiring only — it loads the config ([`vhost_config`]), publishes
-//! the routing snapshot ([`vhost_routing`]), loads certificates and starts the Pingora proxy
-//! service ([`vhost_pingora`]), then waits for signals: SIGHUP reloads the config, SIGTERM and
-//! SIGINT drain in-flight requests and exit.
+//! `pingora-vhost`: the binary. Command-line parsing and logging set-up, then one call into
+//! [`vhost_server`], which builds and runs the whole proxy (see its docs for the data flow).
 
-mod checks;
-mod demo;
 mod logging;
-mod memory;
-mod metrics;
-mod reload;
-mod server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version, about)]
 struct Cli {
     /// Configuration file.
-    #[arg(short, long, default_value = "config.toml", global = true)]
+    #[arg(short, long, default_value = "config.toml")]
     config: PathBuf,
     /// Validate the configuration exactly as start-up does (file, certificates, exposure rules)
     /// and exit: 0 if valid (warnings on stderr), 1 if not.
@@ -44,29 +36,60 @@ enum Command {
         /// Directory for the demo's config and certificate (default: a new temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// HTTP port of the proxy (default 8000).
+        /// HTTP port of the proxy; the demo also uses this port +80 (admin API), +443 (HTTPS)
+        /// and +1090 (metrics).
         #[arg(long, default_value_t = 8000)]
         http_port: u16,
     },
 }
 
+/// Why the process failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Server(#[from] vhost_server::ServerError),
+    #[error(transparent)]
+    Config(#[from] vhost_config::ConfigError),
+    #[error(transparent)]
+    Log(#[from] logging::LogFileError),
+}
+
+#[allow(clippy::print_stdout)]
+fn demo(dir: Option<PathBuf>, http_port: u16) -> Result<(), Failure> {
+    let demo = vhost_server::demo::Demo::prepare(dir, http_port)?;
+    let _log_guard = logging::init(&demo.config().logging)?;
+    println!("{}", demo.banner());
+    Ok(demo.run()?)
+}
+
 #[allow(clippy::print_stderr, clippy::print_stdout)]
+fn check(config: &std::path::Path) -> Result<(), Failure> {
+    let report = vhost_server::check(config)?;
+    for warning in report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    println!("{}: OK ({})", config.display(), report.summary);
+    Ok(())
+}
+
+fn serve(path: &std::path::Path) -> Result<(), Failure> {
+    let config = vhost_config::load(path)?;
+    let _log_guard = logging::init(&config.logging)?;
+    Ok(vhost_server::run(
+        config,
+        path,
+        vhost_server::Signals::Process,
+    )?)
+}
+
+#[allow(clippy::print_stderr)]
 fn main() -> ExitCode {
-    memory::release_freed_pages_promptly();
+    vhost_server::memory::release_freed_pages_promptly();
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Demo { dir, http_port }) => demo::run(dir, http_port),
-        None if cli.check => match server::check(&cli.config) {
-            Ok((summary, warnings)) => {
-                for warning in warnings {
-                    eprintln!("warning: {warning}");
-                }
-                println!("{}: OK ({summary})", cli.config.display());
-                return ExitCode::SUCCESS;
-            }
-            Err(e) => Err(e),
-        },
-        None => server::run(&cli.config),
+        Some(Command::Demo { dir, http_port }) => demo(dir, http_port),
+        None if cli.check => check(&cli.config),
+        None => serve(&cli.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,6 +28,17 @@ pub struct ErrorDetail {
     pub field: Option<String>,
 }
 
+/// Why an [`ApplyHook`](crate::ApplyHook) refuses a state: the request field (or config key)
+/// concerned and the cause, kept as the source.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct Refusal {
+    /// The field or key concerned, e.g. `tls_cert_path`.
+    pub field: String,
+    /// Why the state cannot be served.
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
 /// A failed API request. The running configuration and the file are unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -88,18 +99,18 @@ pub enum ApiError {
         current: String,
     },
     /// The change cannot be served (e.g. a certificate file does not load).
-    #[error("{message}")]
-    Unservable {
-        /// The field concerned.
-        field: &'static str,
-        /// Why.
-        message: String,
-    },
+    #[error(transparent)]
+    Unservable(#[from] Refusal),
     /// The config file could not be written; nothing was changed.
-    #[error("could not persist the change, nothing was changed: {message}")]
-    Persist {
-        /// Why.
-        message: String,
+    #[error("could not persist the change, nothing was changed: {0}")]
+    Persist(#[from] vhost_config::PersistError),
+    /// A write task panicked; nothing was changed unless it was already published.
+    #[error("the {what} task failed: {source}")]
+    TaskFailed {
+        /// Which task.
+        what: &'static str,
+        /// The panic or cancellation.
+        source: tokio::task::JoinError,
     },
     /// The configuration file to reload is invalid; the running configuration is unchanged.
     #[error("{message}")]
@@ -107,12 +118,6 @@ pub enum ApiError {
         /// The key path the error is about (empty when it is about the whole file).
         field: String,
         /// `file:line:column: key: what is wrong`.
-        message: String,
-    },
-    /// The server failed in a way that is not the client's doing.
-    #[error("{message}")]
-    Internal {
-        /// Why.
         message: String,
     },
 }
@@ -123,7 +128,7 @@ impl ApiError {
         match self {
             Self::MalformedJson { .. }
             | Self::InvalidField { .. }
-            | Self::Unservable { .. }
+            | Self::Unservable(_)
             | Self::InvalidConfig { .. } => StatusCode::BAD_REQUEST,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -132,7 +137,7 @@ impl ApiError {
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-            Self::Persist { .. } | Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Persist(_) | Self::TaskFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -147,10 +152,10 @@ impl ApiError {
             Self::NotFound { .. } => "not_found",
             Self::Conflict { code, .. } => code,
             Self::PreconditionFailed { .. } => "precondition_failed",
-            Self::Unservable { .. } => "unservable",
-            Self::Persist { .. } => "persist_failed",
+            Self::Unservable(_) => "unservable",
+            Self::Persist(_) => "persist_failed",
+            Self::TaskFailed { .. } => "internal",
             Self::InvalidConfig { .. } => "invalid_config",
-            Self::Internal { .. } => "internal",
         }
     }
 
@@ -162,7 +167,7 @@ impl ApiError {
                 Some(field.clone())
             }
             Self::Conflict { field, .. } => field.clone(),
-            Self::Unservable { field, .. } => Some((*field).to_owned()),
+            Self::Unservable(refusal) => Some(refusal.field.clone()),
             _ => None,
         }
     }

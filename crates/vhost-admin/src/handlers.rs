@@ -214,13 +214,7 @@ async fn apply_write(
                 check_if_match(if_match.as_ref(), &etag)?;
             }
             let (next, change) = current.state().apply(command)?;
-            let commit = this
-                .hook
-                .prepare(&next)
-                .map_err(|message| ApiError::Unservable {
-                    field: "tls_cert_path",
-                    message,
-                })?;
+            let commit = this.hook.prepare(&next)?;
             let mut writer = match locked {
                 Some(writer) => writer,
                 None => this.writer.blocking_lock(),
@@ -229,9 +223,7 @@ async fn apply_write(
                 continue; // another change was published meanwhile: start over on it
             }
             if let Some(file) = writer.file.as_mut() {
-                file.persist(&change).map_err(|e| ApiError::Persist {
-                    message: e.to_string(),
-                })?;
+                file.persist(&change)?;
             }
             let table = writer.routes.publish(next);
             commit();
@@ -239,9 +231,10 @@ async fn apply_write(
         }
     })
     .await
-    .unwrap_or_else(|e| {
-        Err(ApiError::Internal {
-            message: format!("the write task failed: {e}"),
+    .unwrap_or_else(|source| {
+        Err(ApiError::TaskFailed {
+            what: "write",
+            source,
         })
     });
     match &result {

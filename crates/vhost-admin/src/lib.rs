@@ -42,7 +42,7 @@ use tokio::sync::Mutex;
 use vhost_config::ConfigWriter;
 use vhost_routing::{RouteStore, RouteWriter, State};
 
-pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use error::{ApiError, ErrorBody, ErrorDetail, Refusal};
 pub use handlers::{BackendView, Health, SwitchRequest};
 pub use reload::{Diff, PreparedReload, ReloadError, ReloadHook, ReloadReport};
 
@@ -56,8 +56,8 @@ pub const TOKEN_ENV: &str = "PINGORA_VHOST_API_TOKEN";
 /// returns what makes the rest of the process follow it (run after the routing snapshot is
 /// published). The binary uses it to load certificate files; an error is a 400 for the client.
 pub trait ApplyHook: Send + Sync + 'static {
-    /// Prepares `next`; `Err(message)` refuses the change.
-    fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, String>;
+    /// Prepares `next`; an error refuses the change (400 `unservable`, naming its field).
+    fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, Refusal>;
 }
 
 /// A hook that accepts everything.
@@ -65,7 +65,7 @@ pub trait ApplyHook: Send + Sync + 'static {
 pub struct NoHook;
 
 impl ApplyHook for NoHook {
-    fn prepare(&self, _next: &State) -> Result<Box<dyn FnOnce() + Send>, String> {
+    fn prepare(&self, _next: &State) -> Result<Box<dyn FnOnce() + Send>, Refusal> {
         Ok(Box::new(|| {}))
     }
 }
@@ -204,13 +204,21 @@ pub fn describe() {
     reload::describe();
 }
 
+/// The admin API would listen beyond loopback without a token.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "management_api_addr {addr} is not a loopback address and no API token is set: \
+     set [proxy] management_api_token (or {TOKEN_ENV}), or bind the API to 127.0.0.1"
+)]
+pub struct ExposureError {
+    /// The configured listen address.
+    pub addr: SocketAddr,
+}
+
 /// Refuses to expose an unauthenticated API beyond loopback.
-pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), String> {
+pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), ExposureError> {
     if token.is_none() && !addr.ip().is_loopback() {
-        return Err(format!(
-            "management_api_addr {addr} is not a loopback address and no API token is set: \
-             set [proxy] management_api_token (or {TOKEN_ENV}), or bind the API to 127.0.0.1"
-        ));
+        return Err(ExposureError { addr });
     }
     Ok(())
 }

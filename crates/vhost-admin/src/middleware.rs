@@ -168,8 +168,9 @@ pub(crate) async fn record_metrics(req: Request, next: Next) -> Response {
     }
     match tokio::spawn(handled).await {
         Ok(response) => response,
-        Err(e) => ApiError::Internal {
-            message: format!("the request handler failed: {e}"),
+        Err(source) => ApiError::TaskFailed {
+            what: "request handler",
+            source,
         }
         .into_response(),
     }

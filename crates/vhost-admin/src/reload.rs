@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use vhost_config::{Config, ConfigError};
 use vhost_routing::State;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Refusal};
 use crate::AdminState;
 
 /// What the process applies on a reload besides the routing state.
@@ -53,14 +53,10 @@ pub enum ReloadError {
     /// The file cannot be read, or is invalid (the error carries file, line, column and key).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The file is valid, but cannot be served (e.g. a certificate does not load).
-    #[error("{message}")]
-    Refused {
-        /// The key path the refusal is about.
-        key: String,
-        /// What is wrong (with the file position when known).
-        message: String,
-    },
+    /// The file is valid, but cannot be served (e.g. a certificate does not load); the
+    /// refusal names the config key and keeps the cause (with the file position when known).
+    #[error(transparent)]
+    Refused(Refusal),
     /// This API has no reload hook (it is embedded without a config file).
     #[error("configuration reload is not enabled here")]
     Disabled,
@@ -79,9 +75,9 @@ impl From<ReloadError> for ApiError {
                 field: String::new(),
                 message: e.to_string(),
             },
-            ReloadError::Refused { key, message } => ApiError::InvalidConfig {
-                field: key,
-                message,
+            ReloadError::Refused(refusal) => ApiError::InvalidConfig {
+                message: refusal.to_string(),
+                field: refusal.field,
             },
             ReloadError::Disabled => ApiError::NotFound {
                 message: e.to_string(),
@@ -261,8 +257,9 @@ pub(crate) async fn run(state: &Arc<AdminState>) -> Result<ReloadReport, ApiErro
     let this = Arc::clone(state);
     tokio::task::spawn_blocking(move || this.reload())
         .await
-        .map_err(|e| ApiError::Internal {
-            message: format!("the reload task failed: {e}"),
+        .map_err(|source| ApiError::TaskFailed {
+            what: "reload",
+            source,
         })?
         .map_err(ApiError::from)
 }

@@ -10,7 +10,7 @@ use axum::Router;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
-use vhost_admin::{router, AdminState, ApplyHook};
+use vhost_admin::{router, AdminState, ApplyHook, Refusal};
 use vhost_config::ConfigWriter;
 use vhost_routing::{BackendId, BuildOptions, LiteralOnly, RouteStore, RouteWriter, State};
 
@@ -73,8 +73,11 @@ fn api() -> Api {
 struct FnHook(Box<dyn Fn(&State) -> Result<(), String> + Send + Sync>);
 
 impl ApplyHook for FnHook {
-    fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, String> {
-        (self.0)(next)?;
+    fn prepare(&self, next: &State) -> Result<Box<dyn FnOnce() + Send>, Refusal> {
+        (self.0)(next).map_err(|message| Refusal {
+            field: "tls_cert_path".into(),
+            source: message.into(),
+        })?;
         Ok(Box::new(|| {}))
     }
 }
@@ -745,7 +748,9 @@ async fn bearer_token_protects_everything_but_health() {
 fn unauthenticated_api_is_refused_beyond_loopback() {
     assert!(vhost_admin::check_exposure("127.0.0.1:8080".parse().unwrap(), None).is_ok());
     assert!(vhost_admin::check_exposure("[::1]:8080".parse().unwrap(), None).is_ok());
-    let err = vhost_admin::check_exposure("0.0.0.0:8080".parse().unwrap(), None).unwrap_err();
+    let err = vhost_admin::check_exposure("0.0.0.0:8080".parse().unwrap(), None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("management_api_token"), "{err}");
     assert!(vhost_admin::check_exposure("0.0.0.0:8080".parse().unwrap(), Some("t")).is_ok());
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost_admin::{router, AdminState, ApplyHook};
+use vhost_admin::{router, AdminState, ApplyHook, Refusal};
 use vhost_config::ConfigWriter;
 use vhost_routing::{BackendId, BuildOptions, LiteralOnly, RouteWriter, State};
 
@@ -19,7 +19,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 struct SlowHook(Arc<AtomicBool>);
 
 impl ApplyHook for SlowHook {
-    fn prepare(&self, _next: &State) -> Result<Box<dyn FnOnce() + Send>, String> {
+    fn prepare(&self, _next: &State) -> Result<Box<dyn FnOnce() + Send>, Refusal> {
         self.0.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(500));
         Ok(Box::new(|| {}))

@@ -233,8 +233,13 @@ pub struct ProxyProcess {
     pub config_path: PathBuf,
 }
 
+/// The binary under test (only the binary crate's own tests have it; the library's in-process
+/// tests share the rest of this harness).
 pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_pingora-vhost")
+    match option_env!("CARGO_BIN_EXE_pingora-vhost") {
+        Some(path) => path,
+        None => panic!("only the binary crate's tests run the binary"),
+    }
 }
 
 impl ProxyProcess {

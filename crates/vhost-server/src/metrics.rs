@@ -15,7 +15,7 @@ use vhost_config::MetricsConfig;
 use vhost_pingora::{CertMap, Inflight};
 use vhost_routing::RoutingTable;
 
-use crate::server::AppError;
+use crate::error::ServerError;
 
 /// Latency histogram buckets, in seconds: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -23,26 +23,28 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// An installed recorder and its (bound, not yet served) listener.
-pub(crate) struct Metrics {
-    pub(crate) handle: PrometheusHandle,
-    pub(crate) listener: TcpListener,
-    pub(crate) addr: SocketAddr,
+pub struct Metrics {
+    /// Renders what the recorder holds.
+    pub handle: PrometheusHandle,
+    /// The metrics listener, bound.
+    pub listener: TcpListener,
+    /// Its address.
+    pub addr: SocketAddr,
 }
 
 /// Installs the global recorder and binds the listener; `None` when metrics are disabled (the
 /// facade then records nothing).
-pub(crate) fn install(config: &MetricsConfig) -> Result<Option<Metrics>, AppError> {
+pub fn install(config: &MetricsConfig) -> Result<Option<Metrics>, ServerError> {
     if !config.enabled {
         return Ok(None);
     }
-    let listener = TcpListener::bind(config.listen_addr).map_err(|source| AppError::Bind {
+    let listener = TcpListener::bind(config.listen_addr).map_err(|source| ServerError::Bind {
         addr: config.listen_addr,
         key: "metrics.listen_addr",
         source,
     })?;
     let recorder = PrometheusBuilder::new()
-        .set_buckets(LATENCY_BUCKETS)
-        .map_err(|e| AppError::Runtime(format!("metrics buckets: {e}")))?
+        .set_buckets(LATENCY_BUCKETS)?
         .build_recorder();
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
@@ -69,7 +71,7 @@ pub(crate) fn install(config: &MetricsConfig) -> Result<Option<Metrics>, AppErro
 
 /// Folds recorded histogram samples into their buckets every few seconds, so memory stays
 /// bounded between scrapes (the exporter buffers raw samples until then).
-pub(crate) async fn upkeep(handle: PrometheusHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn upkeep(handle: PrometheusHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
         tokio::select! {
@@ -80,7 +82,7 @@ pub(crate) async fn upkeep(handle: PrometheusHandle, mut stop: tokio::sync::watc
 }
 
 /// The exposition, with the point-in-time gauges refreshed first.
-pub(crate) fn render(handle: PrometheusHandle, inflight: Arc<Inflight>) -> MetricsRender {
+pub fn render(handle: PrometheusHandle, inflight: Arc<Inflight>) -> MetricsRender {
     let in_flight = gauge!("proxy_requests_in_flight");
     Arc::new(move || {
         in_flight.set(inflight.get() as f64);
@@ -90,7 +92,7 @@ pub(crate) fn render(handle: PrometheusHandle, inflight: Arc<Inflight>) -> Metri
 
 /// The metrics listener's routes; with a `token`, a scraper must send `Authorization: Bearer
 /// <token>` (401 otherwise).
-pub(crate) fn router(render: MetricsRender, token: Option<String>) -> axum::Router {
+pub fn router(render: MetricsRender, token: Option<String>) -> axum::Router {
     use axum::response::IntoResponse;
     let token: Option<Arc<[u8]>> = token.map(|t| Arc::from(t.into_bytes()));
     let text = move |headers: http::HeaderMap| {
@@ -132,13 +134,13 @@ pub(crate) fn router(render: MetricsRender, token: Option<String>) -> axum::Rout
 /// active tag, 0 for a tag the domain used before) and
 /// `tls_certificate_expiry_timestamp_seconds{domain}`.
 #[derive(Default)]
-pub(crate) struct ConfigGauges {
+pub struct ConfigGauges {
     active: ArcSwap<HashMap<String, String>>,
 }
 
 impl ConfigGauges {
     /// Updates the gauges after `table` was published (changed series only).
-    pub(crate) fn observe(&self, table: &RoutingTable, certs: &CertMap) {
+    pub fn observe(&self, table: &RoutingTable, certs: &CertMap) {
         let now: HashMap<String, String> = table
             .state()
             .vhosts()

@@ -9,38 +9,39 @@ use std::time::Duration;
 use vhost_config::{Config, Location};
 use vhost_pingora::{CertError, CertMap, CertStore, ConnLimits, FileRole, CERT_READ_TIMEOUT};
 
-use crate::server::AppError;
+use crate::error::ServerError;
 
 /// Descriptors kept aside from client connections: listeners, log and config files, admin and
 /// metrics connections, health probes.
 const RESERVED_DESCRIPTORS: u64 = 256;
 
 /// A configuration that passed every check.
-pub(crate) struct Checked {
+pub struct Checked {
     /// Every certificate, loaded (not yet published).
-    pub(crate) certs: CertMap,
+    pub certs: CertMap,
     /// The admin API token in force (the environment overrides the file).
-    pub(crate) api_token: Option<String>,
+    pub api_token: Option<String>,
     /// The metrics token in force (the environment overrides the file).
-    pub(crate) metrics_token: Option<String>,
+    pub metrics_token: Option<String>,
     /// Client connection limits.
-    pub(crate) limits: ConnLimits,
+    pub limits: ConnLimits,
     /// Allowed but suspicious settings.
-    pub(crate) warnings: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
 /// A certificate error, with the position of the key that names the file when it is known.
 #[derive(Debug, thiserror::Error)]
 #[error("{}{source}", location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default())]
-pub(crate) struct LocatedCertError {
+pub struct LocatedCertError {
     /// Where the file is named.
-    pub(crate) location: Option<Location>,
+    pub location: Option<Location>,
     /// What is wrong with it.
-    pub(crate) source: CertError,
+    pub source: CertError,
 }
 
 impl LocatedCertError {
-    fn new(path: &Path, source: CertError) -> Self {
+    /// Locates `source` in the config file at `path`.
+    pub fn new(path: &Path, source: CertError) -> Self {
         let location = source.subject().and_then(|(owner, role)| {
             let field = match role {
                 FileRole::Certificate => "cert_path",
@@ -56,7 +57,7 @@ impl LocatedCertError {
     }
 
     /// The key path the error is about.
-    pub(crate) fn key(&self) -> String {
+    pub fn key(&self) -> String {
         self.location
             .as_ref()
             .map_or_else(|| "virtual_hosts".to_owned(), |l| l.key.clone())
@@ -73,7 +74,7 @@ fn token(var: &str, from_file: Option<&String>) -> Option<String> {
 
 /// The soft descriptor limit after raising it to the hard limit (start-up), or the hard limit
 /// (what start-up would get, for `--check`).
-pub(crate) fn descriptor_limit(raise: bool) -> u64 {
+pub fn descriptor_limit(raise: bool) -> u64 {
     if raise {
         match rlimit::increase_nofile_limit(u64::MAX) {
             Ok(limit) => return limit,
@@ -94,23 +95,22 @@ pub(crate) fn descriptor_limit(raise: bool) -> u64 {
 
 /// Client connections that fit in `nofile` descriptors: each may need a second descriptor for
 /// its backend connection, and the idle upstream pool and [`RESERVED_DESCRIPTORS`] come first.
-pub(crate) fn connection_budget(nofile: u64, upstream_pool: usize) -> u64 {
+pub fn connection_budget(nofile: u64, upstream_pool: usize) -> u64 {
     let reserved = RESERVED_DESCRIPTORS + upstream_pool as u64;
     (nofile.saturating_sub(reserved) / 2).max(16)
 }
 
 /// Runs every check on `config` (read from `path`); certificates are loaded through `store`
 /// (reusing files it already holds) within [`CERT_READ_TIMEOUT`].
-pub(crate) fn check(
+pub fn check(
     config: &Config,
     path: &Path,
     store: &CertStore,
     nofile: u64,
-) -> Result<Checked, AppError> {
+) -> Result<Checked, ServerError> {
     let proxy = &config.proxy;
     let api_token = token(vhost_admin::TOKEN_ENV, proxy.management_api_token.as_ref());
-    vhost_admin::check_exposure(proxy.management_api_addr, api_token.as_deref())
-        .map_err(AppError::Exposure)?;
+    vhost_admin::check_exposure(proxy.management_api_addr, api_token.as_deref())?;
     let default_paths: Option<(PathBuf, PathBuf)> =
         match (&proxy.default_cert_path, &proxy.default_key_path) {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
@@ -118,7 +118,7 @@ pub(crate) fn check(
         };
     let certs = store
         .prepare_within(&config.state, default_paths, CERT_READ_TIMEOUT)
-        .map_err(|e| AppError::Cert(Box::new(LocatedCertError::new(path, e))))?;
+        .map_err(|e| LocatedCertError::new(path, e))?;
 
     let mut warnings = Vec::new();
     if certs.is_empty() {
@@ -176,7 +176,7 @@ pub(crate) fn check(
 }
 
 /// Environment variable that provides the metrics token (overrides `[metrics] token`).
-pub(crate) const METRICS_TOKEN_ENV: &str = "PINGORA_VHOST_METRICS_TOKEN";
+pub const METRICS_TOKEN_ENV: &str = "PINGORA_VHOST_METRICS_TOKEN";
 
 #[cfg(test)]
 mod tests {

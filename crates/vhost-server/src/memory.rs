@@ -48,9 +48,10 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const MI_OPTION_ARENA_PURGE_MULT: libmimalloc_sys::mi_option_t = 24;
 
 /// Makes mimalloc return pages to the system as soon as they are free (no purge delay), instead
-/// of waiting for a later allocation on the thread that freed them. Call once, early.
+/// of waiting for a later allocation on the thread that freed them. Call once, early, in a
+/// binary whose global allocator is mimalloc (it configures mimalloc's options either way).
 #[allow(unsafe_code)]
-pub(crate) fn release_freed_pages_promptly() {
+pub fn release_freed_pages_promptly() {
     // SAFETY: mi_option_set stores an integer in mimalloc's option table; it takes no pointers
     // and may be called at any time.
     unsafe {

@@ -7,15 +7,16 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vhost_admin::{PreparedReload, ReloadError, ReloadHook};
+use vhost_admin::{PreparedReload, Refusal, ReloadError, ReloadHook};
 use vhost_config::Config;
 use vhost_health::SettingsHandle;
 use vhost_pingora::CertStore;
 
 use crate::checks;
-use crate::server::{check_settings, AppError, PublishHook};
+use crate::error::ServerError;
+use crate::publish::{check_settings, PublishHook};
 
-/// The binary's part of a reload.
+/// The server's part of a reload.
 pub(crate) struct ServerReload {
     pub(crate) path: PathBuf,
     /// The configuration the process started with (what listeners and limits still use).
@@ -64,21 +65,17 @@ fn restart_required(running: &Config, next: &Config) -> Vec<String> {
 
 impl ReloadHook for ServerReload {
     fn prepare(&self, config: &Config) -> Result<PreparedReload, ReloadError> {
-        let checked =
-            checks::check(config, &self.path, &self.certs, self.nofile).map_err(|e| match e {
-                AppError::Cert(located) => ReloadError::Refused {
-                    key: located.key(),
-                    message: located.to_string(),
-                },
-                AppError::Exposure(message) => ReloadError::Refused {
-                    key: "proxy.management_api_token".to_owned(),
-                    message,
-                },
-                other => ReloadError::Refused {
-                    key: String::new(),
-                    message: other.to_string(),
-                },
-            })?;
+        let checked = checks::check(config, &self.path, &self.certs, self.nofile).map_err(|e| {
+            let field = match &e {
+                ServerError::Cert(located) => located.key(),
+                ServerError::Exposure(_) => "proxy.management_api_token".to_owned(),
+                _ => String::new(),
+            };
+            ReloadError::Refused(Refusal {
+                field,
+                source: Box::new(e),
+            })
+        })?;
         let mut warnings = checked.warnings;
         if !self.https_listening && !checked.certs.is_empty() {
             warnings.push("certificates are configured now, but the HTTPS listener was not started (there were none at start-up): restart to serve HTTPS".to_owned());

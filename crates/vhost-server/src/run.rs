@@ -1,0 +1,451 @@
+//! Start-up and shutdown of the whole proxy.
+//!
+//! [`Config`] → [`crate::checks`] (exposure rule, certificates, limits) → [`RouteWriter`] (first
+//! snapshot) + [`CertStore`] → Pingora `Server` with the [`vhost_pingora::proxy_service`] on its
+//! own thread → the control loop: a reload order (SIGHUP) re-reads the file
+//! ([`crate::reload`]); a stop order (SIGTERM/SIGINT) stops accepting, drains in-flight requests
+//! (bounded by `grace_period_secs`; requests still running then are cut and logged), returns.
+//!
+//! Threads: Pingora's proxy threads; `vhost-admin` (admin API, DNS refresh, memory upkeep, the
+//! control loop); `vhost-health` (the health checker and every prober, so their timeouts are
+//! never delayed by a slow admin write or a large scrape); `vhost-metrics` (the metrics listener
+//! and rendering).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use tokio::sync::{mpsc, watch};
+use vhost_admin::AdminState;
+use vhost_config::{Config, ConfigWriter};
+use vhost_health::HealthChecker;
+use vhost_pingora::{proxy_service, CertStore, Connections, VhostProxy};
+use vhost_routing::{BuildOptions, RouteWriter};
+
+use crate::checks;
+use crate::error::ServerError;
+use crate::publish::{check_settings, PublishHook, SystemResolver};
+
+/// An order for a running proxy (see [`Signals::Channel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read and apply the config file, as SIGHUP does.
+    Reload,
+    /// Stop accepting, drain in-flight requests within the grace period and return, as SIGTERM
+    /// does.
+    Stop,
+}
+
+/// Where a running proxy takes its orders from.
+#[derive(Debug)]
+pub enum Signals {
+    /// The process's signals: SIGHUP reloads, SIGTERM and SIGINT stop gracefully.
+    Process,
+    /// A channel (embedding, in-process tests); dropping every sender stops the proxy too.
+    Channel(mpsc::UnboundedReceiver<Control>),
+}
+
+/// What `--check` found in a valid configuration.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    /// One line: domains, backends, certificates, connection limit.
+    pub summary: String,
+    /// Allowed but suspicious settings.
+    pub warnings: Vec<String>,
+}
+
+/// Runs every start-up check on the file at `path` without starting anything.
+pub fn check(path: &Path) -> Result<CheckReport, ServerError> {
+    let config = vhost_config::load(path)?;
+    let nofile = checks::descriptor_limit(false);
+    let checked = checks::check(&config, path, &CertStore::new(None), nofile)?;
+    let summary = format!(
+        "{} domains, {} backends, {}, max {} client connections",
+        config.state.vhosts().len(),
+        config.state.backends().len(),
+        if checked.certs.is_empty() {
+            "no certificates (HTTPS listener off)"
+        } else {
+            "certificates loaded"
+        },
+        checked.limits.max_connections,
+    );
+    Ok(CheckReport {
+        summary,
+        warnings: checked.warnings,
+    })
+}
+
+/// Pingora's shutdown trigger, fired by the control loop.
+struct ChannelShutdown(watch::Receiver<bool>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        // An error means the sender is gone: shut down as well.
+        let _ = rx.wait_for(|stop| *stop).await;
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, key, source })
+}
+
+/// Runs `f` on a new thread with its own single-threaded runtime.
+fn spawn_runtime<F>(name: &'static str, f: F) -> Result<JoinHandle<()>, ServerError>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ServerError::Start { what: name, source })?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || rt.block_on(f))
+        .map_err(|source| ServerError::Start { what: name, source })
+}
+
+/// Runs the proxy for a loaded `config` (read from `path`, which changes through the admin API
+/// are written back to) until a stop order; see the module docs.
+pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerError> {
+    let proxy_conf = &config.proxy;
+    let nofile = checks::descriptor_limit(true);
+    let certs = Arc::new(CertStore::new(None));
+    let checked = checks::check(&config, path, &certs, nofile)?;
+    for warning in &checked.warnings {
+        tracing::warn!("{warning}");
+    }
+    let https_enabled = !checked.certs.is_empty();
+    certs.publish(checked.certs);
+    if !https_enabled {
+        tracing::warn!("no certificate configured: HTTPS listener not started");
+    }
+
+    let admin_listener = bind(proxy_conf.management_api_addr, "proxy.management_api_addr")?;
+    let metrics = crate::metrics::install(&config.metrics)?;
+    drop(bind(proxy_conf.listen_addr_http, "proxy.listen_addr_http")?);
+    if https_enabled {
+        drop(bind(proxy_conf.listen_addr, "proxy.listen_addr")?);
+    }
+
+    let (store, writer) = RouteWriter::new(
+        config.state.clone(),
+        Box::new(SystemResolver),
+        BuildOptions::default(),
+    );
+
+    let threads = match proxy_conf.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let server_conf = ServerConf {
+        threads,
+        // One runtime per thread, connections spread by the kernel (as nginx workers): less
+        // cross-thread wake-up and scheduling work per request than a work-stealing pool.
+        work_stealing: false,
+        grace_period_seconds: Some(proxy_conf.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: proxy_conf.upstream_keepalive_pool_size,
+        // Bounded by the config (max 15): no overflow.
+        max_retries: proxy_conf.max_retries + 1,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    let proxy = VhostProxy::new(store, crate::proxy_options(&config));
+    let inflight = proxy.inflight();
+    let checker = HealthChecker::new(
+        Arc::clone(writer.store()),
+        check_settings(&config.health_check),
+    );
+    let hook = PublishHook {
+        certs: Arc::clone(&certs),
+        health: checker.waker(),
+        store: Arc::clone(writer.store()),
+        proxy_metrics: proxy.metrics(),
+        gauges: Arc::default(),
+    };
+    hook.published();
+    // The same follow-up actions after a DNS re-resolution publishes a snapshot.
+    let after_publish = hook.clone();
+    let reload = crate::reload::ServerReload {
+        path: path.to_owned(),
+        running: config.clone(),
+        certs: Arc::clone(&certs),
+        health: checker.settings(),
+        after_publish: hook.clone(),
+        https_listening: https_enabled,
+        nofile,
+    };
+    let mut admin = AdminState::new(writer, Some(ConfigWriter::open(path)?), checked.api_token)
+        .with_hook(hook)
+        .with_listen_addr(proxy_conf.management_api_addr)
+        .with_reload(reload);
+    let metrics = metrics.map(|m| {
+        let render = crate::metrics::render(m.handle.clone(), proxy.inflight());
+        (m, render)
+    });
+    if let Some((_, render)) = &metrics {
+        admin = admin.with_metrics(render.clone());
+    }
+    let admin = Arc::new(admin);
+    let admin_router = vhost_admin::router(Arc::clone(&admin));
+    let dns_refresh = Duration::from_secs(proxy_conf.dns_refresh_secs);
+    let conns = Connections::new(checked.limits);
+    let service = proxy_service(
+        &server.configuration,
+        proxy,
+        Some(proxy_conf.listen_addr_http),
+        https_enabled.then(|| (proxy_conf.listen_addr, Arc::clone(&certs))),
+        Arc::clone(&conns),
+    )
+    .map_err(ServerError::Setup)?;
+    server.add_service(service);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut phases = server.watch_execution_phase();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("pingora".into())
+        .spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: Box::new(ChannelShutdown(stop_rx)),
+            });
+            let _ = done_tx.send(());
+        })
+        .map_err(|source| ServerError::Start {
+            what: "proxy server thread",
+            source,
+        })?;
+
+    tracing::info!(
+        config = %path.display(),
+        http = %proxy_conf.listen_addr_http,
+        https = %if https_enabled { proxy_conf.listen_addr.to_string() } else { "off".into() },
+        admin = %proxy_conf.management_api_addr,
+        metrics = %metrics.as_ref().map_or("off".into(), |(m, _)| m.addr.to_string()),
+        domains = config.state.vhosts().len(),
+        backends = config.state.backends().len(),
+        max_connections = conns.limits().max_connections,
+        file_descriptors = nofile,
+        "pingora-vhost started"
+    );
+
+    // Background work that must not wait on the admin runtime gets threads of its own.
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let mut helpers = vec![spawn_runtime(
+        "vhost-health",
+        checker.run(admin_stop_rx.clone()),
+    )?];
+    if let Some((m, render)) = metrics {
+        let router = crate::metrics::router(render, checked.metrics_token);
+        let stop = admin_stop_rx.clone();
+        helpers.push(spawn_runtime("vhost-metrics", async move {
+            tokio::spawn(crate::metrics::upkeep(m.handle, stop.clone()));
+            serve_http("metrics", m.listener, router, stop).await;
+        })?);
+    }
+
+    let grace = Duration::from_secs(proxy_conf.grace_period_secs);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ServerError::Start {
+            what: "admin runtime",
+            source,
+        })?;
+    let result = rt.block_on(async move {
+        let admin_task = tokio::spawn(serve_http(
+            "admin API",
+            admin_listener,
+            admin_router,
+            admin_stop_rx.clone(),
+        ));
+        if !dns_refresh.is_zero() {
+            tokio::spawn(refresh_dns(
+                Arc::clone(&admin),
+                after_publish,
+                dns_refresh,
+                admin_stop_rx.clone(),
+            ));
+        }
+        tokio::spawn(crate::memory::trim_after_waves(
+            Arc::clone(&conns),
+            admin_stop_rx,
+        ));
+        let mut orders = Orders::new(signals)?;
+        let mut done_rx = done_rx;
+        loop {
+            tokio::select! {
+                order = orders.next() => match order {
+                    Control::Reload => {
+                        tracing::info!("{}: reloading {}", orders.reload_name(), path.display());
+                        let admin = Arc::clone(&admin);
+                        // Logged (applied or rejected, with the located error) by `reload` itself.
+                        tokio::task::spawn_blocking(move || admin.reload());
+                    }
+                    Control::Stop => {
+                        tracing::info!(grace_period_secs = grace.as_secs(), "{} received: graceful shutdown", orders.stop_name());
+                        break;
+                    }
+                },
+                _ = &mut done_rx => return Err(ServerError::Stopped),
+            }
+        }
+        let deadline = Instant::now() + grace;
+        let _ = stop_tx.send(true);
+        // Wait until listeners have stopped accepting (Pingora's grace period begins)...
+        let listeners_closed = async {
+            loop {
+                match phases.recv().await {
+                    Ok(ExecutionPhase::ShutdownGracePeriod | ExecutionPhase::ShutdownRuntimes) => break,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(grace, listeners_closed).await;
+        // ...then until in-flight requests are done, at most until the deadline.
+        while inflight.get() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = admin_stop_tx.send(true);
+        let _ = admin_task.await;
+        let left = inflight.get();
+        if left == 0 && inflight.cut() == 0 {
+            tracing::info!("all in-flight requests finished; exiting");
+            return Ok(());
+        }
+        // Pingora stops its runtimes at the end of the same grace period, which drops what is
+        // still running; each dropped request writes its access-log line (status 0, local
+        // "cut") as it goes. Wait for that, briefly.
+        let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
+        let cut = inflight.cut().max(left);
+        tracing::warn!(
+            requests = cut,
+            grace_period_secs = grace.as_secs(),
+            "grace period over: requests still in flight were cut"
+        );
+        tracing::info!("exiting");
+        Ok(())
+    });
+    for helper in helpers {
+        let _ = helper.join();
+    }
+    result
+}
+
+/// Re-resolves backend host names every `every`; a changed address publishes a new snapshot.
+async fn refresh_dns(
+    admin: Arc<AdminState>,
+    after_publish: PublishHook,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if admin.refresh_resolution().await {
+            after_publish.published();
+        }
+    }
+}
+
+/// The control loop's source of orders.
+enum Orders {
+    Process {
+        term: tokio::signal::unix::Signal,
+        int: tokio::signal::unix::Signal,
+        hup: tokio::signal::unix::Signal,
+        last_stop: &'static str,
+    },
+    Channel(mpsc::UnboundedReceiver<Control>),
+}
+
+impl Orders {
+    fn new(signals: Signals) -> Result<Self, ServerError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let watch = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|source| ServerError::Signal {
+                signal: name,
+                source,
+            })
+        };
+        Ok(match signals {
+            Signals::Process => Self::Process {
+                term: watch(SignalKind::terminate(), "SIGTERM")?,
+                int: watch(SignalKind::interrupt(), "SIGINT")?,
+                hup: watch(SignalKind::hangup(), "SIGHUP")?,
+                last_stop: "SIGTERM",
+            },
+            Signals::Channel(rx) => Self::Channel(rx),
+        })
+    }
+
+    async fn next(&mut self) -> Control {
+        match self {
+            Self::Process {
+                term,
+                int,
+                hup,
+                last_stop,
+            } => tokio::select! {
+                _ = term.recv() => { *last_stop = "SIGTERM"; Control::Stop }
+                _ = int.recv() => { *last_stop = "SIGINT"; Control::Stop }
+                _ = hup.recv() => Control::Reload,
+            },
+            Self::Channel(rx) => rx.recv().await.unwrap_or(Control::Stop),
+        }
+    }
+
+    /// What the last stop order was, for the log.
+    fn stop_name(&self) -> &'static str {
+        match self {
+            Self::Process { last_stop, .. } => last_stop,
+            Self::Channel(_) => "stop order",
+        }
+    }
+
+    fn reload_name(&self) -> &'static str {
+        match self {
+            Self::Process { .. } => "SIGHUP received",
+            Self::Channel(_) => "reload order",
+        }
+    }
+}
+
+/// Serves `router` on `listener` (already bound) until `stop` flips.
+async fn serve_http(
+    what: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve the {what}");
+            return;
+        }
+    };
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = vhost_admin::serve(listener, router, shutdown).await {
+        tracing::error!(error = %e, "{what} listener failed");
+    }
+}
