@@ -24,7 +24,7 @@
 mod limit;
 mod probe;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,16 +37,54 @@ use vhost_routing::{Backend, BackendId, HealthCell, ProbeKind, RouteStore};
 pub use limit::LogLimiter;
 pub use probe::{is_local_exhaustion, probe, ProbeError};
 
-/// Registers the descriptions (Prometheus `# HELP`) of the health metrics.
-pub fn describe() {
-    metrics::describe_gauge!(
-        "health_check_status",
-        "Backend health as routing sees it: 1 up, 0 down"
-    );
-    metrics::describe_counter!(
-        "health_check_transitions_total",
-        "Health changes decided by active probes, by backend and new state"
-    );
+/// Health changes decided by a backend's probes.
+#[derive(Debug, Default)]
+struct Transitions {
+    up: vhost_metrics::Counter,
+    down: vhost_metrics::Counter,
+}
+
+/// The health metrics, rendered from the current snapshot and the running probers, so a
+/// backend's series leave `/metrics` with the backend.
+#[derive(Debug, Clone)]
+pub struct HealthMetrics {
+    store: Arc<RouteStore>,
+    transitions: Arc<ArcSwap<BTreeMap<BackendId, Arc<Transitions>>>>,
+}
+
+impl HealthMetrics {
+    /// Appends `health_check_status` and `health_check_transitions_total` to a Prometheus
+    /// text exposition.
+    pub fn render(&self, out: &mut String) {
+        use vhost_metrics::{Exposition, Kind};
+        let table = self.store.load();
+        let mut e = Exposition::new(out);
+        e.family(
+            "health_check_status",
+            Kind::Gauge,
+            "Backend health as routing sees it: 1 up, 0 down (or no address)",
+        );
+        for b in table.backends() {
+            let up = u8::from(b.is_available());
+            e.sample("health_check_status", &[("backend", b.id().as_str())], up);
+        }
+        e.family(
+            "health_check_transitions_total",
+            Kind::Counter,
+            "Health changes decided by active probes, by backend and new state",
+        );
+        for (id, t) in self.transitions.load().iter() {
+            for (to, c) in [("up", &t.up), ("down", &t.down)] {
+                if c.get() > 0 {
+                    e.sample(
+                        "health_check_transitions_total",
+                        &[("backend", id.as_str()), ("to", to)],
+                        c.get(),
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Global probe settings (`[health_check]`).
@@ -150,6 +188,7 @@ impl SettingsHandle {
 /// The health-check supervisor.
 pub struct HealthChecker {
     store: Arc<RouteStore>,
+    transitions: Arc<ArcSwap<BTreeMap<BackendId, Arc<Transitions>>>>,
     settings: Arc<ArcSwap<CheckSettings>>,
     wake: Arc<Notify>,
     events: Option<mpsc::UnboundedSender<ProbeEvent>>,
@@ -169,6 +208,7 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 struct Prober {
     key: (SocketAddr, ProbePlan),
     cell: Arc<HealthCell>,
+    transitions: Arc<Transitions>,
     task: JoinHandle<()>,
 }
 
@@ -177,6 +217,7 @@ impl HealthChecker {
     pub fn new(store: Arc<RouteStore>, settings: CheckSettings) -> Self {
         Self {
             store,
+            transitions: Arc::default(),
             settings: Arc::new(ArcSwap::from_pointee(settings)),
             wake: Arc::new(Notify::new()),
             events: None,
@@ -192,6 +233,14 @@ impl HealthChecker {
     /// Notify this after publishing a snapshot so new backends are probed at once.
     pub fn waker(&self) -> Arc<Notify> {
         Arc::clone(&self.wake)
+    }
+
+    /// The health metrics (render them at scrape time).
+    pub fn metrics(&self) -> HealthMetrics {
+        HealthMetrics {
+            store: Arc::clone(&self.store),
+            transitions: Arc::clone(&self.transitions),
+        }
     }
 
     /// A handle that replaces the settings while the checker runs.
@@ -234,7 +283,6 @@ impl HealthChecker {
             });
             if !keep {
                 p.task.abort();
-                metrics::gauge!("health_check_status", "backend" => id.to_string()).set(0.0);
                 tracing::debug!(backend = %id, "stopped probing");
             }
             keep
@@ -248,11 +296,19 @@ impl HealthChecker {
             }
             let plan = settings.plan_for(entry.backend());
             let cell = Arc::clone(entry.health());
+            // A backend probed again (new address or plan) keeps counting.
+            let transitions = self
+                .transitions
+                .load()
+                .get(entry.id())
+                .cloned()
+                .unwrap_or_default();
             let task = tokio::spawn(prober(
                 entry.id().clone(),
                 addr,
                 plan.clone(),
                 Arc::clone(&cell),
+                Arc::clone(&transitions),
                 Arc::clone(&self.settings),
                 self.events.clone(),
             ));
@@ -261,9 +317,26 @@ impl HealthChecker {
                 Prober {
                     key: (addr, plan),
                     cell,
+                    transitions,
                     task,
                 },
             );
+        }
+        // Transitions of backends no longer probed leave the metrics.
+        let now: BTreeMap<BackendId, Arc<Transitions>> = probers
+            .iter()
+            .map(|(id, p)| (id.clone(), Arc::clone(&p.transitions)))
+            .collect();
+        let same = {
+            let before = self.transitions.load();
+            before.len() == now.len()
+                && before
+                    .iter()
+                    .zip(&now)
+                    .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y))
+        };
+        if !same {
+            self.transitions.store(Arc::new(now));
         }
     }
 }
@@ -282,12 +355,10 @@ async fn prober(
     addr: SocketAddr,
     plan: ProbePlan,
     cell: Arc<HealthCell>,
+    transitions: Arc<Transitions>,
     settings: Arc<ArcSwap<CheckSettings>>,
     events: Option<mpsc::UnboundedSender<ProbeEvent>>,
 ) {
-    let status = metrics::gauge!("health_check_status", "backend" => id.to_string());
-    let to_up = metrics::counter!("health_check_transitions_total", "backend" => id.to_string(), "to" => "up");
-    let to_down = metrics::counter!("health_check_transitions_total", "backend" => id.to_string(), "to" => "down");
     let mut first = true;
     let (mut failures, mut successes) = (0u32, 0u32);
     loop {
@@ -310,7 +381,7 @@ async fn prober(
                 failures = 0;
                 if !was_healthy && (first || successes >= settings.healthy_threshold) {
                     cell.set_healthy(true);
-                    to_up.increment(1);
+                    transitions.up.add(1);
                     tracing::info!(backend = %id, %addr, from = "down", to = "up", reason = %format!("{successes} successful probe(s)"), "backend health changed");
                 }
             }
@@ -319,7 +390,7 @@ async fn prober(
                 successes = 0;
                 if was_healthy && (first || failures >= settings.unhealthy_threshold) {
                     cell.set_healthy(false);
-                    to_down.increment(1);
+                    transitions.down.add(1);
                     tracing::warn!(backend = %id, %addr, from = "up", to = "down", reason = %e, failures, "backend health changed");
                 }
             }
@@ -327,7 +398,6 @@ async fn prober(
         // A probe that could not run decides nothing, not even as the first one.
         first = first && matches!(result, Err(ProbeError::Local(_)));
         let healthy = cell.is_healthy();
-        status.set(if healthy { 1.0 } else { 0.0 });
         if let Some(tx) = &events {
             let _ = tx.send(ProbeEvent {
                 backend: id.clone(),

@@ -1,19 +1,27 @@
 //! Request metrics without locks or allocation on the request path.
 //!
-//! The `metrics` facade resolves a metric by building its key and looking it up in the recorder's
-//! registry (which takes a lock); doing that per request would put a lock and allocations on the
-//! hot path. Instead, handles are resolved once and kept in a side table per routing snapshot:
-//! one slot per route (domain), created on its first request, holding the route's latency
-//! histogram and, per pool member, its request counters by status class; one slot per backend
-//! for connection failures. Reading a slot is an atomic load (`OnceLock`); the table of a new
-//! snapshot replaces the old one on the first request that sees the new generation (or earlier,
-//! when the writer calls [`ProxyMetrics::prepare`]).
+//! Series labelled by domain, tag and backend are [`vhost_metrics`] counters and histograms this
+//! module owns and renders ([`ProxyMetrics::render`]), not `metrics`-facade series: the facade's
+//! recorder never forgets a series, and these must leave `/metrics` when their domain or backend
+//! leaves the configuration. They live in a registry keyed by labels, which the
+//! [`RouteWriter`](vhost_routing::RouteWriter) updates before it publishes a snapshot
+//! ([`Attach`]): series of deleted domains and backends are dropped, new ones created, and the
+//! snapshot gets a side table of the handles its requests need, indexed by route and backend.
+//! A request records into the side table of the very snapshot it loaded (an index and an
+//! atomic add); nothing is built or registered on the request path, and a request finishing
+//! on an old snapshot never replaces a newer table. A series whose domain and backend still
+//! exist keeps counting across snapshots (a tag switch keeps the old tag's series).
+//!
+//! Fixed-label series (local responses by reason, client errors) stay on the `metrics` facade.
 
-use std::sync::{Arc, OnceLock};
+use std::any::Any;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use metrics::{counter, histogram, Counter, Histogram};
-use vhost_routing::{BackendEntry, Route, RoutingTable};
+use metrics::{counter, Counter as FacadeCounter};
+use vhost_metrics::{Counter, Exposition, Histogram, Kind};
+use vhost_routing::{Attach, BackendEntry, Route, RoutingTable};
 
 use crate::proxy::LocalReason;
 
@@ -32,69 +40,56 @@ fn class_index(status: u16) -> usize {
     }
 }
 
-/// `proxy_requests_total` of one (domain, tag, backend), by status class, each registered on
-/// first use (so classes never seen do not appear as zero series).
-#[derive(Default)]
-struct ClassCounters([OnceLock<Counter>; 6]);
+/// `proxy_requests_total` of one (domain, tag, backend), by status class (classes never seen
+/// are not rendered).
+#[derive(Debug, Default)]
+struct StatusCounts([Counter; 6]);
 
-impl ClassCounters {
-    fn increment(&self, class: usize, domain: &str, tag: &str, backend: &str) {
-        if let Some(slot) = self.0.get(class) {
-            slot.get_or_init(|| {
-                counter!(
-                    "proxy_requests_total",
-                    "domain" => domain.to_owned(),
-                    "tag" => tag.to_owned(),
-                    "backend" => backend.to_owned(),
-                    "status" => CLASSES[class]
-                )
-            })
-            .increment(1);
+impl StatusCounts {
+    fn increment(&self, class: usize) {
+        if let Some(c) = self.0.get(class) {
+            c.add(1);
         }
     }
 }
 
+type Name = Arc<str>;
+
+/// Every configuration-labelled series that is still rendered.
+#[derive(Debug, Default, Clone)]
+struct Registry {
+    /// By (domain, tag, backend or [`NO_BACKEND`]).
+    requests: BTreeMap<(Name, Name, Name), Arc<StatusCounts>>,
+    /// By (domain, tag).
+    latency: BTreeMap<(Name, Name), Arc<Histogram>>,
+    /// By (domain, tag).
+    retries: BTreeMap<(Name, Name), Arc<Counter>>,
+    /// By backend.
+    connect_failures: BTreeMap<Name, Arc<Counter>>,
+}
+
+/// The handles of one route.
 struct RouteSlot {
-    latency: Histogram,
-    retries: Counter,
+    latency: Arc<Histogram>,
+    retries: Arc<Counter>,
     /// By pool member index.
-    members: Box<[ClassCounters]>,
+    members: Box<[Arc<StatusCounts>]>,
     /// Requests of this domain answered by the proxy itself.
-    local: ClassCounters,
+    local: Arc<StatusCounts>,
 }
 
+/// The side table attached to one snapshot.
 struct Slots {
-    generation: u64,
-    routes: Box<[OnceLock<RouteSlot>]>,
+    /// By route index.
+    routes: Box<[Option<RouteSlot>]>,
     /// By backend index.
-    connect_failures: Box<[OnceLock<Counter>]>,
+    connect_failures: Box<[Arc<Counter>]>,
 }
 
-impl Slots {
-    fn new(table: &RoutingTable) -> Self {
-        Self {
-            generation: table.generation(),
-            routes: (0..table.route_count()).map(|_| OnceLock::new()).collect(),
-            connect_failures: (0..table.backend_count())
-                .map(|_| OnceLock::new())
-                .collect(),
-        }
-    }
-}
-
-/// Registers the descriptions (Prometheus `# HELP`) of the proxy's metrics with the installed
-/// recorder.
+/// Registers the descriptions (Prometheus `# HELP`) of the proxy's facade metrics with the
+/// installed recorder (the configuration-labelled ones are described by [`ProxyMetrics::render`]).
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(
-        "proxy_requests_total",
-        "Requests by domain, active tag, backend (_none: answered by the proxy) and status class (domain _unknown: no configured domain matched)"
-    );
-    describe_histogram!(
-        "proxy_latency_seconds",
-        Unit::Seconds,
-        "Time from request start to the end of the response, by domain and tag"
-    );
+    use metrics::{describe_counter, describe_gauge};
     describe_counter!(
         "proxy_local_responses_total",
         "Responses the proxy gave itself, by reason: unknown_host (404), misdirected (421), no_backend (503), redirect (308), upstream_timeout (504), upstream_error (502), overloaded (503: out of descriptors or ports)"
@@ -103,22 +98,13 @@ pub fn describe() {
         "proxy_client_errors_total",
         "Requests ended by their client: disconnects and resets in the middle of a request, malformed requests"
     );
-    describe_counter!(
-        "proxy_retries_total",
-        "Requests retried on another backend after a connection failure, by domain and tag"
-    );
-    describe_counter!(
-        "proxy_upstream_connect_failures_total",
-        "Failed connection attempts to a backend"
-    );
     describe_gauge!("proxy_requests_in_flight", "Requests being handled now");
 }
 
 /// Handles for the fixed-label series.
 struct Fixed {
-    unknown_host: ClassCounters,
-    local: [Counter; LOCAL_REASONS.len()],
-    client_errors: Counter,
+    local: [FacadeCounter; LOCAL_REASONS.len()],
+    client_errors: FacadeCounter,
 }
 
 const LOCAL_REASONS: [LocalReason; 7] = [
@@ -131,16 +117,19 @@ const LOCAL_REASONS: [LocalReason; 7] = [
     LocalReason::Overloaded,
 ];
 
-/// The proxy's metric handles (see the module docs).
+/// The proxy's metrics (see the module docs). Attach it to the route writer
+/// ([`VhostProxy::new`](crate::VhostProxy::new) does).
 pub struct ProxyMetrics {
-    slots: ArcSwap<Slots>,
+    registry: ArcSwap<Registry>,
+    /// Requests for hosts that match no domain.
+    unknown_host: StatusCounts,
     fixed: Fixed,
 }
 
 impl std::fmt::Debug for ProxyMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxyMetrics")
-            .field("generation", &self.slots.load().generation)
+            .field("request_series", &self.registry.load().requests.len())
             .finish_non_exhaustive()
     }
 }
@@ -151,44 +140,89 @@ impl Default for ProxyMetrics {
     }
 }
 
-fn local_counter(reason: LocalReason) -> Counter {
+fn local_counter(reason: LocalReason) -> FacadeCounter {
     counter!("proxy_local_responses_total", "reason" => reason.as_str())
 }
 
+fn entry<K: Ord, V: Default>(map: &mut BTreeMap<K, Arc<V>>, key: K) -> Arc<V> {
+    Arc::clone(map.entry(key).or_default())
+}
+
+impl Attach for ProxyMetrics {
+    /// Drops the series of domains and backends `table` no longer has, creates those it needs
+    /// and returns its side table. Called by the single route writer, in publication order.
+    fn attach(&self, table: &RoutingTable) -> Arc<dyn Any + Send + Sync> {
+        let mut registry = Registry::clone(&self.registry.load());
+        let domains: HashSet<&str> = table.state().vhosts().map(|v| v.domain.as_str()).collect();
+        let backends: HashSet<&str> = table.backends().map(|b| b.id().as_str()).collect();
+        registry.requests.retain(|(d, _, b), _| {
+            domains.contains(&**d) && (&**b == NO_BACKEND || backends.contains(&**b))
+        });
+        registry.latency.retain(|(d, _), _| domains.contains(&**d));
+        registry.retries.retain(|(d, _), _| domains.contains(&**d));
+        registry
+            .connect_failures
+            .retain(|b, _| backends.contains(&**b));
+
+        let mut routes: Vec<Option<RouteSlot>> = (0..table.route_count()).map(|_| None).collect();
+        for route in table.routes() {
+            let v = route.vhost();
+            let domain: Name = Arc::from(v.domain.as_str());
+            let tag: Name = Arc::from(v.enabled_backends_tag.as_str());
+            let key = (Arc::clone(&domain), Arc::clone(&tag));
+            let members = route
+                .pool()
+                .map(|pool| {
+                    pool.members()
+                        .iter()
+                        .map(|m| {
+                            let backend = Arc::from(m.id().as_str());
+                            entry(
+                                &mut registry.requests,
+                                (Arc::clone(&domain), Arc::clone(&tag), backend),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let slot = RouteSlot {
+                latency: entry(&mut registry.latency, key.clone()),
+                retries: entry(&mut registry.retries, key),
+                members,
+                local: entry(&mut registry.requests, (domain, tag, Arc::from(NO_BACKEND))),
+            };
+            if let Some(place) = routes.get_mut(route.index()) {
+                *place = Some(slot);
+            }
+        }
+        let mut connect_failures: Vec<(usize, Arc<Counter>)> = table
+            .backends()
+            .map(|b| {
+                let counter = entry(&mut registry.connect_failures, Arc::from(b.id().as_str()));
+                (b.index(), counter)
+            })
+            .collect();
+        connect_failures.sort_by_key(|(i, _)| *i);
+        self.registry.store(Arc::new(registry));
+        Arc::new(Slots {
+            routes: routes.into_boxed_slice(),
+            connect_failures: connect_failures.into_iter().map(|(_, c)| c).collect(),
+        })
+    }
+}
+
 impl ProxyMetrics {
-    /// Handles registered with the global recorder installed now (a no-op recorder if none).
+    /// Metrics with facade handles registered with the global recorder installed now (a no-op
+    /// recorder if none).
     pub fn new() -> Self {
         Self {
-            slots: ArcSwap::from_pointee(Slots {
-                generation: u64::MAX,
-                routes: Box::new([]),
-                connect_failures: Box::new([]),
-            }),
+            registry: ArcSwap::default(),
+            unknown_host: StatusCounts::default(),
             fixed: Fixed {
-                unknown_host: ClassCounters::default(),
                 local: LOCAL_REASONS.map(local_counter),
                 client_errors: counter!("proxy_client_errors_total"),
             },
         }
-    }
-
-    /// Builds the side table of `table` now (off the request path).
-    pub fn prepare(&self, table: &RoutingTable) {
-        if self.slots.load().generation != table.generation() {
-            self.slots.store(Arc::new(Slots::new(table)));
-        }
-    }
-
-    /// Runs `f` on the side table of `table` (a guard load, no reference-count traffic).
-    fn with_slots<R>(&self, table: &RoutingTable, f: impl FnOnce(&Slots) -> R) -> R {
-        let current = self.slots.load();
-        if current.generation == table.generation() {
-            return f(&current);
-        }
-        // First request on a new snapshot that nobody prepared: build it once.
-        let fresh = Arc::new(Slots::new(table));
-        self.slots.store(Arc::clone(&fresh));
-        f(&fresh)
     }
 
     /// Records one finished request.
@@ -200,16 +234,16 @@ impl ProxyMetrics {
         }
         let class = class_index(done.status);
         let (Some(table), Some(route)) = (done.table, done.route) else {
-            self.fixed
-                .unknown_host
-                .increment(class, UNKNOWN_DOMAIN, "", NO_BACKEND);
+            self.unknown_host.increment(class);
             return;
         };
-        self.with_slots(table, |slots| {
-            if let Some(slot) = slots.routes.get(route.index()) {
-                record_route(slot, route, done, class);
-            }
-        });
+        let slot = table
+            .attachment::<Slots>()
+            .and_then(|slots| slots.routes.get(route.index()))
+            .and_then(Option::as_ref);
+        if let Some(slot) = slot {
+            record_route(slot, done, class);
+        }
     }
 
     /// Counts a request ended by its client.
@@ -219,40 +253,101 @@ impl ProxyMetrics {
 
     /// Records a failed connection to `backend`.
     pub(crate) fn connect_failure(&self, table: &RoutingTable, backend: &BackendEntry) {
-        self.with_slots(table, |slots| {
-            if let Some(slot) = slots.connect_failures.get(backend.index()) {
-                slot.get_or_init(|| {
-                    counter!("proxy_upstream_connect_failures_total", "backend" => backend.id().to_string())
-                })
-                .increment(1);
+        if let Some(c) = table
+            .attachment::<Slots>()
+            .and_then(|slots| slots.connect_failures.get(backend.index()))
+        {
+            c.add(1);
+        }
+    }
+
+    /// Appends the configuration-labelled series to a Prometheus text exposition.
+    pub fn render(&self, out: &mut String) {
+        let registry = self.registry.load();
+        let mut e = Exposition::new(out);
+        e.family(
+            "proxy_requests_total",
+            Kind::Counter,
+            "Requests by domain, active tag, backend (_none: answered by the proxy) and status class (domain _unknown: no configured domain matched)",
+        );
+        let unknown = (UNKNOWN_DOMAIN.into(), "".into(), NO_BACKEND.into());
+        let all = std::iter::once((&unknown, &self.unknown_host))
+            .chain(registry.requests.iter().map(|(k, v)| (k, &**v)));
+        for ((domain, tag, backend), counts) in all {
+            for (class, c) in CLASSES.iter().zip(&counts.0) {
+                let n = c.get();
+                if n > 0 {
+                    e.sample(
+                        "proxy_requests_total",
+                        &[
+                            ("domain", domain),
+                            ("tag", tag),
+                            ("backend", backend),
+                            ("status", class),
+                        ],
+                        n,
+                    );
+                }
             }
-        });
+        }
+        e.family(
+            "proxy_latency_seconds",
+            Kind::Histogram,
+            "Time from request start to the end of the response, by domain and tag",
+        );
+        for ((domain, tag), h) in &registry.latency {
+            if h.count() > 0 {
+                e.histogram(
+                    "proxy_latency_seconds",
+                    &[("domain", domain), ("tag", tag)],
+                    h,
+                );
+            }
+        }
+        e.family(
+            "proxy_retries_total",
+            Kind::Counter,
+            "Requests retried on another backend after a connection failure, by domain and tag",
+        );
+        for ((domain, tag), c) in &registry.retries {
+            if c.get() > 0 {
+                e.sample(
+                    "proxy_retries_total",
+                    &[("domain", domain), ("tag", tag)],
+                    c.get(),
+                );
+            }
+        }
+        e.family(
+            "proxy_upstream_connect_failures_total",
+            Kind::Counter,
+            "Failed connection attempts to a backend",
+        );
+        for (backend, c) in &registry.connect_failures {
+            if c.get() > 0 {
+                e.sample(
+                    "proxy_upstream_connect_failures_total",
+                    &[("backend", backend)],
+                    c.get(),
+                );
+            }
+        }
     }
 }
 
-/// Records a request of `route` in its slot (registering the handles on first use).
-fn record_route(slot: &OnceLock<RouteSlot>, route: &Route, done: &Finished<'_>, class: usize) {
-    let v = route.vhost();
-    let (domain, tag) = (v.domain.as_str(), v.enabled_backends_tag.as_str());
-    let slot = slot.get_or_init(|| RouteSlot {
-        latency: histogram!("proxy_latency_seconds", "domain" => domain.to_owned(), "tag" => tag.to_owned()),
-        retries: counter!("proxy_retries_total", "domain" => domain.to_owned(), "tag" => tag.to_owned()),
-        members: (0..route.pool().map_or(0, |p| p.members().len()))
-            .map(|_| ClassCounters::default())
-            .collect(),
-        local: ClassCounters::default(),
-    });
-    slot.latency.record(done.seconds);
+/// Records a request of `route` in its slot.
+fn record_route(slot: &RouteSlot, done: &Finished<'_>, class: usize) {
+    slot.latency.observe(done.seconds);
     if done.attempts > 1 {
-        slot.retries.increment((done.attempts - 1) as u64);
+        slot.retries.add((done.attempts - 1) as u64);
     }
     match (done.member, done.backend) {
-        (Some(i), Some(b)) if done.local.is_none_or(|r| !r.before_backend()) => {
+        (Some(i), Some(_)) if done.local.is_none_or(|r| !r.before_backend()) => {
             if let Some(c) = slot.members.get(i) {
-                c.increment(class, domain, tag, b.id().as_str());
+                c.increment(class);
             }
         }
-        _ => slot.local.increment(class, domain, tag, NO_BACKEND),
+        _ => slot.local.increment(class),
     }
 }
 
@@ -271,6 +366,106 @@ pub(crate) struct Finished<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vhost_routing::{
+        Backend, BackendAddress, BackendId, BuildOptions, Command, DomainName, LiteralOnly,
+        RouteWriter, State, Tag, VirtualHost,
+    };
+
+    fn state(domains: &[&str], backends: &[(&str, &str)]) -> State {
+        State::new(
+            domains
+                .iter()
+                .map(|d| VirtualHost::new(DomainName::parse(d).unwrap(), Tag::parse("a").unwrap()))
+                .collect(),
+            backends
+                .iter()
+                .enumerate()
+                .map(|(i, (id, tag))| {
+                    Backend::new(
+                        BackendId::parse(id).unwrap(),
+                        BackendAddress::parse(&format!("127.0.0.1:{}", 1000 + i)).unwrap(),
+                        vec![Tag::parse(tag).unwrap()],
+                    )
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    fn ok_request(metrics: &ProxyMetrics, table: &RoutingTable, host: &str) {
+        let route = table.lookup(host.as_bytes()).unwrap();
+        let backend = route.select().unwrap();
+        let member = route
+            .pool()
+            .unwrap()
+            .members()
+            .iter()
+            .position(|m| m.id() == backend.id());
+        metrics.record(&Finished {
+            table: Some(table),
+            route: Some(route),
+            backend: Some(backend),
+            member,
+            local: None,
+            status: 200,
+            attempts: 1,
+            seconds: 0.002,
+        });
+    }
+
+    fn rendered(metrics: &ProxyMetrics) -> String {
+        let mut out = String::new();
+        metrics.render(&mut out);
+        out
+    }
+
+    #[test]
+    fn requests_record_into_their_own_snapshot_and_deleted_series_leave() {
+        let (store, mut writer) = RouteWriter::new(
+            state(&["a.test", "b.test"], &[("one", "a")]),
+            Box::new(LiteralOnly),
+            BuildOptions::default(),
+        );
+        let metrics = Arc::new(ProxyMetrics::new());
+        writer.attach(Arc::clone(&metrics) as Arc<dyn Attach>);
+        let old = store.load_full();
+        ok_request(&metrics, &old, "a.test");
+
+        // A new snapshot (a backend added): the old one keeps its own side table, and both
+        // count into the same series.
+        let (next, _) = old
+            .state()
+            .apply(Command::AddBackend(Backend::new(
+                BackendId::parse("two").unwrap(),
+                BackendAddress::parse("127.0.0.1:2000").unwrap(),
+                vec![Tag::parse("b").unwrap()],
+            )))
+            .unwrap();
+        let new = writer.publish(next);
+        ok_request(&metrics, &old, "a.test");
+        ok_request(&metrics, &new, "a.test");
+        ok_request(&metrics, &new, "b.test");
+        let text = rendered(&metrics);
+        let series = r#"proxy_requests_total{domain="a.test",tag="a",backend="one",status="2xx"}"#;
+        assert!(text.contains(&format!("{series} 3\n")), "{text}");
+        assert!(
+            text.contains(r#"proxy_latency_seconds_count{domain="a.test",tag="a"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"domain="b.test""#), "{text}");
+
+        // b.test deleted: its series leave; a request still finishing on the old snapshot
+        // records into its own (now unlisted) handles and brings nothing back.
+        let (next, _) = new
+            .state()
+            .apply(Command::DeleteDomain(DomainName::parse("b.test").unwrap()))
+            .unwrap();
+        writer.publish(next);
+        ok_request(&metrics, &new, "b.test");
+        let text = rendered(&metrics);
+        assert!(!text.contains(r#"domain="b.test""#), "{text}");
+        assert!(text.contains(&format!("{series} 3\n")), "{text}");
+    }
 
     #[test]
     fn status_classes() {

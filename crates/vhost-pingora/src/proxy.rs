@@ -23,7 +23,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use vhost_health::LogLimiter;
 use vhost_routing::{
-    normalize_host, BackendEntry, Route, RouteStore, RoutingTable, MAX_DOMAIN_LEN,
+    normalize_host, BackendEntry, Route, RouteStore, RouteWriter, RoutingTable, MAX_DOMAIN_LEN,
 };
 
 use crate::certs::ClientSni;
@@ -352,13 +352,17 @@ pub struct VhostProxy {
 }
 
 impl VhostProxy {
-    /// A proxy routing with `store`.
-    pub fn new(store: Arc<RouteStore>, options: ProxyOptions) -> Self {
+    /// A proxy routing with the snapshots `writer` publishes. Its metrics are attached to the
+    /// writer (every snapshot gets their side table before it is published; see
+    /// [`crate::metrics`]); the current snapshot is republished with it.
+    pub fn new(writer: &mut RouteWriter, options: ProxyOptions) -> Self {
+        let metrics = Arc::new(ProxyMetrics::new());
+        writer.attach(Arc::clone(&metrics) as Arc<dyn vhost_routing::Attach>);
         Self {
-            store,
+            store: Arc::clone(writer.store()),
             options: Arc::new(options),
             inflight: Arc::default(),
-            metrics: Arc::new(ProxyMetrics::new()),
+            metrics,
             log_limits: Arc::new(LogLimits {
                 client: LogLimiter::new(Duration::from_secs(60)),
                 proxy: LogLimiter::new(Duration::from_secs(1)),
@@ -366,7 +370,7 @@ impl VhostProxy {
         }
     }
 
-    /// The metric handles (call [`ProxyMetrics::prepare`] after publishing a snapshot).
+    /// The proxy's metrics (render them with [`ProxyMetrics::render`]).
     pub fn metrics(&self) -> Arc<ProxyMetrics> {
         Arc::clone(&self.metrics)
     }

@@ -58,7 +58,7 @@ async fn backend(name: &'static str) -> SocketAddr {
 }
 
 fn start_server(
-    store: Arc<vhost_routing::RouteStore>,
+    writer: &mut RouteWriter,
     options: ProxyOptions,
 ) -> (
     String,
@@ -79,7 +79,7 @@ fn start_server(
     let mut server = Server::new_with_opt_and_conf(None, conf);
     let service = proxy_service(
         &server.configuration,
-        VhostProxy::new(store, options),
+        VhostProxy::new(writer, options),
         Some(listen.parse().unwrap()),
         None,
         Connections::new(ConnLimits::default()),
@@ -112,12 +112,13 @@ fn consecutive_connect_failures_eject_a_backend_passively() {
         .local_addr()
         .unwrap();
     let state = app_state(&[("dead", dead, "a"), ("live", live, "a")]);
-    let (store, _writer) = RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
+    let (store, mut writer) =
+        RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
     let options = ProxyOptions {
         passive_failure_threshold: 3,
         ..ProxyOptions::default()
     };
-    let (listen, stop, thread) = start_server(Arc::clone(&store), options);
+    let (listen, stop, thread) = start_server(&mut writer, options);
     let dead_id = BackendId::parse("dead").unwrap();
     let cell = Arc::clone(store.load().backend(&dead_id).unwrap().health());
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -163,12 +164,13 @@ fn every_backend_refusing_connections_is_502() {
         .local_addr()
         .unwrap();
     let state = app_state(&[("dead", dead, "a")]);
-    let (store, _writer) = RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
+    let (_store, mut writer) =
+        RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
     let options = ProxyOptions {
         passive_failure_threshold: 0,
         ..ProxyOptions::default()
     };
-    let (listen, stop, thread) = start_server(store, options);
+    let (listen, stop, thread) = start_server(&mut writer, options);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -228,13 +230,13 @@ fn switch_is_visible_to_the_next_request_and_nothing_fails() {
     let a = rt.block_on(backend("a"));
     let b = rt.block_on(backend("b"));
     let state = app_state(&[("a", a, "a"), ("b", b, "b")]);
-    let (store, mut writer) = RouteWriter::new(
+    let (_store, mut writer) = RouteWriter::new(
         state.clone(),
         Box::new(LiteralOnly),
         BuildOptions::default(),
     );
 
-    let (listen, stop_tx, server_thread) = start_server(store, ProxyOptions::default());
+    let (listen, stop_tx, server_thread) = start_server(&mut writer, ProxyOptions::default());
 
     let switched = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));

@@ -45,6 +45,6 @@ pub use names::{
 pub use state::{Change, Command, State};
 pub use store::{RouteStore, RouteWriter};
 pub use table::{
-    normalize_host, BackendEntry, BuildOptions, HealthCell, LiteralOnly, Pool, Resolve, Route,
-    RoutingTable,
+    normalize_host, Attach, BackendEntry, BuildOptions, HealthCell, LiteralOnly, Pool, Resolve,
+    Route, RoutingTable,
 };

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, Guard};
 
 use crate::state::State;
-use crate::table::{BuildOptions, Resolve, RoutingTable};
+use crate::table::{Attach, BuildOptions, Resolve, RoutingTable};
 
 /// The current routing snapshot, readable from any thread without locking.
 #[derive(Debug)]
@@ -36,6 +36,7 @@ pub struct RouteWriter {
     store: Arc<RouteStore>,
     resolver: Box<dyn Resolve + Send + Sync>,
     options: BuildOptions,
+    attachers: Vec<Arc<dyn Attach>>,
 }
 
 impl std::fmt::Debug for RouteWriter {
@@ -67,6 +68,7 @@ impl RouteWriter {
             store: Arc::clone(&store),
             resolver,
             options,
+            attachers: Vec::new(),
         };
         (store, writer)
     }
@@ -81,17 +83,27 @@ impl RouteWriter {
         self.store.load_full()
     }
 
-    /// Builds the snapshot of `state` and makes it the current one; returns it.
+    /// Builds the snapshot of `state` (with every [`Attach`]ment) and makes it the current one;
+    /// returns it.
     pub fn publish(&mut self, state: State) -> Arc<RoutingTable> {
         let previous = self.store.load_full();
-        let next = Arc::new(RoutingTable::build(
+        let mut next = RoutingTable::build(
             Arc::new(state),
             &previous,
             self.resolver.as_ref(),
             self.options,
-        ));
+        );
+        next.attach_all(&self.attachers);
+        let next = Arc::new(next);
         self.store.current.store(Arc::clone(&next));
         next
+    }
+
+    /// Adds `attacher` to every snapshot from now on, and republishes the current state so the
+    /// current snapshot has its attachment too. Returns that snapshot.
+    pub fn attach(&mut self, attacher: Arc<dyn Attach>) -> Arc<RoutingTable> {
+        self.attachers.push(attacher);
+        self.refresh()
     }
 
     /// Rebuilds the current state's snapshot (e.g. to re-resolve DNS names).

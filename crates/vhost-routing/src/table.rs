@@ -7,6 +7,7 @@
 //! backend's [`HealthCell`] (written by health checking) and each pool's round-robin cursor, so a
 //! rebuild neither resets health nor restarts the rotation of an unchanged pool.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -417,6 +418,26 @@ pub struct RoutingTable {
     wildcard: HashMap<NameKey, Route, RandomState>,
     pools: BTreeMap<Tag, Arc<Pool>>,
     backends: BTreeMap<BackendId, Arc<BackendEntry>>,
+    attachments: Attachments,
+}
+
+/// What other layers attached to a snapshot before it was published (see [`Attach`]).
+#[derive(Default)]
+pub(crate) struct Attachments(Vec<Arc<dyn Any + Send + Sync>>);
+
+impl std::fmt::Debug for Attachments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} attachment(s)", self.0.len())
+    }
+}
+
+/// Derives per-snapshot data from a table before the [`RouteWriter`](crate::RouteWriter)
+/// publishes it — off the request path, by the single writer, so that a request finds the data
+/// of exactly the snapshot it loaded with [`RoutingTable::attachment`] (e.g. the Pingora
+/// adapter's metric handles, indexed by route and backend).
+pub trait Attach: Send + Sync {
+    /// The data for `table` (called once per snapshot, in publication order).
+    fn attach(&self, table: &RoutingTable) -> Arc<dyn Any + Send + Sync>;
 }
 
 impl RoutingTable {
@@ -429,6 +450,7 @@ impl RoutingTable {
             wildcard: HashMap::default(),
             pools: BTreeMap::new(),
             backends: BTreeMap::new(),
+            attachments: Attachments::default(),
         }
     }
 
@@ -507,7 +529,26 @@ impl RoutingTable {
             wildcard,
             pools,
             backends,
+            attachments: Attachments::default(),
         }
+    }
+
+    /// Runs `attachers` on this table and keeps what they return (before it is published).
+    pub(crate) fn attach_all(&mut self, attachers: &[Arc<dyn Attach>]) {
+        self.attachments = Attachments(attachers.iter().map(|a| a.attach(self)).collect());
+    }
+
+    /// The data of type `T` an [`Attach`] attached to this snapshot, if any.
+    pub fn attachment<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.attachments
+            .0
+            .iter()
+            .find_map(|a| a.downcast_ref::<T>())
+    }
+
+    /// Every route, in no particular order (each knows its [`Route::index`]).
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.exact.values().chain(self.wildcard.values())
     }
 
     /// Number of routes (virtual hosts); [`Route::index`] is below it.

@@ -1,8 +1,10 @@
-//! `[metrics]` → the Prometheus recorder behind the `metrics` facade, its listener serving
-//! `GET /metrics` and `GET /api/v1/metrics`, and the gauges that describe the configuration
-//! (active tag per domain, certificate expiry), refreshed whenever a snapshot is published.
+//! `[metrics]` → the Prometheus recorder behind the `metrics` facade (fixed-label series), its
+//! listener serving `GET /metrics` and `GET /api/v1/metrics`, and the exposition: the
+//! recorder's series followed by the configuration-labelled ones each layer renders itself
+//! (proxy requests, health, and here the active tag per domain and certificate expiry), so
+//! series of deleted domains and backends leave the exposition with them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
@@ -12,15 +14,12 @@ use metrics::gauge;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use vhost_admin::MetricsRender;
 use vhost_config::MetricsConfig;
-use vhost_pingora::{CertMap, Inflight};
+use vhost_health::HealthMetrics;
+use vhost_metrics::{Exposition, Kind};
+use vhost_pingora::{CertMap, CertStore, Inflight, ProxyMetrics};
 use vhost_routing::RoutingTable;
 
 use crate::error::ServerError;
-
-/// Latency histogram buckets, in seconds: 0.5 ms to 10 s.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
 
 /// An installed recorder and its (bound, not yet served) listener.
 pub struct Metrics {
@@ -44,24 +43,14 @@ pub fn install(config: &MetricsConfig) -> Result<Option<Metrics>, ServerError> {
         source,
     })?;
     let recorder = PrometheusBuilder::new()
-        .set_buckets(LATENCY_BUCKETS)?
+        .set_buckets(&vhost_metrics::LATENCY_BUCKETS)?
         .build_recorder();
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::warn!("a metrics recorder was already installed; /metrics shows this process's own recorder only");
     }
     vhost_pingora::describe();
-    vhost_health::describe();
     vhost_admin::describe();
-    metrics::describe_gauge!(
-        "proxy_domain_active_tag",
-        "1 for the tag a domain sends traffic to, 0 for tags it used before"
-    );
-    metrics::describe_gauge!(
-        "tls_certificate_expiry_timestamp_seconds",
-        metrics::Unit::Seconds,
-        "Expiry (Unix time) of each configured certificate, by domain (default: the default certificate)"
-    );
     Ok(Some(Metrics {
         handle,
         listener,
@@ -81,12 +70,30 @@ pub async fn upkeep(handle: PrometheusHandle, mut stop: tokio::sync::watch::Rece
     }
 }
 
-/// The exposition, with the point-in-time gauges refreshed first.
-pub fn render(handle: PrometheusHandle, inflight: Arc<Inflight>) -> MetricsRender {
+/// Everything that renders configuration-labelled series.
+pub struct Sources {
+    /// The proxy's request series.
+    pub proxy: Arc<ProxyMetrics>,
+    /// Backend health.
+    pub health: HealthMetrics,
+    /// Active tags and certificate expiry.
+    pub config: Arc<ConfigGauges>,
+    /// Certificates in force.
+    pub certs: Arc<CertStore>,
+    /// Requests in flight.
+    pub inflight: Arc<Inflight>,
+}
+
+/// The exposition: the recorder's series, then the configuration-labelled ones.
+pub fn render(handle: PrometheusHandle, sources: Sources) -> MetricsRender {
     let in_flight = gauge!("proxy_requests_in_flight");
     Arc::new(move || {
-        in_flight.set(inflight.get() as f64);
-        handle.render()
+        in_flight.set(sources.inflight.get() as f64);
+        let mut out = handle.render();
+        sources.proxy.render(&mut out);
+        sources.health.render(&mut out);
+        sources.config.render(&mut out, &sources.certs.current());
+        out
     })
 }
 
@@ -132,39 +139,76 @@ pub fn router(render: MetricsRender, token: Option<String>) -> axum::Router {
 
 /// Gauges derived from the configuration: `proxy_domain_active_tag{domain,tag}` (1 for the
 /// active tag, 0 for a tag the domain used before) and
-/// `tls_certificate_expiry_timestamp_seconds{domain}`.
-#[derive(Default)]
+/// `tls_certificate_expiry_timestamp_seconds{domain}`. A deleted domain's series go with it.
+#[derive(Debug, Default)]
 pub struct ConfigGauges {
-    active: ArcSwap<HashMap<String, String>>,
+    /// Per domain: its active tag and the tags it used before.
+    tags: ArcSwap<BTreeMap<String, (String, BTreeSet<String>)>>,
 }
 
 impl ConfigGauges {
-    /// Updates the gauges after `table` was published (changed series only).
-    pub fn observe(&self, table: &RoutingTable, certs: &CertMap) {
-        let now: HashMap<String, String> = table
+    /// Follows `table` after it was published.
+    pub fn observe(&self, table: &RoutingTable) {
+        let before = self.tags.load();
+        let now = table
             .state()
             .vhosts()
-            .map(|v| (v.domain.to_string(), v.enabled_backends_tag.to_string()))
+            .map(|v| {
+                let domain = v.domain.to_string();
+                let active = v.enabled_backends_tag.to_string();
+                let mut used = before
+                    .get(&domain)
+                    .map(|(tag, used)| {
+                        let mut used = used.clone();
+                        used.insert(tag.clone());
+                        used
+                    })
+                    .unwrap_or_default();
+                used.remove(&active);
+                (domain, (active, used))
+            })
             .collect();
-        let before = self.active.load_full();
-        for (domain, tag) in before.iter() {
-            if now.get(domain) != Some(tag) {
-                gauge!("proxy_domain_active_tag", "domain" => domain.clone(), "tag" => tag.clone())
-                    .set(0.0);
+        self.tags.store(Arc::new(now));
+    }
+
+    /// Appends the gauges to a Prometheus text exposition.
+    pub fn render(&self, out: &mut String, certs: &CertMap) {
+        let mut e = Exposition::new(out);
+        e.family(
+            "proxy_domain_active_tag",
+            Kind::Gauge,
+            "1 for the tag a domain sends traffic to, 0 for tags it used before",
+        );
+        for (domain, (active, used)) in self.tags.load().iter() {
+            e.sample(
+                "proxy_domain_active_tag",
+                &[("domain", domain), ("tag", active)],
+                1,
+            );
+            for tag in used {
+                e.sample(
+                    "proxy_domain_active_tag",
+                    &[("domain", domain), ("tag", tag)],
+                    0,
+                );
             }
         }
-        for (domain, tag) in &now {
-            if before.get(domain) != Some(tag) {
-                gauge!("proxy_domain_active_tag", "domain" => domain.clone(), "tag" => tag.clone())
-                    .set(1.0);
-            }
-        }
-        self.active.store(Arc::new(now));
-        for (domain, expiry) in certs.expiries() {
-            if let Some(t) = expiry {
-                gauge!("tls_certificate_expiry_timestamp_seconds", "domain" => domain)
-                    .set(t as f64);
-            }
+        e.family(
+            "tls_certificate_expiry_timestamp_seconds",
+            Kind::Gauge,
+            "Expiry (Unix time) of each configured certificate, by domain (default: the default certificate)",
+        );
+        let mut expiries: Vec<(String, i64)> = certs
+            .expiries()
+            .filter_map(|(domain, t)| Some((domain, t?)))
+            .collect();
+        expiries.sort();
+        for (domain, t) in expiries {
+            e.sample(
+                "tls_certificate_expiry_timestamp_seconds",
+                &[("domain", &domain)],
+                t,
+            );
         }
     }
 }

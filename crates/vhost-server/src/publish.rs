@@ -1,6 +1,6 @@
 //! What follows a change of the routing state, wherever it comes from (admin API write, reload,
 //! DNS refresh): certificates checked before the change is accepted and published right after
-//! it, the proxy's metric side table and the configuration gauges updated, the health checker
+//! it, the configuration gauges updated, the health checker
 //! woken for new backends. Also the config → settings mappings and the system resolver used
 //! when a snapshot is built.
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use vhost_admin::{ApplyHook, Refusal};
 use vhost_health::CheckSettings;
-use vhost_pingora::{CertError, CertStore, FileRole, ProxyMetrics, CERT_READ_TIMEOUT};
+use vhost_pingora::{CertError, CertStore, FileRole, CERT_READ_TIMEOUT};
 use vhost_routing::{BackendAddress, RouteStore, State};
 
 use crate::metrics::ConfigGauges;
@@ -50,16 +50,13 @@ pub(crate) struct PublishHook {
     pub(crate) certs: Arc<CertStore>,
     pub(crate) health: Arc<tokio::sync::Notify>,
     pub(crate) store: Arc<RouteStore>,
-    pub(crate) proxy_metrics: Arc<ProxyMetrics>,
     pub(crate) gauges: Arc<ConfigGauges>,
 }
 
 impl PublishHook {
     /// Everything that follows a newly published snapshot.
     pub(crate) fn published(&self) {
-        let table = self.store.load_full();
-        self.proxy_metrics.prepare(&table);
-        self.gauges.observe(&table, &self.certs.current());
+        self.gauges.observe(&self.store.load());
         self.health.notify_one();
     }
 }

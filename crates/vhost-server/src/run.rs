@@ -136,7 +136,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         drop(bind(proxy_conf.listen_addr, "proxy.listen_addr")?);
     }
 
-    let (store, writer) = RouteWriter::new(
+    let (_, mut writer) = RouteWriter::new(
         config.state.clone(),
         Box::new(SystemResolver),
         BuildOptions::default(),
@@ -159,7 +159,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
-    let proxy = VhostProxy::new(store, crate::proxy_options(&config));
+    let proxy = VhostProxy::new(&mut writer, crate::proxy_options(&config));
     let inflight = proxy.inflight();
     let checker = HealthChecker::new(
         Arc::clone(writer.store()),
@@ -169,10 +169,10 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         certs: Arc::clone(&certs),
         health: checker.waker(),
         store: Arc::clone(writer.store()),
-        proxy_metrics: proxy.metrics(),
         gauges: Arc::default(),
     };
     hook.published();
+    let gauges = Arc::clone(&hook.gauges);
     // The same follow-up actions after a DNS re-resolution publishes a snapshot.
     let after_publish = hook.clone();
     let reload = crate::reload::ServerReload {
@@ -189,7 +189,14 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         .with_listen_addr(proxy_conf.management_api_addr)
         .with_reload(reload);
     let metrics = metrics.map(|m| {
-        let render = crate::metrics::render(m.handle.clone(), proxy.inflight());
+        let sources = crate::metrics::Sources {
+            proxy: proxy.metrics(),
+            health: checker.metrics(),
+            config: gauges,
+            certs: Arc::clone(&certs),
+            inflight: proxy.inflight(),
+        };
+        let render = crate::metrics::render(m.handle.clone(), sources);
         (m, render)
     });
     if let Some((_, render)) = &metrics {

@@ -8,7 +8,6 @@
 //! of this app flips the domain between "blue" and "green" by publishing a new snapshot — the
 //! same thing the pingora-vhost admin API does on `POST /api/v1/domains/:domain/switch`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -88,10 +87,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
         ],
     )?;
-    let (store, writer) = RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
+    let (_store, mut writer) =
+        RouteWriter::new(state, Box::new(LiteralOnly), BuildOptions::default());
 
     let mut server = Server::new_with_opt_and_conf(None, ServerConf::default());
-    let proxy = VhostProxy::new(Arc::clone(&store), ProxyOptions::default());
+    let proxy = VhostProxy::new(&mut writer, ProxyOptions::default());
     server.add_service(proxy_service(
         &server.configuration,
         proxy,
