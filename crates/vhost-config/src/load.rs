@@ -18,6 +18,16 @@ use crate::schema::{
 pub const MAX_RETRIES: u64 = 15;
 /// Largest client timeout, in milliseconds.
 const ONE_HOUR_MS: u64 = 3_600_000;
+/// Largest backend timeout, in milliseconds.
+const ONE_DAY_MS: u64 = 86_400_000;
+/// Largest grace period and probe timeout, in seconds.
+const ONE_HOUR_SECS: u64 = 3_600;
+/// Largest probe interval and DNS refresh period, in seconds.
+const ONE_DAY_SECS: u64 = 86_400;
+/// Largest health-check threshold.
+const MAX_THRESHOLD: u64 = 1_000;
+/// Largest `proxy.threads`.
+const MAX_THREADS: u64 = 1_024;
 /// Smallest `proxy.max_request_header_bytes`.
 pub const MIN_HEADER_BYTES: u64 = 1024;
 /// Largest `proxy.max_request_header_bytes` (Pingora's own request-head limit).
@@ -181,6 +191,85 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     })
 }
 
+/// Every numeric key of the settings sections with its value and its accepted range (the
+/// ranges docs/configuration.md lists). Bounds keep derived durations and counts far from
+/// overflow.
+fn numeric_keys(file: &ConfigFile) -> [(&'static str, u64, RangeInclusive<u64>); 18] {
+    let (p, h) = (&file.proxy, &file.health_check);
+    [
+        ("proxy.threads", p.threads as u64, 0..=MAX_THREADS),
+        (
+            "proxy.connect_timeout_ms",
+            p.connect_timeout_ms,
+            1..=ONE_HOUR_MS,
+        ),
+        ("proxy.read_timeout_ms", p.read_timeout_ms, 1..=ONE_DAY_MS),
+        ("proxy.write_timeout_ms", p.write_timeout_ms, 1..=ONE_DAY_MS),
+        ("proxy.idle_timeout_ms", p.idle_timeout_ms, 1..=ONE_DAY_MS),
+        ("proxy.max_retries", p.max_retries as u64, 0..=MAX_RETRIES),
+        (
+            "proxy.upstream_keepalive_pool_size",
+            p.upstream_keepalive_pool_size as u64,
+            0..=MAX_CONNECTIONS,
+        ),
+        (
+            "proxy.grace_period_secs",
+            p.grace_period_secs,
+            0..=ONE_HOUR_SECS,
+        ),
+        (
+            "proxy.dns_refresh_secs",
+            p.dns_refresh_secs,
+            0..=ONE_DAY_SECS,
+        ),
+        (
+            "proxy.client_header_timeout_ms",
+            p.client_header_timeout_ms,
+            1..=ONE_HOUR_MS,
+        ),
+        (
+            "proxy.client_keepalive_timeout_ms",
+            p.client_keepalive_timeout_ms,
+            0..=ONE_HOUR_MS,
+        ),
+        (
+            "proxy.max_request_header_bytes",
+            p.max_request_header_bytes,
+            MIN_HEADER_BYTES..=MAX_HEADER_BYTES,
+        ),
+        (
+            "proxy.max_connections",
+            p.max_connections.unwrap_or(1),
+            1..=MAX_CONNECTIONS,
+        ),
+        (
+            "health_check.interval_secs",
+            h.interval_secs,
+            1..=ONE_DAY_SECS,
+        ),
+        (
+            "health_check.timeout_secs",
+            h.timeout_secs,
+            1..=ONE_HOUR_SECS,
+        ),
+        (
+            "health_check.unhealthy_threshold",
+            u64::from(h.unhealthy_threshold),
+            1..=MAX_THRESHOLD,
+        ),
+        (
+            "health_check.healthy_threshold",
+            u64::from(h.healthy_threshold),
+            1..=MAX_THRESHOLD,
+        ),
+        (
+            "health_check.passive_failure_threshold",
+            u64::from(h.passive_failure_threshold),
+            0..=MAX_THRESHOLD,
+        ),
+    ]
+}
+
 /// Rules between keys of the settings sections: `(key path, message)` of the first one broken.
 fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
     let fail = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
@@ -203,40 +292,8 @@ fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
             "the token is empty; remove the key to disable authentication",
         );
     }
-    for (key, value) in [
-        ("proxy.connect_timeout_ms", p.connect_timeout_ms),
-        ("proxy.read_timeout_ms", p.read_timeout_ms),
-        ("proxy.write_timeout_ms", p.write_timeout_ms),
-        ("proxy.idle_timeout_ms", p.idle_timeout_ms),
-    ] {
-        if value == 0 {
-            return fail(key, "must be at least 1 millisecond");
-        }
-    }
-    let ranges: [(&str, u64, RangeInclusive<u64>); 5] = [
-        ("proxy.max_retries", p.max_retries as u64, 0..=MAX_RETRIES),
-        (
-            "proxy.client_header_timeout_ms",
-            p.client_header_timeout_ms,
-            1..=ONE_HOUR_MS,
-        ),
-        (
-            "proxy.client_keepalive_timeout_ms",
-            p.client_keepalive_timeout_ms,
-            0..=ONE_HOUR_MS,
-        ),
-        (
-            "proxy.max_request_header_bytes",
-            p.max_request_header_bytes,
-            MIN_HEADER_BYTES..=MAX_HEADER_BYTES,
-        ),
-        (
-            "proxy.max_connections",
-            p.max_connections.unwrap_or(1),
-            1..=MAX_CONNECTIONS,
-        ),
-    ];
-    for (key, value, range) in ranges {
+    let h = &file.health_check;
+    for (key, value, range) in numeric_keys(file) {
         if !range.contains(&value) {
             return fail(
                 key,
@@ -260,34 +317,13 @@ fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
             "output = \"file\" needs logging.file_path",
         );
     }
-    let h = &file.health_check;
-    for (key, value) in [
-        ("health_check.interval_secs", h.interval_secs),
-        ("health_check.timeout_secs", h.timeout_secs),
-        (
-            "health_check.unhealthy_threshold",
-            u64::from(h.unhealthy_threshold),
-        ),
-        (
-            "health_check.healthy_threshold",
-            u64::from(h.healthy_threshold),
-        ),
-    ] {
-        if value == 0 {
-            return fail(key, "must be at least 1");
-        }
-    }
     if let Err(reason) =
         vhost_routing::check_probe_fields(Some(&h.path), h.host.as_deref(), Some(h.expected_status))
     {
-        let key = if reason.contains("path") {
-            "health_check.path"
-        } else if reason.contains("host") {
-            "health_check.host"
-        } else {
-            "health_check.expected_status"
-        };
-        return fail(key, &reason);
+        return fail(
+            &format!("health_check.{}", reason.key()),
+            &reason.to_string(),
+        );
     }
     if let Some(le) = &file.lets_encrypt {
         if !le.email.contains('@') {

@@ -158,8 +158,38 @@ fn section_rules() {
     let (_, _, key, msg) = invalid(&format!(
         "{MINIMAL}health_check = {{ kind = \"http\", path = \"x\" }}\n"
     ));
-    assert_eq!(key, "backends[0].health_check");
+    assert_eq!(key, "backends[0].health_check.path");
     assert!(msg.contains("must start with '/'"), "{msg}");
+    // The key comes from the error's kind, not from words in its message.
+    let (_, _, key, _) = invalid("[health_check]\nhost = \"a path\"\n");
+    assert_eq!(key, "health_check.host");
+}
+
+#[test]
+fn every_numeric_key_has_a_located_range() {
+    for (section, key, value) in [
+        ("proxy", "threads", "5000"),
+        ("proxy", "max_retries", "16"),
+        ("proxy", "read_timeout_ms", "9223372036854775807"),
+        ("proxy", "connect_timeout_ms", "0"),
+        ("proxy", "grace_period_secs", "9223372036854775807"),
+        ("proxy", "dns_refresh_secs", "100000"),
+        ("proxy", "upstream_keepalive_pool_size", "100000000"),
+        ("proxy", "client_header_timeout_ms", "0"),
+        ("proxy", "max_request_header_bytes", "100"),
+        ("health_check", "interval_secs", "86401"),
+        ("health_check", "timeout_secs", "0"),
+        ("health_check", "healthy_threshold", "1001"),
+        ("health_check", "passive_failure_threshold", "4294967295"),
+    ] {
+        let (line, _, found, msg) = invalid(&format!("[{section}]\n{key} = {value}\n"));
+        assert_eq!(
+            (line, found.as_str()),
+            (2, format!("{section}.{key}").as_str()),
+            "{msg}"
+        );
+        assert!(msg.contains("out of range: must be between"), "{msg}");
+    }
 }
 
 #[test]

@@ -48,7 +48,7 @@ pub enum ValidationError {
         /// The backend.
         id: BackendId,
         /// What is wrong.
-        reason: String,
+        reason: ProbeFieldError,
     },
     /// Only one of `tls_cert_path` / `tls_key_path` is set.
     #[error(
@@ -66,6 +66,33 @@ pub enum ValidationError {
     },
 }
 
+/// A probe setting (global `[health_check]` or a backend's override) is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ProbeFieldError {
+    /// The HTTP probe path.
+    #[error("probe path {0:?} must start with '/' and contain no spaces")]
+    Path(String),
+    /// The HTTP probe Host header.
+    #[error("probe host {0:?} must be non-empty and contain no spaces")]
+    Host(String),
+    /// The healthy status range.
+    #[error(
+        "expected_status [{0}, {1}] must be a range of HTTP status codes (100-599, low first)"
+    )]
+    ExpectedStatus(u16, u16),
+}
+
+impl ProbeFieldError {
+    /// The setting's key within a `health_check` table.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::Path(_) => "path",
+            Self::Host(_) => "host",
+            Self::ExpectedStatus(..) => "expected_status",
+        }
+    }
+}
+
 impl ValidationError {
     /// The record field the error is about, as named in the config file and the API.
     pub fn field(&self) -> &'static str {
@@ -74,7 +101,11 @@ impl ValidationError {
             Self::DuplicateBackend { .. } => "id",
             Self::EmptyTagList { .. } | Self::DuplicateTag { .. } => "tags",
             Self::InvalidWeight { .. } => "weight",
-            Self::InvalidProbe { .. } => "health_check",
+            Self::InvalidProbe { reason, .. } => match reason {
+                ProbeFieldError::Path(_) => "health_check.path",
+                ProbeFieldError::Host(_) => "health_check.host",
+                ProbeFieldError::ExpectedStatus(..) => "health_check.expected_status",
+            },
             Self::IncompleteTlsPair { .. } | Self::EmptyTlsPath { .. } => "tls_cert_path",
         }
     }

@@ -33,7 +33,7 @@ pub mod state;
 pub mod store;
 pub mod table;
 
-pub use error::{CommandError, ValidationError};
+pub use error::{CommandError, ProbeFieldError, ValidationError};
 pub use model::{
     check_probe_fields, Backend, BackendUpdate, ProbeKind, ProbeOverride, VirtualHost,
     VirtualHostUpdate, MAX_WEIGHT,

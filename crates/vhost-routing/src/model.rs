@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ValidationError;
+use crate::error::{ProbeFieldError, ValidationError};
 use crate::names::{BackendAddress, BackendId, DomainName, Tag};
 
 /// Largest accepted backend weight (as in HAProxy); the default is 1.
@@ -103,8 +103,8 @@ pub struct ProbeOverride {
 }
 
 impl ProbeOverride {
-    /// Checks path and status range; `Err(reason)`.
-    pub fn check(&self) -> Result<(), String> {
+    /// Checks path, host and status range.
+    pub fn check(&self) -> Result<(), ProbeFieldError> {
         check_probe_fields(
             self.path.as_deref(),
             self.host.as_deref(),
@@ -113,21 +113,19 @@ impl ProbeOverride {
     }
 }
 
-/// Shared rules of probe settings (global and per backend): `Err(reason)` if broken.
+/// Shared rules of probe settings (global and per backend).
 pub fn check_probe_fields(
     path: Option<&str>,
     host: Option<&str>,
     expected_status: Option<[u16; 2]>,
-) -> Result<(), String> {
+) -> Result<(), ProbeFieldError> {
     if let Some(path) = path {
         if !path.starts_with('/')
             || path
                 .chars()
                 .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
         {
-            return Err(format!(
-                "probe path {path:?} must start with '/' and contain no spaces"
-            ));
+            return Err(ProbeFieldError::Path(path.to_owned()));
         }
     }
     if let Some(host) = host {
@@ -136,16 +134,12 @@ pub fn check_probe_fields(
                 .chars()
                 .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
         {
-            return Err(format!(
-                "probe host {host:?} must be non-empty and contain no spaces"
-            ));
+            return Err(ProbeFieldError::Host(host.to_owned()));
         }
     }
     if let Some([lo, hi]) = expected_status {
         if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
-            return Err(format!(
-                "expected_status [{lo}, {hi}] must be a range of HTTP status codes (100-599, low first)"
-            ));
+            return Err(ProbeFieldError::ExpectedStatus(lo, hi));
         }
     }
     Ok(())
