@@ -13,5 +13,10 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace --all-targets
-cargo test --workspace --doc
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+{ cargo test --workspace --all-targets && cargo test --workspace --doc; } 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "\n== %d passed, %d failed ==\n", p, f }' "$log"
+exit "$status"

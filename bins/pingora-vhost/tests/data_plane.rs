@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
@@ -73,7 +74,18 @@ fn two_domains_go_to_their_own_pools_and_unknown_hosts_are_never_forwarded() {
             assert_eq!(r.status(), 404, "{host}");
             assert_eq!(r.text().await.unwrap(), "unknown host\n");
         }
-        // An absolute-form request naming another host is not an open proxy either.
+        // An absolute-form request naming a backend's own address is not an open proxy either.
+        let mut raw = raw_connect(proxy.http);
+        raw.write_all(
+            format!(
+                "GET http://{0}/ HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+                a.addr
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let (status, _, _) = read_response(&mut raw);
+        assert_eq!(status, 404, "absolute-form request for an unknown host");
         assert_eq!(
             (a.hits(), b.hits()),
             before,
@@ -231,17 +243,30 @@ fn tls_serves_each_sni_its_own_certificate_h2_and_rejects_misdirected_hosts() {
 fn a_dead_backend_costs_clients_nothing_while_a_sibling_is_up() {
     let rt = runtime();
     let live = TestBackend::start(&rt, "live");
-    let dead = format!("127.0.0.1:{}", free_port());
+    let mut dying = TestBackend::start(&rt, "dying");
+    // Probes far apart: the backend that dies below is still "healthy" for routing, so the
+    // proxy really connects to it, fails, and retries on the sibling.
     let body = format!(
-        "{}{}",
+        "[health_check]\ninterval_secs = 3600\n\n{}{}",
         vhost_toml("app.test", "a", ""),
         backends_toml(&[
-            ("dead", dead, "\"a\""),
+            ("dying", dying.addr.to_string(), "\"a\""),
             ("live", live.addr.to_string(), "\"a\"")
         ])
     );
-    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    // No upstream keep-alive: every attempt is a new connection, refused once the backend died.
+    let proxy = ProxyProcess::start(
+        tempfile::tempdir().unwrap(),
+        "upstream_keepalive_pool_size = 0",
+        &body,
+        false,
+    );
     let c = client(&[], true);
+    wait_until("both backends served once", || {
+        rt.block_on(proxy.get(&c, "app.test", "/")).0 == 200 && dying.hits() > 0 && live.hits() > 0
+    });
+    dying.kill_all();
+    let live_before = live.hits();
     rt.block_on(async {
         for i in 0..40 {
             let r = c
@@ -254,7 +279,17 @@ fn a_dead_backend_costs_clients_nothing_while_a_sibling_is_up() {
             assert_eq!(backend_of(&r.text().await.unwrap()), "live");
         }
     });
-    assert_eq!(live.hits(), 40);
+    assert_eq!(live.hits() - live_before, 40);
+    let retries = metric(
+        proxy.metrics,
+        "proxy_retries_total{domain=\"app.test\",tag=\"a\"}",
+    );
+    let failures = metric(
+        proxy.metrics,
+        "proxy_upstream_connect_failures_total{backend=\"dying\"}",
+    );
+    assert!(retries >= 1.0, "no request was retried");
+    assert!(failures >= 1.0, "the dead backend was never tried");
 }
 
 #[test]
@@ -324,6 +359,14 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits() {
     });
     wait_until("the slow request to reach the backend", || slow.hits() == 1);
     proxy.signal("TERM");
+    // The listener closes at once, while the in-flight request is still running.
+    wait_until("new connections to be refused", || {
+        std::net::TcpStream::connect_timeout(&proxy.http, Duration::from_millis(500)).is_err()
+    });
+    assert!(
+        !request.is_finished(),
+        "the slow request ended before the listener closed"
+    );
     let (status, text) = rt.block_on(request).unwrap();
     assert_eq!(
         status,
@@ -338,8 +381,6 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits() {
         exit.is_some()
     });
     assert!(exit.unwrap().success(), "{}", proxy.log());
-    // New connections are refused after shutdown.
-    assert!(std::net::TcpStream::connect_timeout(&proxy.http, Duration::from_millis(500)).is_err());
 }
 
 #[test]
@@ -355,6 +396,12 @@ fn check_flag_validates_config_and_certificates() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    // The example a newcomer copies starts without warnings.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.toml");

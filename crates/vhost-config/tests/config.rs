@@ -326,25 +326,30 @@ fn failed_write_leaves_file_and_writer_unchanged() {
     assert!(err.to_string().contains("ghost.com"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), MINIMAL);
 
-    // A directory we cannot write into: the rename cannot happen, the file stays as it was.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let (_, change) = state
-            .apply(Command::SwitchTag {
-                domain: d("example.com"),
-                tag: t("b"),
-            })
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
-        let probe = dir.path().join("probe");
-        let root_can_write = std::fs::write(&probe, b"x").is_ok();
-        if !root_can_write {
-            assert!(writer.persist(&change).is_err());
-            assert_eq!(std::fs::read_to_string(&path).unwrap(), MINIMAL);
-        }
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
+    // The file's directory is no longer a directory (it was moved away and a regular file put
+    // in its place): no temp file can be created there, even by root. Nothing is written, and
+    // the file (moved with its directory) is as it was.
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let nested = sub.join("config.toml");
+    std::fs::write(&nested, MINIMAL).unwrap();
+    let mut nested_writer = ConfigWriter::open(&nested).unwrap();
+    let (_, change) = state
+        .apply(Command::SwitchTag {
+            domain: d("example.com"),
+            tag: t("b"),
+        })
+        .unwrap();
+    let moved = dir.path().join("moved");
+    std::fs::rename(&sub, &moved).unwrap();
+    std::fs::write(&sub, b"not a directory").unwrap();
+    let err = nested_writer.persist(&change).unwrap_err();
+    assert!(err.to_string().contains("config.toml"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(moved.join("config.toml")).unwrap(),
+        MINIMAL
+    );
+    assert_eq!(std::fs::read(&sub).unwrap(), b"not a directory");
 }
 
 #[test]

@@ -81,6 +81,8 @@ pub struct TestBackend {
     pub hits: Arc<AtomicUsize>,
     rt: Arc<tokio::runtime::Runtime>,
     accept: Option<tokio::task::JoinHandle<()>>,
+    /// Flipped by `kill`: open connections close.
+    killed: tokio::sync::watch::Sender<bool>,
 }
 
 impl TestBackend {
@@ -90,22 +92,30 @@ impl TestBackend {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let accept = Self::serve(rt, listener, name, &hits);
+        let (killed, killed_rx) = tokio::sync::watch::channel(false);
+        let accept = Self::serve(rt, listener, name, &hits, killed_rx);
         Self {
             name: name.to_owned(),
             addr,
             hits,
             rt: Arc::clone(rt),
             accept: Some(accept),
+            killed,
         }
     }
 
-    /// Stops accepting connections (the port then refuses them).
+    /// Stops accepting connections (the port then refuses them); open ones keep being served.
     pub fn kill(&mut self) {
         if let Some(task) = self.accept.take() {
             task.abort();
             let _ = self.rt.block_on(task);
         }
+    }
+
+    /// Stops accepting connections and closes the open ones too.
+    pub fn kill_all(&mut self) {
+        self.kill();
+        let _ = self.killed.send(true);
     }
 
     /// Accepts again on the same address.
@@ -114,7 +124,14 @@ impl TestBackend {
             .rt
             .block_on(tokio::net::TcpListener::bind(self.addr))
             .unwrap();
-        self.accept = Some(Self::serve(&self.rt, listener, &self.name, &self.hits));
+        let _ = self.killed.send(false);
+        self.accept = Some(Self::serve(
+            &self.rt,
+            listener,
+            &self.name,
+            &self.hits,
+            self.killed.subscribe(),
+        ));
     }
 
     fn serve(
@@ -122,12 +139,14 @@ impl TestBackend {
         listener: tokio::net::TcpListener,
         name: &str,
         hits: &Arc<AtomicUsize>,
+        killed: tokio::sync::watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         let (name_c, hits_c) = (name.to_owned(), Arc::clone(hits));
         rt.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (name, hits) = (name_c.clone(), Arc::clone(&hits_c));
+                let mut killed = killed.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (name, hits) = (name.clone(), Arc::clone(&hits));
@@ -151,9 +170,12 @@ impl TestBackend {
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = killed.wait_for(|k| *k) => {}
+                    }
                 });
             }
         })
