@@ -803,6 +803,31 @@ async fn concurrent_writers_lose_nothing() {
 }
 
 #[tokio::test]
+async fn openapi_security_follows_the_token() {
+    let open = get(&api(), "/api/v1/openapi.json").await.json();
+    assert!(open.get("security").is_none(), "{open}");
+    assert!(open["paths"]["/api/v1/domains"]["get"]["responses"]["403"].is_object());
+    assert!(open["paths"]["/api/v1/domains"]["get"]["responses"]["401"].is_null());
+
+    let api = api_with(Some("s3cret"), None);
+    let r = send(
+        &api,
+        Method::GET,
+        "/api/v1/openapi.json",
+        None,
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    let locked = r.json();
+    assert_eq!(locked["security"][0]["bearer"], serde_json::json!([]));
+    assert_eq!(
+        locked["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert!(locked["paths"]["/api/v1/domains"]["get"]["responses"]["401"].is_object());
+}
+
+#[tokio::test]
 async fn openapi_document_lists_every_route_and_resolves() {
     let api = api();
     let r = get(&api, "/api/v1/openapi.json").await;
@@ -884,10 +909,6 @@ async fn openapi_document_lists_every_route_and_resolves() {
             "dangling $ref {r}"
         );
     }
-    assert_eq!(
-        doc["components"]["securitySchemes"]["bearer"]["scheme"],
-        "bearer"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
