@@ -327,17 +327,7 @@ impl HealthChecker {
             .iter()
             .map(|(id, p)| (id.clone(), Arc::clone(&p.transitions)))
             .collect();
-        let same = {
-            let before = self.transitions.load();
-            before.len() == now.len()
-                && before
-                    .iter()
-                    .zip(&now)
-                    .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y))
-        };
-        if !same {
-            self.transitions.store(Arc::new(now));
-        }
+        self.transitions.store(Arc::new(now));
     }
 }
 
