@@ -17,6 +17,11 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 { cargo test --workspace --all-targets && cargo test --workspace --doc; } 2>&1 | tee "$log" || status=$?
+# The served OpenAPI document against the real binary: schemathesis for 60 s, any finding fails.
+fuzz=skipped
+if [ "$status" -eq 0 ]; then
+  if ./scripts/api-fuzz.sh target/debug/pingora-vhost; then fuzz=passed; else fuzz=failed; status=1; fi
+fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
-     END { printf "\n== %d passed, %d failed ==\n", p, f }' "$log"
+     END { printf "\n== %d passed, %d failed; API fuzzing (schemathesis): '"$fuzz"' ==\n", p, f }' "$log"
 exit "$status"

@@ -131,7 +131,7 @@ fn certificates_added_at_runtime_are_served_and_bad_ones_refused() {
             r#"{"domain": "secure.test", "enabled_backends_tag": "a", "tls_cert_path": "/nonexistent.crt", "tls_key_path": "/nonexistent.key"}"#,
         )
         .await;
-        assert_eq!(status, 400, "{body}");
+        assert_eq!(status, 422, "{body}");
         assert_eq!(body["error"]["code"], "unservable");
         assert!(body["error"]["message"].as_str().unwrap().contains("/nonexistent.crt"));
         assert_eq!(std::fs::read(&proxy.config_path).unwrap(), file_before);

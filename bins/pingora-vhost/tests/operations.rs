@@ -416,7 +416,7 @@ fn certificate_paths_that_are_not_certificate_files_are_refused_quickly() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(r.status(), 400, "{path}");
+            assert_eq!(r.status(), 422, "{path}");
             let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
             let message = body["error"]["message"].as_str().unwrap();
             assert!(message.contains(expected), "{path}: {message}");

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
-use vhost_routing::CommandError;
+use vhost_routing::{CommandError, ProbeFieldError, ValidationError};
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -98,7 +98,17 @@ pub enum ApiError {
         /// The current ETag.
         current: String,
     },
-    /// The change cannot be served (e.g. a certificate file does not load).
+    /// Every field is valid on its own but they contradict each other (only one of
+    /// `tls_cert_path` / `tls_key_path`, a status range with its low end above its high end):
+    /// rules the OpenAPI schema cannot state.
+    #[error("{message}")]
+    Inconsistent {
+        /// The field concerned.
+        field: String,
+        /// What contradicts what.
+        message: String,
+    },
+    /// The change is valid but cannot be served here (e.g. a certificate file does not load).
     #[error(transparent)]
     Unservable(#[from] Refusal),
     /// The config file could not be written; nothing was changed.
@@ -126,10 +136,10 @@ impl ApiError {
     /// HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MalformedJson { .. }
-            | Self::InvalidField { .. }
-            | Self::Unservable(_)
-            | Self::InvalidConfig { .. } => StatusCode::BAD_REQUEST,
+            Self::MalformedJson { .. } | Self::InvalidField { .. } | Self::InvalidConfig { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Inconsistent { .. } | Self::Unservable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -152,6 +162,7 @@ impl ApiError {
             Self::NotFound { .. } => "not_found",
             Self::Conflict { code, .. } => code,
             Self::PreconditionFailed { .. } => "precondition_failed",
+            Self::Inconsistent { .. } => "inconsistent",
             Self::Unservable(_) => "unservable",
             Self::Persist(_) => "persist_failed",
             Self::TaskFailed { .. } => "internal",
@@ -161,7 +172,9 @@ impl ApiError {
 
     fn field(&self) -> Option<String> {
         match self {
-            Self::InvalidField { field, .. } | Self::InvalidConfig { field, .. }
+            Self::InvalidField { field, .. }
+            | Self::InvalidConfig { field, .. }
+            | Self::Inconsistent { field, .. }
                 if !field.is_empty() =>
             {
                 Some(field.clone())
@@ -177,10 +190,14 @@ impl From<CommandError> for ApiError {
     fn from(e: CommandError) -> Self {
         let message = e.to_string();
         match e {
-            CommandError::Invalid(v) => Self::InvalidField {
-                field: v.field().to_owned(),
-                message,
-            },
+            CommandError::Invalid(v) => {
+                let field = v.field().to_owned();
+                if is_cross_field(&v) {
+                    Self::Inconsistent { field, message }
+                } else {
+                    Self::InvalidField { field, message }
+                }
+            }
             CommandError::DomainNotFound { .. } | CommandError::BackendNotFound { .. } => {
                 Self::NotFound { message }
             }
@@ -200,6 +217,20 @@ impl From<CommandError> for ApiError {
                 field: None,
             },
         }
+    }
+}
+
+/// True for the rules that relate fields which are each valid on their own (422), as opposed to
+/// a value outside what the API document allows (400).
+fn is_cross_field(error: &ValidationError) -> bool {
+    let status = 100..=599;
+    match error {
+        ValidationError::IncompleteTlsPair { .. } => true,
+        ValidationError::InvalidProbe {
+            reason: ProbeFieldError::ExpectedStatus(lo, hi),
+            ..
+        } => status.contains(lo) && status.contains(hi),
+        _ => false,
     }
 }
 

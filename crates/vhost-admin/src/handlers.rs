@@ -25,7 +25,6 @@ type AppState = State<Arc<AdminState>>;
 #[serde(deny_unknown_fields)]
 pub struct SwitchRequest {
     /// The tag whose backends the domain uses from the next request on.
-    #[schema(value_type = String, example = "b")]
     pub new_tag: Tag,
 }
 
@@ -125,11 +124,27 @@ fn check_if_match(if_match: Option<&HeaderValue>, current: &str) -> Result<(), A
     }
 }
 
-fn force(query: &Option<String>) -> bool {
-    query.as_deref().is_some_and(|q| {
-        q.split('&')
-            .any(|kv| matches!(kv, "force" | "force=true" | "force=1"))
-    })
+/// `?force`, `?force=true|1` or `?force=false|0`; any other value of `force` is a 400. Other
+/// query parameters are ignored.
+fn force(query: &Option<String>) -> Result<bool, ApiError> {
+    let mut force = false;
+    for pair in query.as_deref().unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        if key != "force" {
+            continue;
+        }
+        force = match value {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            other => {
+                return Err(ApiError::InvalidField {
+                    field: "force".into(),
+                    message: format!("query parameter force={other:?} must be true or false"),
+                })
+            }
+        };
+    }
+    Ok(force)
 }
 
 fn parse_domain(raw: &str) -> Result<DomainName, ApiError> {
@@ -268,7 +283,7 @@ pub(crate) async fn list_domains(State(s): AppState) -> Response {
 
 /// One virtual host.
 #[utoipa::path(get, path = "/api/v1/domains/{domain}", tag = "domains",
-    params(("domain" = String, Path, description = "Domain name", example = "example.com")),
+    params(("domain" = DomainName, Path, description = "Domain name")),
     responses(
         (status = 200, description = "The domain (with an ETag)", body = VirtualHost),
         (status = 400, description = "Invalid domain name", body = crate::ErrorBody),
@@ -311,7 +326,7 @@ pub(crate) async fn create_domain(
 
 /// Changes some fields of a virtual host (absent fields keep their value).
 #[utoipa::path(put, path = "/api/v1/domains/{domain}", tag = "domains", request_body = VirtualHostUpdate,
-    params(("domain" = String, Path, description = "Domain name"),
+    params(("domain" = DomainName, Path, description = "Domain name"),
            ("If-Match" = Option<String>, Header, description = "ETag from a previous GET"),
            ("force" = Option<bool>, Query, description = "Allow a tag without healthy backends")),
     responses(
@@ -329,7 +344,7 @@ pub(crate) async fn update_domain(
     ApiJson(update): ApiJson<VirtualHostUpdate>,
 ) -> Result<Response, ApiError> {
     let domain = parse_domain(&domain)?;
-    let force = force(&query);
+    let force = force(&query)?;
     let target = domain.clone();
     let (table, _) = apply_write(&s, &headers, move |t| {
         let current = vhost_in(t, &target)?;
@@ -354,7 +369,7 @@ pub(crate) async fn update_domain(
 
 /// Deletes a virtual host.
 #[utoipa::path(delete, path = "/api/v1/domains/{domain}", tag = "domains",
-    params(("domain" = String, Path, description = "Domain name"),
+    params(("domain" = DomainName, Path, description = "Domain name"),
            ("If-Match" = Option<String>, Header, description = "ETag from a previous GET")),
     responses(
         (status = 204, description = "Deleted"),
@@ -379,7 +394,7 @@ pub(crate) async fn delete_domain(
 
 /// Points a domain at another tag: the A/B switch, visible to the very next request.
 #[utoipa::path(post, path = "/api/v1/domains/{domain}/switch", tag = "domains", request_body = SwitchRequest,
-    params(("domain" = String, Path, description = "Domain name"),
+    params(("domain" = DomainName, Path, description = "Domain name"),
            ("If-Match" = Option<String>, Header, description = "ETag from a previous GET of the domain"),
            ("force" = Option<bool>, Query, description = "Switch even if the tag has no healthy backend")),
     responses(
@@ -397,7 +412,7 @@ pub(crate) async fn switch_domain(
     ApiJson(request): ApiJson<SwitchRequest>,
 ) -> Result<Response, ApiError> {
     let domain = parse_domain(&domain)?;
-    let force = force(&query);
+    let force = force(&query)?;
     let target = domain.clone();
     let (table, _) = apply_write(&s, &headers, move |t| {
         let current = vhost_in(t, &target)?;
@@ -455,7 +470,7 @@ fn backend_response(
 
 /// One backend, with its health.
 #[utoipa::path(get, path = "/api/v1/backends/{id}", tag = "backends",
-    params(("id" = String, Path, description = "Backend id", example = "web-v1")),
+    params(("id" = BackendId, Path, description = "Backend id")),
     responses(
         (status = 200, description = "The backend (with an ETag)", body = BackendView),
         (status = 400, description = "Invalid id", body = crate::ErrorBody),
@@ -492,7 +507,7 @@ pub(crate) async fn create_backend(
 
 /// Changes some fields of a backend (absent fields keep their value).
 #[utoipa::path(put, path = "/api/v1/backends/{id}", tag = "backends", request_body = BackendUpdate,
-    params(("id" = String, Path, description = "Backend id"),
+    params(("id" = BackendId, Path, description = "Backend id"),
            ("If-Match" = Option<String>, Header, description = "ETag from a previous GET"),
            ("force" = Option<bool>, Query, description = "Allow leaving a domain's active tag without backends")),
     responses(
@@ -510,7 +525,7 @@ pub(crate) async fn update_backend(
     ApiJson(update): ApiJson<BackendUpdate>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let force = force(&query);
+    let force = force(&query)?;
     let target = id.clone();
     let (table, _) = apply_write(&s, &headers, move |t| {
         let etag = backend_etag(t, &target)?;
@@ -530,7 +545,7 @@ pub(crate) async fn update_backend(
 /// Deletes a backend; refused (409) if it is the last backend of a domain's active tag, unless
 /// `?force=true`.
 #[utoipa::path(delete, path = "/api/v1/backends/{id}", tag = "backends",
-    params(("id" = String, Path, description = "Backend id"),
+    params(("id" = BackendId, Path, description = "Backend id"),
            ("If-Match" = Option<String>, Header, description = "ETag from a previous GET"),
            ("force" = Option<bool>, Query, description = "Delete even if a domain is left without backends")),
     responses(
@@ -545,7 +560,7 @@ pub(crate) async fn delete_backend(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
-    let force = force(&query);
+    let force = force(&query)?;
     apply_write(&s, &headers, move |t| {
         let etag = backend_etag(t, &id)?;
         Ok((

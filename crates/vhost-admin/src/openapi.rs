@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::handlers;
+use crate::{handlers, AdminState};
 
 /// The API description.
 #[derive(OpenApi)]
@@ -58,13 +58,18 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The document as this API runs now: with a token in force every operation requires the
-/// bearer scheme and may answer 401; without one there is no security requirement (the API is
-/// loopback-only then) and every operation may answer 403 (foreign `Host` or `Origin`).
-pub fn document(token_in_force: bool) -> utoipa::openapi::OpenApi {
+/// The document as this API runs now:
+/// - with a token in force every operation requires the bearer scheme and may answer 401;
+///   without one there is no security requirement (the API is loopback-only then) and every
+///   operation may answer 403 (foreign `Host` or `Origin`);
+/// - `/api/v1/metrics` and `/api/v1/config/reload` are listed only when they are enabled;
+/// - every write lists the answers every write can give: 400 (invalid path, query or body),
+///   422 (valid fields that contradict each other, or a certificate that does not load), and
+///   413/415 when it takes a body.
+pub fn document(state: &AdminState) -> utoipa::openapi::OpenApi {
     use utoipa::openapi::{RefOr, Response};
     let mut doc = ApiDoc::openapi();
-    let (status, description) = if token_in_force {
+    let (status, description) = if state.has_token() {
         ("401", "Missing or invalid bearer token")
     } else {
         doc.security = None;
@@ -76,7 +81,45 @@ pub fn document(token_in_force: bool) -> utoipa::openapi::OpenApi {
             "Request not addressed to the API itself (foreign Host or Origin)",
         )
     };
-    for item in doc.paths.paths.values_mut() {
+    if state.metrics.is_none() {
+        doc.paths.paths.remove("/api/v1/metrics");
+    }
+    if state.reload.is_none() {
+        doc.paths.paths.remove("/api/v1/config/reload");
+    }
+    let error = |text: &str| {
+        RefOr::T(
+            utoipa::openapi::ResponseBuilder::new()
+                .description(text)
+                .content(
+                    "application/json",
+                    utoipa::openapi::ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let resource = path.starts_with("/api/v1/domains") || path.starts_with("/api/v1/backends");
+        let writes = [&mut item.put, &mut item.post, &mut item.delete];
+        for operation in writes.into_iter().flatten().filter(|_| resource) {
+            let responses = &mut operation.responses.responses;
+            responses
+                .entry("400".to_owned())
+                .or_insert_with(|| error("Invalid path parameter, query parameter or body"));
+            responses.entry("422".to_owned()).or_insert_with(|| {
+                error("Fields that contradict each other, or a certificate or key file that does not load (nothing changed)")
+            });
+            if operation.request_body.is_some() {
+                responses
+                    .entry("413".to_owned())
+                    .or_insert_with(|| error("Body too large"));
+                responses
+                    .entry("415".to_owned())
+                    .or_insert_with(|| error("Not JSON"));
+            }
+        }
         let operations = [
             &mut item.get,
             &mut item.put,
@@ -100,5 +143,5 @@ pub fn document(token_in_force: bool) -> utoipa::openapi::OpenApi {
 pub(crate) async fn serve(
     axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::AdminState>>,
 ) -> Json<utoipa::openapi::OpenApi> {
-    Json(document(state.has_token()))
+    Json(document(&state))
 }

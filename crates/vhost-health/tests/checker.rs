@@ -229,7 +229,9 @@ async fn a_black_holed_backend_times_out_without_stalling_the_others() {
     let (hole, _h) = start(None).await;
     let (fine, _f) = start(Some(200)).await;
     let mut s = settings();
-    s.timeout = Duration::from_millis(600);
+    // Long enough that "fine" (probed every 40 ms) is probed many times while the hole's probe
+    // hangs, on any machine; the order of events says it, not a clock.
+    s.timeout = Duration::from_secs(3);
     let mut h = harness(
         vec![
             backend("hole", hole, http("/")),
@@ -250,10 +252,9 @@ async fn a_black_holed_backend_times_out_without_stalling_the_others() {
     .await
     .unwrap();
     assert!(e.error.unwrap().contains("no answer within"));
-    // 600 ms of black hole while "fine" is probed every ~40 ms.
     assert!(
-        fine_probes >= 5,
-        "only {fine_probes} probes of the healthy backend during the timeout"
+        fine_probes >= 3,
+        "only {fine_probes} probes of the healthy backend while the black hole's probe hung"
     );
 }
 
@@ -347,9 +348,16 @@ async fn a_passively_ejected_backend_returns_on_the_next_successful_probe() {
         "fifth consecutive connect failure ejects"
     );
     assert!(!cell.is_healthy());
+    // Events queued before the ejection say nothing about it: drop them, then wait for a
+    // successful probe and for the cell itself to be healthy again.
+    while h.events.try_recv().is_ok() {}
     let e = h.next_of("live").await;
-    assert!(
-        e.error.is_none() && e.healthy,
-        "the next successful active probe brings it back"
-    );
+    assert!(e.error.is_none(), "{e:?}");
+    tokio::time::timeout(DEADLINE, async {
+        while !cell.is_healthy() {
+            h.next_of("live").await;
+        }
+    })
+    .await
+    .expect("the next successful active probe brings it back");
 }

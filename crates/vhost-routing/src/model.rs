@@ -17,6 +17,63 @@ fn default_weight() -> u16 {
     1
 }
 
+/// Integers that may arrive written as whole floats (`2.0`): JSON Schema, which the API document
+/// speaks, counts `2.0` as an integer, so the API accepts it too.
+mod whole {
+    use serde::de::{Deserializer, Error, Unexpected, Visitor};
+    use serde::Deserialize;
+    use std::fmt;
+
+    /// A `u16` written as an integer or a whole float.
+    pub(super) struct Whole(pub(super) u16);
+
+    impl<'de> Deserialize<'de> for Whole {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Whole;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an integer from 0 to 65535")
+                }
+                fn visit_u64<E: Error>(self, v: u64) -> Result<Whole, E> {
+                    u16::try_from(v)
+                        .map(Whole)
+                        .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+                }
+                fn visit_i64<E: Error>(self, v: i64) -> Result<Whole, E> {
+                    u16::try_from(v)
+                        .map(Whole)
+                        .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+                }
+                fn visit_f64<E: Error>(self, v: f64) -> Result<Whole, E> {
+                    if v.fract() == 0.0 && (0.0..=f64::from(u16::MAX)).contains(&v) {
+                        // Whole and in range: the conversion is exact.
+                        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                        Ok(Whole(v as u16))
+                    } else {
+                        Err(E::invalid_value(Unexpected::Float(v), &self))
+                    }
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    pub(super) fn u16<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        Whole::deserialize(d).map(|w| w.0)
+    }
+
+    pub(super) fn option_u16<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+        Option::<Whole>::deserialize(d).map(|o| o.map(|w| w.0))
+    }
+
+    pub(super) fn option_pair<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<[u16; 2]>, D::Error> {
+        Option::<[Whole; 2]>::deserialize(d).map(|o| o.map(|[a, b]| [a.0, b.0]))
+    }
+}
+
 fn is_default_weight(w: &u16) -> bool {
     *w == 1
 }
@@ -27,18 +84,19 @@ fn is_default_weight(w: &u16) -> bool {
 #[serde(deny_unknown_fields)]
 pub struct VirtualHost {
     /// The domain (exact, or a `*.example.com` wildcard).
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "example.com"))]
     pub domain: DomainName,
     /// Requests go to the backends carrying this tag.
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "a"))]
     pub enabled_backends_tag: Tag,
     /// Answer plain-HTTP requests with a 308 redirect to HTTPS.
     #[serde(default)]
     pub http_to_https: bool,
-    /// PEM certificate (chain allowed) presented for this domain's SNI.
+    /// PEM certificate (chain allowed) presented for this domain's SNI; set together with
+    /// `tls_key_path`.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_cert_path: Option<String>,
     /// PEM private key matching `tls_cert_path`.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key_path: Option<String>,
 }
@@ -83,6 +141,43 @@ pub enum ProbeKind {
     Http,
 }
 
+/// `expected_status`: two HTTP status codes (or null).
+#[cfg(feature = "openapi")]
+fn status_range_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, SchemaType, Type};
+    ArrayBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(100))
+                .maximum(Some(599)),
+        )
+        .min_items(Some(2))
+        .max_items(Some(2))
+        .build()
+}
+
+/// `tags`: at least one tag, none repeated.
+#[cfg(feature = "openapi")]
+fn tags_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::PartialSchema;
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(<Tag as PartialSchema>::schema())
+        .min_items(Some(1))
+        .unique_items(true)
+        .build()
+}
+
+/// `tags` of an update: absent, null, or as in [`tags_schema`].
+#[cfg(feature = "openapi")]
+fn optional_tags_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    let mut schema = tags_schema();
+    schema.schema_type = SchemaType::from_iter([Type::Array, Type::Null]);
+    schema
+}
+
 /// Per-backend overrides of the `[health_check]` probe settings; absent fields use the global ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -91,14 +186,25 @@ pub struct ProbeOverride {
     /// `tcp` or `http`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<ProbeKind>,
-    /// HTTP probe path, starting with `/`.
+    /// HTTP probe path, starting with `/`, without spaces or control characters.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^/[^\x00-\x20\x7f]*$", example = "/healthz")
+    )]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// `Host` header of HTTP probes (default: the backend address's host).
+    /// `Host` header of HTTP probes (default: the backend address's host); no spaces or
+    /// control characters.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[^\x00-\x20\x7f]+$"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    /// Inclusive range of healthy HTTP status codes, e.g. `[200, 399]`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Inclusive range of healthy HTTP status codes, e.g. `[200, 399]` (low first).
+    #[cfg_attr(feature = "openapi", schema(schema_with = status_range_schema))]
+    #[serde(
+        default,
+        deserialize_with = "whole::option_pair",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub expected_status: Option<[u16; 2]>,
 }
 
@@ -151,17 +257,19 @@ pub fn check_probe_fields(
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     /// Unique id.
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "web-v1"))]
     pub id: BackendId,
     /// `host:port` to connect to.
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "127.0.0.1:3001"))]
     pub address: BackendAddress,
-    /// Tags grouping this backend into pools (at least one).
-    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>, example = json!(["a"])))]
+    /// Tags grouping this backend into pools (at least one, no repeats).
+    #[cfg_attr(feature = "openapi", schema(schema_with = tags_schema))]
     pub tags: Vec<Tag>,
     /// Relative share of its pools' traffic, 1..=256 (default 1).
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 256, default = 1))]
-    #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
+    #[serde(
+        default = "default_weight",
+        deserialize_with = "whole::u16",
+        skip_serializing_if = "is_default_weight"
+    )]
     pub weight: u16,
     /// Probe settings overriding `[health_check]` for this backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -225,7 +333,6 @@ impl Backend {
 #[serde(deny_unknown_fields)]
 pub struct VirtualHostUpdate {
     /// New active tag.
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "b"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled_backends_tag: Option<Tag>,
     /// New redirect setting.
@@ -265,15 +372,19 @@ impl VirtualHostUpdate {
 #[serde(deny_unknown_fields)]
 pub struct BackendUpdate {
     /// New address.
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "127.0.0.1:3003"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<BackendAddress>,
-    /// New tag list (replaces the old one).
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<String>>))]
+    /// New tag list (replaces the old one; at least one, no repeats).
+    #[cfg_attr(feature = "openapi", schema(schema_with = optional_tags_schema))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<Tag>>,
-    /// New weight.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// New weight, 1..=256.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 256))]
+    #[serde(
+        default,
+        deserialize_with = "whole::option_u16",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub weight: Option<u16>,
     /// New probe overrides (`{}` removes them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -303,6 +414,32 @@ impl BackendUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_floats_count_as_integers() {
+        let b: Backend = serde_json::from_str(
+            r#"{"id":"x","address":"h:1","tags":["a"],"weight":2.0,"health_check":{"expected_status":[200.0,399]}}"#,
+        )
+        .unwrap();
+        assert_eq!(b.weight, 2);
+        assert_eq!(b.health_check.unwrap().expected_status, Some([200, 399]));
+        let u: BackendUpdate = serde_json::from_str(r#"{"weight":3.0}"#).unwrap();
+        assert_eq!(u.weight, Some(3));
+        for bad in [
+            r#"{"weight":2.5}"#,
+            r#"{"weight":-1}"#,
+            r#"{"weight":70000}"#,
+            r#"{"weight":"2"}"#,
+        ] {
+            let e = serde_json::from_str::<BackendUpdate>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("expected an integer from 0 to 65535"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     fn backend(tags: &[&str], weight: u16) -> Backend {
         Backend {

@@ -79,13 +79,15 @@ pub struct DomainName(Box<str>);
 
 impl DomainName {
     /// Parses and normalises (lowercase, trailing dot removed) a domain name.
+    /// The limit of [`MAX_DOMAIN_LEN`] bytes applies to the text as given, a trailing dot
+    /// included (so that the API's `maxLength` says exactly the same).
     pub fn parse(input: &str) -> Result<Self, DomainNameError> {
+        if input.len() > MAX_DOMAIN_LEN {
+            return Err(DomainNameError::TooLong { len: input.len() });
+        }
         let trimmed = input.strip_suffix('.').unwrap_or(input);
         if trimmed.is_empty() {
             return Err(DomainNameError::Empty);
-        }
-        if trimmed.len() > MAX_DOMAIN_LEN {
-            return Err(DomainNameError::TooLong { len: trimmed.len() });
         }
         let lower = trimmed.to_ascii_lowercase();
         let (is_wildcard, rest) = match lower.strip_prefix("*.") {
@@ -239,6 +241,13 @@ pub enum BackendIdError {
         /// The first invalid character.
         ch: char,
     },
+    /// `.` or `..`: URL clients rewrite these path segments, so `/api/v1/backends/..` could
+    /// never address the backend.
+    #[error("backend id {id:?} is a URL dot-segment; use another name")]
+    DotSegment {
+        /// The rejected id.
+        id: String,
+    },
 }
 
 /// A backend's unique identifier (case-sensitive; used in `/api/v1/backends/:id`).
@@ -259,6 +268,11 @@ impl BackendId {
             return Err(BackendIdError::InvalidChar {
                 id: input.to_owned(),
                 ch,
+            });
+        }
+        if matches!(input, "." | "..") {
+            return Err(BackendIdError::DotSegment {
+                id: input.to_owned(),
             });
         }
         Ok(Self(input.into()))
@@ -283,8 +297,10 @@ pub enum AddressError {
         /// The rejected address.
         addr: String,
     },
-    /// The port is not a number in 1..=65535.
-    #[error("address {addr:?} has port {port:?}; expected a number from 1 to 65535")]
+    /// The port is not a number in 1..=65535 (written without leading zeros).
+    #[error(
+        "address {addr:?} has port {port:?}; expected a number from 1 to 65535 without leading zeros"
+    )]
     InvalidPort {
         /// The rejected address.
         addr: String,
@@ -344,7 +360,13 @@ impl BackendAddress {
                 })?
         };
         let port = match port_text.parse::<u16>() {
-            Ok(p) if p != 0 && port_text.bytes().all(|b| b.is_ascii_digit()) => p,
+            Ok(p)
+                if p != 0
+                    && !port_text.starts_with('0')
+                    && port_text.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                p
+            }
             _ => {
                 return Err(AddressError::InvalidPort {
                     addr: input.to_owned(),
@@ -460,6 +482,128 @@ string_newtype_impls!(DomainName, DomainNameError);
 string_newtype_impls!(Tag, TagError);
 string_newtype_impls!(BackendId, BackendIdError);
 string_newtype_impls!(BackendAddress, AddressError);
+
+/// One DNS label: 1–63 letters, digits and inner hyphens.
+const LABEL: &str = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+
+/// The exact set of texts [`DomainName::parse`] accepts, as an ECMA-262 / Python regular
+/// expression (with [`MAX_DOMAIN_LEN`] as the length limit): the API document states it, and a
+/// test checks that parser and pattern agree.
+pub fn domain_pattern() -> String {
+    format!(r"^(?:\*\.(?:{LABEL}\.)+|(?:{LABEL}\.)*)(?![0-9]+\.?$){LABEL}\.?$")
+}
+
+/// The exact set of texts [`Tag::parse`] accepts (see [`domain_pattern`]).
+pub fn tag_pattern() -> String {
+    format!("^[A-Za-z0-9._-]{{1,{MAX_TAG_LEN}}}$")
+}
+
+/// The exact set of texts [`BackendId::parse`] accepts (see [`domain_pattern`]).
+pub fn backend_id_pattern() -> String {
+    format!(r"^(?!\.\.?$)[A-Za-z0-9._-]{{1,{MAX_BACKEND_ID_LEN}}}$")
+}
+
+/// The exact set of texts [`BackendAddress::parse`] accepts (see [`domain_pattern`]): a
+/// bracketed IPv6 address, an IPv4 address or a host name, then `:` and a port 1–65535.
+pub fn address_pattern() -> String {
+    const H: &str = "[0-9A-Fa-f]{1,4}";
+    let octet = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+    let v4 = format!(r"{octet}(?:\.{octet}){{3}}");
+    // What std's IPv6 parser accepts: 8 groups, or 6 groups and an IPv4 address, or `h` groups,
+    // `::`, and up to `7 - h` more groups of which the last two may be an IPv4 address.
+    let mut v6 = vec![format!("(?:{H}:){{7}}{H}"), format!("(?:{H}:){{6}}{v4}")];
+    for head in 0..=7usize {
+        let left = match head {
+            0 => String::new(),
+            n => format!("(?:{H}:){{{}}}{H}", n - 1),
+        };
+        let room = 7 - head;
+        let mut tails = Vec::new();
+        if room >= 2 {
+            tails.push(format!("(?:{H}:){{0,{}}}{v4}", room - 2));
+        }
+        tails.push(match room {
+            0 => String::new(),
+            1 => format!("(?:{H})?"),
+            n => format!("(?:{H}(?::{H}){{0,{}}})?", n - 1),
+        });
+        v6.push(format!("{left}::(?:{})", tails.join("|")));
+    }
+    let port =
+        "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])";
+    let name = format!(r"(?=[^:]{{1,{MAX_DOMAIN_LEN}}}:)(?:{LABEL}\.)*(?![0-9]+\.?:){LABEL}\.?");
+    format!(r"^(?:\[(?:{})\]|{v4}|{name}):{port}$", v6.join("|"))
+}
+
+#[cfg(feature = "openapi")]
+mod schema {
+    //! OpenAPI schemas of the names: strings with the exact pattern and length limits of their
+    //! parsers, so that the admin API's document tells clients what is accepted.
+    use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+    use utoipa::openapi::RefOr;
+
+    use super::*;
+
+    fn string(pattern: String, max: usize, description: &str, example: &str) -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(max))
+            .pattern(Some(pattern))
+            .description(Some(description))
+            .examples([example])
+            .into()
+    }
+
+    impl utoipa::PartialSchema for DomainName {
+        fn schema() -> RefOr<Schema> {
+            string(
+                domain_pattern(),
+                MAX_DOMAIN_LEN,
+                "A domain name (case-insensitive, stored lowercase), or a `*.example.com` wildcard matching one more label",
+                "example.com",
+            )
+        }
+    }
+    impl utoipa::ToSchema for DomainName {}
+
+    impl utoipa::PartialSchema for Tag {
+        fn schema() -> RefOr<Schema> {
+            string(
+                tag_pattern(),
+                MAX_TAG_LEN,
+                "A backend tag (case-sensitive)",
+                "a",
+            )
+        }
+    }
+    impl utoipa::ToSchema for Tag {}
+
+    impl utoipa::PartialSchema for BackendId {
+        fn schema() -> RefOr<Schema> {
+            string(
+                backend_id_pattern(),
+                MAX_BACKEND_ID_LEN,
+                "A backend's unique id (case-sensitive; not `.` or `..`)",
+                "web-v1",
+            )
+        }
+    }
+    impl utoipa::ToSchema for BackendId {}
+
+    impl utoipa::PartialSchema for BackendAddress {
+        fn schema() -> RefOr<Schema> {
+            string(
+                address_pattern(),
+                // `[` + the longest IPv6 text (45) + `]:65535`, or a host name and a port.
+                MAX_DOMAIN_LEN + 6,
+                "`host:port`: an IPv4 address, a bracketed IPv6 address or a host name (resolved by the proxy)",
+                "127.0.0.1:3001",
+            )
+        }
+    }
+    impl utoipa::ToSchema for BackendAddress {}
+}
 
 #[cfg(test)]
 mod tests {
@@ -615,5 +759,188 @@ mod tests {
         assert!(d.unwrap_err().to_string().contains("empty label"));
         let t: Tag = serde_json::from_str("\"b\"").unwrap();
         assert_eq!(serde_json::to_string(&t).unwrap(), "\"b\"");
+    }
+
+    mod patterns {
+        //! The API document's patterns accept exactly what the parsers accept.
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// The pattern, compiled once per test thread, with the schema's `maxLength`.
+        fn agree(
+            pattern: fn() -> String,
+            max: usize,
+            text: &str,
+            parses: bool,
+        ) -> Result<(), TestCaseError> {
+            thread_local! {
+                static COMPILED: std::cell::RefCell<Vec<(usize, fancy_regex::Regex)>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            let key = pattern as usize;
+            let matches = COMPILED.with(|cache| {
+                let mut cache = cache.borrow_mut();
+                if !cache.iter().any(|(k, _)| *k == key) {
+                    let re = fancy_regex::Regex::new(&pattern())
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    cache.push((key, re));
+                }
+                let (_, re) = cache
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .ok_or_else(|| TestCaseError::fail("cache"))?;
+                re.is_match(text)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))
+            })? && text.len() <= max;
+            prop_assert_eq!(
+                matches,
+                parses,
+                "{:?}: pattern says {}, parser says {}",
+                text,
+                matches,
+                parses
+            );
+            Ok(())
+        }
+
+        fn label() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-zA-Z0-9*_-]{0,4}",
+                "[a-z0-9-]{60,66}",
+                "[0-9]{1,3}",
+                Just("-".to_owned()),
+            ]
+        }
+
+        fn domainish() -> impl Strategy<Value = String> {
+            (
+                proptest::collection::vec(label(), 1..6),
+                any::<bool>(),
+                0usize..5,
+            )
+                .prop_map(|(labels, dot, pad)| {
+                    let mut s = labels.join(".");
+                    if pad == 0 {
+                        s = format!("{}.{s}", vec!["abcdefghij".repeat(6); 4].join("."));
+                    }
+                    if dot {
+                        s.push('.');
+                    }
+                    s
+                })
+        }
+
+        fn v6ish() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[0-9a-fA-F:]{0,40}",
+                proptest::collection::vec(prop_oneof!["[0-9a-f]{0,5}", Just(String::new())], 1..10)
+                    .prop_map(|g| g.join(":")),
+                (
+                    proptest::collection::vec("[0-9a-f]{1,4}", 0..8),
+                    "[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}",
+                    0usize..8,
+                    any::<bool>()
+                )
+                    .prop_map(|(g, v4, cut, compress)| {
+                        let cut = cut.min(g.len());
+                        let (l, r) = g.split_at(cut);
+                        let sep = if compress { "::" } else { ":" };
+                        let mut s = format!("{}{sep}{}", l.join(":"), r.join(":"));
+                        if !r.is_empty() || compress {
+                            s.push(':');
+                        }
+                        s.push_str(&v4);
+                        s
+                    }),
+            ]
+        }
+
+        fn port() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[0-9]{0,6}",
+                Just("65535".to_owned()),
+                Just("65536".to_owned()),
+                Just("0".to_owned()),
+                Just("08".to_owned())
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn domain(text in prop_oneof![domainish(), "\\*\\.[a-z0-9.*]{0,8}", "[a-zA-Z0-9.*_ -]{0,12}"]) {
+                agree(domain_pattern, MAX_DOMAIN_LEN, &text, DomainName::parse(&text).is_ok())?;
+            }
+
+            #[test]
+            fn tag_and_id(text in prop_oneof!["[a-zA-Z0-9._ /-]{0,8}", "[a-z]{60,130}", "\\.{1,3}"]) {
+                agree(tag_pattern, MAX_TAG_LEN, &text, Tag::parse(&text).is_ok())?;
+                agree(backend_id_pattern, MAX_BACKEND_ID_LEN, &text, BackendId::parse(&text).is_ok())?;
+            }
+
+            #[test]
+            fn address(host in prop_oneof![
+                domainish(),
+                v6ish().prop_map(|h| format!("[{h}]")),
+                v6ish(),
+                "[0-9]{1,4}\\.[0-9]{1,4}\\.[0-9]{1,3}\\.[0-9]{1,3}",
+            ], port in port()) {
+                let text = format!("{host}:{port}");
+                agree(address_pattern, MAX_DOMAIN_LEN + 6, &text, BackendAddress::parse(&text).is_ok())?;
+            }
+        }
+
+        #[test]
+        fn known_cases() {
+            for text in [
+                "[::]:1",
+                "[::1]:80",
+                "[1:2:3:4:5:6:7:8]:80",
+                "[1:2:3:4:5:6:7::]:80",
+                "[::ffff:1.2.3.4]:80",
+                "[1:2:3:4:5:6:1.2.3.4]:80",
+                "[1::1.2.3.4]:80",
+                "[1:2:3:4:5::1.2.3.4]:80",
+                "[1:2:3:4:5:6::1.2.3.4]:80",
+                "[0001::]:80",
+                "[00001::]:80",
+                "[1:2:3:4:5:6:7:8:9]:80",
+                "[1.2.3.4]:80",
+                "[::1.2.3.04]:80",
+                "localhost:3001",
+                "localhost.:1",
+                "01.2.3.4:80",
+                "1.2.3.4:80",
+                "1.2.3.256:80",
+                "a.1b:9",
+                "h:080",
+            ] {
+                agree(
+                    address_pattern,
+                    MAX_DOMAIN_LEN + 6,
+                    text,
+                    BackendAddress::parse(text).is_ok(),
+                )
+                .unwrap();
+            }
+            let long = format!("{}.com", vec!["a".repeat(60); 4].join("."));
+            for text in [
+                long.as_str(),
+                "a.com.",
+                "*.com",
+                "*.a.com",
+                "1.2.3.4",
+                "a.1-2",
+                "A.B",
+            ] {
+                agree(
+                    domain_pattern,
+                    MAX_DOMAIN_LEN,
+                    text,
+                    DomainName::parse(text).is_ok(),
+                )
+                .unwrap();
+            }
+        }
     }
 }

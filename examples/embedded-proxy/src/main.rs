@@ -1,12 +1,13 @@
 //! Embedding pingora-vhost's routing crate and Pingora adapter in your own Pingora server.
 //!
 //! ```text
-//! cargo run -p embedded-proxy -- 127.0.0.1:8000 127.0.0.1:3001 127.0.0.1:3002
+//! cargo run -p embedded-proxy -- 127.0.0.1:8000 127.0.0.1:3001 127.0.0.1:3002 [FLIP_EVERY_MS]
 //! curl -H 'Host: app.example.test' http://127.0.0.1:8000/
 //! ```
-//! Routes `app.example.test` to the first backend (tag "blue"); every 10 s a background service
-//! of this app flips the domain between "blue" and "green" by publishing a new snapshot — the
-//! same thing the pingora-vhost admin API does on `POST /api/v1/domains/:domain/switch`.
+//! Routes `app.example.test` to the first backend (tag "blue"); every 10 s (or `FLIP_EVERY_MS`)
+//! a background service of this app flips the domain between "blue" and "green" by publishing a
+//! new snapshot — the same thing the pingora-vhost admin API does on
+//! `POST /api/v1/domains/:domain/switch`.
 
 use std::time::Duration;
 
@@ -21,16 +22,17 @@ use vhost_routing::{
     RouteWriter, State, Tag, VirtualHost,
 };
 
-/// Flips the domain's tag every 10 seconds.
+/// Flips the domain's tag every `every`.
 struct Flipper {
     writer: Mutex<RouteWriter>,
     domain: DomainName,
+    every: Duration,
 }
 
 #[async_trait]
 impl BackgroundService for Flipper {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut tick = tokio::time::interval(self.every);
         tick.tick().await;
         loop {
             tokio::select! {
@@ -68,9 +70,19 @@ impl BackgroundService for Flipper {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [listen, blue, green] = args.as_slice() else {
-        return Err("usage: embedded-proxy LISTEN_ADDR BLUE_BACKEND GREEN_BACKEND".into());
+    let (listen, blue, green, every) = match args.as_slice() {
+        [listen, blue, green] => (listen, blue, green, Duration::from_secs(10)),
+        [listen, blue, green, ms] => (listen, blue, green, Duration::from_millis(ms.parse()?)),
+        _ => {
+            return Err(
+                "usage: embedded-proxy LISTEN_ADDR BLUE_BACKEND GREEN_BACKEND [FLIP_EVERY_MS]"
+                    .into(),
+            )
+        }
     };
+    if every.is_zero() {
+        return Err("FLIP_EVERY_MS must be at least 1".into());
+    }
     let domain = DomainName::parse("app.example.test")?;
     let state = State::new(
         vec![VirtualHost::new(domain.clone(), Tag::parse("blue")?)],
@@ -104,6 +116,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Flipper {
             writer: Mutex::new(writer),
             domain,
+            every,
         },
     ));
     server.run_forever();

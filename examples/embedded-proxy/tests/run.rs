@@ -57,7 +57,13 @@ fn the_embedded_proxy_routes_by_host() {
         .local_addr()
         .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_embedded-proxy"))
-        .args([listen.to_string(), blue.to_string(), green.to_string()])
+        // Flip every 200 ms, so the test sees the flipper at work without waiting.
+        .args([
+            listen.to_string(),
+            blue.to_string(),
+            green.to_string(),
+            "200".to_owned(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -75,7 +81,19 @@ fn the_embedded_proxy_routes_by_host() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.ends_with("blue"), "{answer}");
+    // Both colours answer as the background service flips the tag.
+    let mut seen = [false; 2];
+    while seen != [true, true] {
+        let a = get(listen, "app.example.test").unwrap();
+        assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+        seen[0] |= a.ends_with("blue");
+        seen[1] |= a.ends_with("green");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no flip seen: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let unknown = get(listen, "other.test").unwrap();
     assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
 }
