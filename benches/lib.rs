@@ -1,6 +1,9 @@
 //! Fixtures shared by pingora-vhost's criterion benchmarks (`benches/benches/*.rs`).
 
-use vhost_routing::{Backend, BackendAddress, BackendId, DomainName, State, Tag, VirtualHost};
+use vhost_routing::{
+    Backend, BackendAddress, BackendId, Canary, CanaryWeight, DomainName, State, StickyKey, Tag,
+    VirtualHost,
+};
 
 /// A state with `domains` domains spread over `tags` tags, each tag with `per_tag` backends of
 /// weights 1..=3. Returns it with the host names to look up (Host-header spelling, with a port).
@@ -38,4 +41,19 @@ pub fn fixture(
         }
     }
     Ok((State::new(vhosts, backends)?, hosts))
+}
+
+/// `state` with a 10 % canary (`sticky_key = "header:x-user"`) on every domain, towards the next
+/// tag of the fixture.
+pub fn with_canaries(state: State, tags: usize) -> Result<State, Box<dyn std::error::Error>> {
+    let mut vhosts: Vec<VirtualHost> = state.vhosts().cloned().collect();
+    for v in &mut vhosts {
+        let n: usize = v.enabled_backends_tag.as_str()[1..].parse()?;
+        v.canary = Some(Canary {
+            tag: Tag::parse(&format!("t{}", (n + 1) % tags))?,
+            weight: CanaryWeight::from_percent(10.0)?,
+            sticky_key: StickyKey::parse("header:x-user")?,
+        });
+    }
+    Ok(State::new(vhosts, state.backends().cloned().collect())?)
 }

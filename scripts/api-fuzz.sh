@@ -54,6 +54,6 @@ done
 curl -fsS "$admin/api/v1/health" >/dev/null || { cat "$dir/proxy.log"; echo "the admin API did not come up" >&2; exit 1; }
 
 "$venv/bin/schemathesis" --config-file scripts/schemathesis.toml run "$admin/api/v1/openapi.json" \
-  --checks all --max-time "$seconds" --no-color
+  --checks all --max-time "$seconds" --no-color ${API_FUZZ_ARGS:-}
 kill -0 "$proxy" 2>/dev/null || { cat "$dir/proxy.log"; echo "the proxy died during the run" >&2; exit 1; }
 echo "api-fuzz: no finding in ${seconds} s"

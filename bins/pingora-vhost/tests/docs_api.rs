@@ -1,5 +1,6 @@
-//! Runs every `curl` line of docs/api.md, in order, against the real binary and checks the status
-//! code written after `# →` — so the documentation cannot drift from the API.
+//! Runs every `curl` line of docs/api.md and docs/canary.md, in order, against the real binary
+//! and checks the status code written after `# →` — so the documentation cannot drift from the
+//! API.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -8,15 +9,17 @@ use std::process::Command;
 
 use common::*;
 
-#[test]
-fn every_curl_example_in_docs_api_md_runs_with_the_documented_status() {
+/// Runs the `curl ... # → status` lines of `doc` (under docs/) against the binary started with
+/// `body`; the documented backend addresses 127.0.0.1:3001-3003 are served for real, the admin
+/// API's documented address is the real one, and so is the proxy's (`http://127.0.0.1:80`).
+fn run_curl_examples(doc: &str, body: &str, at_least: usize) {
     assert!(
         Command::new("curl").arg("--version").output().is_ok(),
         "this test needs curl (scripts/deps.sh installs it)"
     );
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.md")).unwrap();
-    let examples: Vec<(String, String)> = doc
+    let text = std::fs::read_to_string(format!("{}/../../docs/{doc}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap();
+    let examples: Vec<(String, String)> = text
         .lines()
         .filter(|l| l.starts_with("curl "))
         .filter_map(|l| {
@@ -25,12 +28,11 @@ fn every_curl_example_in_docs_api_md_runs_with_the_documented_status() {
         })
         .collect();
     assert!(
-        examples.len() >= 20,
-        "only {} examples found",
+        examples.len() >= at_least,
+        "only {} examples found in {doc}",
         examples.len()
     );
 
-    // The documented backend addresses, served for real (health checks run).
     let rt = runtime();
     let live: Vec<(String, TestBackend)> = ["127.0.0.1:3001", "127.0.0.1:3002", "127.0.0.1:3003"]
         .iter()
@@ -41,14 +43,13 @@ fn every_curl_example_in_docs_api_md_runs_with_the_documented_status() {
             t.replace(doc_addr, &b.addr.to_string())
         })
     };
-    let body = real(
-        "[[virtual_hosts]]\ndomain = \"example.com\"\nenabled_backends_tag = \"a\"\nhttp_to_https = true\n\n\
-         [[backends]]\nid = \"web-v1\"\naddress = \"127.0.0.1:3001\"\ntags = [\"a\"]\n",
-    );
-    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
-    let base = format!("http://{}", proxy.admin);
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &real(body), false);
+    let admin = format!("http://{}", proxy.admin);
+    let http = format!("http://{}", proxy.http);
     for (cmd, expected) in examples {
-        let cmd = real(&cmd).replace("http://127.0.0.1:8080", &base);
+        let cmd = real(&cmd)
+            .replace("http://127.0.0.1:8080", &admin)
+            .replace("http://127.0.0.1:80", &http);
         let out = Command::new("sh")
             .arg("-c")
             .arg(format!("{cmd} -s -o /dev/null -w '%{{http_code}}'"))
@@ -57,7 +58,28 @@ fn every_curl_example_in_docs_api_md_runs_with_the_documented_status() {
         let got = String::from_utf8_lossy(&out.stdout).to_string();
         assert_eq!(
             got, expected,
-            "`{cmd}` answered {got}, docs/api.md says {expected}"
+            "`{cmd}` answered {got}, docs/{doc} says {expected}"
         );
     }
+}
+
+#[test]
+fn every_curl_example_in_docs_api_md_runs_with_the_documented_status() {
+    run_curl_examples(
+        "api.md",
+        "[[virtual_hosts]]\ndomain = \"example.com\"\nenabled_backends_tag = \"a\"\nhttp_to_https = true\n\n\
+         [[backends]]\nid = \"web-v1\"\naddress = \"127.0.0.1:3001\"\ntags = [\"a\"]\n",
+        20,
+    );
+}
+
+#[test]
+fn every_curl_example_in_docs_canary_md_runs_with_the_documented_status() {
+    run_curl_examples(
+        "canary.md",
+        "[[virtual_hosts]]\ndomain = \"example.com\"\nenabled_backends_tag = \"a\"\n\n\
+         [[backends]]\nid = \"web-v1\"\naddress = \"127.0.0.1:3001\"\ntags = [\"a\"]\n\n\
+         [[backends]]\nid = \"web-v2\"\naddress = \"127.0.0.1:3002\"\ntags = [\"b\"]\n",
+        15,
+    );
 }

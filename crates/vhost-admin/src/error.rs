@@ -198,9 +198,9 @@ impl From<CommandError> for ApiError {
                     Self::InvalidField { field, message }
                 }
             }
-            CommandError::DomainNotFound { .. } | CommandError::BackendNotFound { .. } => {
-                Self::NotFound { message }
-            }
+            CommandError::DomainNotFound { .. }
+            | CommandError::BackendNotFound { .. }
+            | CommandError::NoCanary { .. } => Self::NotFound { message },
             CommandError::DomainExists { .. } => Self::Conflict {
                 code: "already_exists",
                 message,
@@ -225,7 +225,7 @@ impl From<CommandError> for ApiError {
 fn is_cross_field(error: &ValidationError) -> bool {
     let status = 100..=599;
     match error {
-        ValidationError::IncompleteTlsPair { .. } => true,
+        ValidationError::IncompleteTlsPair { .. } | ValidationError::CanaryIsPrimary { .. } => true,
         ValidationError::InvalidProbe {
             reason: ProbeFieldError::ExpectedStatus(lo, hi),
             ..

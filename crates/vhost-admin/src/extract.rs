@@ -48,8 +48,44 @@ where
     }
 }
 
+/// The only request fields whose values are arrays (`tags`, `expected_status`). serde would
+/// also read a record from an array of its field values (`[]` as an empty update); the API
+/// document says objects, so anywhere else an array is refused.
+const ARRAY_FIELDS: [&str; 2] = ["tags", "expected_status"];
+
+/// The path of the first array that stands where the API expects an object, if any.
+fn misplaced_array(value: &serde_json::Value, path: &str) -> Option<String> {
+    match value {
+        serde_json::Value::Array(_) => Some(path.to_owned()),
+        serde_json::Value::Object(map) => map.iter().find_map(|(key, v)| {
+            let here = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            match v {
+                serde_json::Value::Array(_) if ARRAY_FIELDS.contains(&key.as_str()) => None,
+                _ => misplaced_array(v, &here),
+            }
+        }),
+        _ => None,
+    }
+}
+
 /// Deserialises a JSON document, mapping errors to the API's error classes.
 pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) {
+        if let Some(path) = misplaced_array(&value, "") {
+            return Err(ApiError::InvalidField {
+                message: if path.is_empty() {
+                    "the body must be a JSON object, not an array".to_owned()
+                } else {
+                    format!("{path} must be a JSON object, not an array")
+                },
+                field: path,
+            });
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -114,6 +150,18 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(err(r#"{"id":"#), ApiError::MalformedJson { .. }));
+        match err(r#"[]"#) {
+            ApiError::InvalidField { field, .. } => assert_eq!(field, ""),
+            other => panic!("{other:?}"),
+        }
+        match err(r#"{"id":"x","address":"h:1","tags":["a"],"health_check":[]}"#) {
+            ApiError::InvalidField { field, message } => {
+                assert_eq!(field, "health_check");
+                assert!(message.contains("not an array"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse::<vhost_routing::BackendUpdate>(br#"{"tags":["a"]}"#).is_ok());
         assert!(matches!(
             err(r#"{"id":"x","address":"h:1","tags":["a"]} trailing"#),
             ApiError::MalformedJson { .. }

@@ -10,8 +10,8 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use vhost_routing::{
-    Backend, BackendEntry, BackendId, BackendUpdate, Change, Command, DomainName, RoutingTable,
-    Tag, VirtualHost, VirtualHostUpdate,
+    Backend, BackendEntry, BackendId, BackendUpdate, Canary, Change, Command, DomainName,
+    RoutingTable, Tag, VirtualHost, VirtualHostUpdate,
 };
 
 use crate::error::ApiError;
@@ -187,7 +187,12 @@ fn has_healthy_backend(table: &RoutingTable, tag: &Tag) -> bool {
         .any(|b| b.backend().has_tag(tag) && b.is_available())
 }
 
-fn ensure_serving_tag(table: &RoutingTable, tag: &Tag, force: bool) -> Result<(), ApiError> {
+fn ensure_serving_tag(
+    table: &RoutingTable,
+    tag: &Tag,
+    force: bool,
+    field: &str,
+) -> Result<(), ApiError> {
     if force || has_healthy_backend(table, tag) {
         return Ok(());
     }
@@ -196,7 +201,7 @@ fn ensure_serving_tag(table: &RoutingTable, tag: &Tag, force: bool) -> Result<()
         message: format!(
             "tag {tag} has no healthy backend: the domain would answer 503; add or fix a backend first, or repeat with ?force=true"
         ),
-        field: Some("new_tag".into()),
+        field: Some(field.into()),
     })
 }
 
@@ -225,10 +230,12 @@ async fn apply_write(
             attempt += 1;
             let current = this.store.load_full();
             let (command, etag) = build(&current)?;
+            let (next, change) = current.state().apply(command)?;
+            // Preconditions are evaluated after the request's own checks (RFC 9110 §13.2.1):
+            // an invalid request is a 400 whatever its If-Match says.
             if let Some(etag) = etag {
                 check_if_match(if_match.as_ref(), &etag)?;
             }
-            let (next, change) = current.state().apply(command)?;
             let commit = this.hook.prepare(&next)?;
             let mut writer = match locked {
                 Some(writer) => writer,
@@ -350,7 +357,7 @@ pub(crate) async fn update_domain(
         let current = vhost_in(t, &target)?;
         if let Some(tag) = &update.enabled_backends_tag {
             if *tag != current.enabled_backends_tag {
-                ensure_serving_tag(t, tag, force)?;
+                ensure_serving_tag(t, tag, force, "new_tag")?;
             }
         }
         let etag = etag_of(current);
@@ -416,12 +423,148 @@ pub(crate) async fn switch_domain(
     let target = domain.clone();
     let (table, _) = apply_write(&s, &headers, move |t| {
         let current = vhost_in(t, &target)?;
-        ensure_serving_tag(t, &request.new_tag, force)?;
+        ensure_serving_tag(t, &request.new_tag, force, "new_tag")?;
         Ok((
             Command::SwitchTag {
                 domain: target.clone(),
                 tag: request.new_tag.clone(),
             },
+            Some(etag_of(current)),
+        ))
+    })
+    .await?;
+    let vhost = vhost_in(&table, &domain)?;
+    Ok(json_with_etag(StatusCode::OK, vhost))
+}
+
+/// A domain's canary.
+#[utoipa::path(get, path = "/api/v1/domains/{domain}/canary", tag = "canary",
+    params(("domain" = DomainName, Path, description = "Domain name")),
+    responses(
+        (status = 200, description = "The canary (ETag: the domain's)", body = Canary),
+        (status = 400, description = "Invalid domain name", body = crate::ErrorBody),
+        (status = 404, description = "Unknown domain, or the domain has no canary", body = crate::ErrorBody)))]
+pub(crate) async fn get_canary(
+    State(s): AppState,
+    Path(domain): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = parse_domain(&domain)?;
+    let table = s.store.load();
+    let vhost = vhost_in(&table, &domain)?;
+    let canary = vhost.canary.as_ref().ok_or_else(|| no_canary(&domain))?;
+    let mut response = (StatusCode::OK, Json(canary)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&etag_of(vhost)) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(response)
+}
+
+fn no_canary(domain: &DomainName) -> ApiError {
+    ApiError::NotFound {
+        message: format!("domain {domain} has no canary"),
+    }
+}
+
+/// Sets (or changes) a domain's canary: `weight` percent of its traffic goes to `tag`.
+#[utoipa::path(put, path = "/api/v1/domains/{domain}/canary", tag = "canary", request_body = Canary,
+    params(("domain" = DomainName, Path, description = "Domain name"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET of the domain"),
+           ("force" = Option<bool>, Query, description = "Set it even if the tag has no healthy backend")),
+    responses(
+        (status = 200, description = "The domain with its canary", body = VirtualHost),
+        (status = 400, description = "Invalid weight, tag or sticky key", body = crate::ErrorBody),
+        (status = 404, description = "Unknown domain", body = crate::ErrorBody),
+        (status = 409, description = "The tag is the primary tag, or has no healthy backend", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody)))]
+pub(crate) async fn put_canary(
+    State(s): AppState,
+    Path(domain): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ApiJson(canary): ApiJson<Canary>,
+) -> Result<Response, ApiError> {
+    let domain = parse_domain(&domain)?;
+    let force = force(&query)?;
+    let target = domain.clone();
+    let (table, _) = apply_write(&s, &headers, move |t| {
+        let current = vhost_in(t, &target)?;
+        if canary.tag == current.enabled_backends_tag {
+            return Err(ApiError::Conflict {
+                code: "canary_is_primary",
+                message: format!(
+                    "tag {} is already the primary tag of {target}; a canary needs another tag",
+                    canary.tag
+                ),
+                field: Some("tag".into()),
+            });
+        }
+        if current.canary.as_ref().is_none_or(|c| c.tag != canary.tag) {
+            ensure_serving_tag(t, &canary.tag, force, "tag")?;
+        }
+        Ok((
+            Command::SetCanary {
+                domain: target.clone(),
+                canary: canary.clone(),
+            },
+            Some(etag_of(current)),
+        ))
+    })
+    .await?;
+    let vhost = vhost_in(&table, &domain)?;
+    Ok(json_with_etag(StatusCode::OK, vhost))
+}
+
+/// Removes a domain's canary: all its traffic goes back to the primary tag.
+#[utoipa::path(delete, path = "/api/v1/domains/{domain}/canary", tag = "canary",
+    params(("domain" = DomainName, Path, description = "Domain name"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET of the domain")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "Unknown domain, or no canary", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody)))]
+pub(crate) async fn delete_canary(
+    State(s): AppState,
+    Path(domain): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let domain = parse_domain(&domain)?;
+    apply_write(&s, &headers, move |t| {
+        let current = vhost_in(t, &domain)?;
+        Ok((
+            Command::RemoveCanary(domain.clone()),
+            Some(etag_of(current)),
+        ))
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Promotes the canary: its tag becomes the domain's primary tag and the canary is removed, in
+/// one change.
+#[utoipa::path(post, path = "/api/v1/domains/{domain}/canary/promote", tag = "canary",
+    params(("domain" = DomainName, Path, description = "Domain name"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET of the domain"),
+           ("force" = Option<bool>, Query, description = "Promote even if the canary tag has no healthy backend")),
+    responses(
+        (status = 200, description = "Promoted: the domain", body = VirtualHost),
+        (status = 404, description = "Unknown domain, or no canary", body = crate::ErrorBody),
+        (status = 409, description = "The canary tag has no healthy backend", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody)))]
+pub(crate) async fn promote_canary(
+    State(s): AppState,
+    Path(domain): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let domain = parse_domain(&domain)?;
+    let force = force(&query)?;
+    let target = domain.clone();
+    let (table, _) = apply_write(&s, &headers, move |t| {
+        let current = vhost_in(t, &target)?;
+        let canary = current.canary.as_ref().ok_or_else(|| no_canary(&target))?;
+        ensure_serving_tag(t, &canary.tag, force, "tag")?;
+        Ok((
+            Command::PromoteCanary(target.clone()),
             Some(etag_of(current)),
         ))
     })

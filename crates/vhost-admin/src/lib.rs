@@ -234,6 +234,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(get_domain).put(update_domain).delete(delete_domain),
         )
         .route("/api/v1/domains/{domain}/switch", post(switch_domain))
+        .route(
+            "/api/v1/domains/{domain}/canary",
+            get(get_canary).put(put_canary).delete(delete_canary),
+        )
+        .route(
+            "/api/v1/domains/{domain}/canary/promote",
+            post(promote_canary),
+        )
         .route("/api/v1/backends", get(list_backends).post(create_backend))
         .route(
             "/api/v1/backends/{id}",

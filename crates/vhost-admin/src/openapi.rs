@@ -19,6 +19,10 @@ use crate::{handlers, AdminState};
         handlers::update_domain,
         handlers::delete_domain,
         handlers::switch_domain,
+        handlers::get_canary,
+        handlers::put_canary,
+        handlers::delete_canary,
+        handlers::promote_canary,
         handlers::list_backends,
         handlers::create_backend,
         handlers::get_backend,
@@ -31,6 +35,7 @@ use crate::{handlers, AdminState};
     components(schemas(
         vhost_routing::VirtualHost,
         vhost_routing::VirtualHostUpdate,
+        vhost_routing::Canary,
         vhost_routing::Backend,
         vhost_routing::BackendUpdate,
         handlers::BackendView,

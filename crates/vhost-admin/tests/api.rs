@@ -560,7 +560,7 @@ async fn every_error_class_has_its_status_code_and_field() {
         ),
         (
             Method::DELETE,
-            "/api/v1/backends/web-v1",
+            "/api/v1/backends/web-v1?force=true",
             None,
             vec![("if-match", "\"stale\"")],
             StatusCode::PRECONDITION_FAILED,
@@ -893,6 +893,11 @@ async fn openapi_document_lists_every_route_and_resolves() {
         ("/api/v1/domains", vec!["get", "post"]),
         ("/api/v1/domains/{domain}", vec!["get", "put", "delete"]),
         ("/api/v1/domains/{domain}/switch", vec!["post"]),
+        (
+            "/api/v1/domains/{domain}/canary",
+            vec!["get", "put", "delete"],
+        ),
+        ("/api/v1/domains/{domain}/canary/promote", vec!["post"]),
         ("/api/v1/backends", vec!["get", "post"]),
         ("/api/v1/backends/{id}", vec!["get", "put", "delete"]),
         ("/api/v1/metrics", vec!["get"]),
@@ -931,10 +936,11 @@ async fn openapi_document_lists_every_route_and_resolves() {
         let concrete = path
             .replace("{domain}", "example.com")
             .replace("{id}", "web-v1");
-        assert_ne!(
-            get(&api, &concrete).await.status,
-            StatusCode::NOT_FOUND,
-            "{concrete}"
+        let r = get(&api, &concrete).await;
+        assert!(
+            !r.text.contains("no such API route"),
+            "{concrete}: {}",
+            r.text
         );
     }
     // Every $ref points at a defined schema.
@@ -1098,4 +1104,126 @@ async fn without_a_token_only_requests_addressed_to_the_api_itself_are_served() 
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
+
+#[tokio::test]
+async fn canary_lifecycle_through_the_api() {
+    let api = api();
+    let put = |body: &'static str, query: &'static str| {
+        let api = &api;
+        async move {
+            send(
+                api,
+                Method::PUT,
+                &format!("/api/v1/domains/example.com/canary{query}"),
+                Some(body),
+                &[],
+            )
+            .await
+        }
+    };
+    // A tag without backends needs ?force; the primary tag can't be the canary.
+    let r = put(r#"{"tag":"b","weight":10}"#, "").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    assert_eq!(r.error(), ("no_healthy_backend".into(), Some("tag".into())));
+    let r = put(r#"{"tag":"a","weight":10}"#, "").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    assert_eq!(r.error().0, "canary_is_primary");
+    for bad in [
+        r#"{"tag":"b","weight":100.5}"#,
+        r#"{"tag":"b","weight":10.001}"#,
+        r#"{"tag":"b","weight":10,"sticky_key":"ip"}"#,
+        r#"{"tag":"b"}"#,
+    ] {
+        let r = put(bad, "?force=true").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.text);
+    }
+    assert_eq!(
+        get(&api, "/api/v1/domains/example.com/canary").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let r = put(
+        r#"{"tag":"b","weight":12.5,"sticky_key":"header:X-User"}"#,
+        "?force=true",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let expected = json!({"tag": "b", "weight": 12.5, "sticky_key": "header:x-user"});
+    assert_eq!(r.json()["canary"], expected);
+    let r = get(&api, "/api/v1/domains/example.com/canary").await;
+    assert_eq!(r.json(), expected);
+    // Persisted: the file loads to the same state.
+    assert_eq!(
+        vhost_config::load(&api.path)
+            .unwrap()
+            .state
+            .vhosts()
+            .next()
+            .unwrap()
+            .canary,
+        api.store.load().state().vhosts().next().unwrap().canary
+    );
+    // A stale ETag changes nothing.
+    let r = send(
+        &api,
+        Method::DELETE,
+        "/api/v1/domains/example.com/canary",
+        None,
+        &[("if-match", "\"0000000000000000\"")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+
+    // Promote needs a serving tag too; with force the canary's tag becomes the primary.
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains/example.com/canary/promote",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains/example.com/canary/promote?force=true",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["enabled_backends_tag"], "b");
+    assert!(r.json().get("canary").is_none(), "{}", r.text);
+
+    // Set again, then delete: all traffic back to the primary.
+    let r = put(r#"{"tag":"a","weight":50}"#, "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = send(
+        &api,
+        Method::DELETE,
+        "/api/v1/domains/example.com/canary",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    let r = send(
+        &api,
+        Method::DELETE,
+        "/api/v1/domains/example.com/canary",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    assert!(vhost_config::load(&api.path)
+        .unwrap()
+        .state
+        .vhosts()
+        .next()
+        .unwrap()
+        .canary
+        .is_none());
 }

@@ -286,6 +286,25 @@ fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
             "set both default_cert_path and default_key_path, or neither",
         );
     }
+    for (key, name) in [
+        ("proxy.canary_cookie", &p.canary_cookie),
+        ("proxy.canary_override_header", &p.canary_override_header),
+        ("proxy.canary_override_cookie", &p.canary_override_cookie),
+    ] {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(token) {
+            return fail(
+                key,
+                &format!("{name:?} is not a valid name: 1-64 letters, digits or !#$%&'*+-.^_`|~"),
+            );
+        }
+    }
+    if p.canary_cookie == p.canary_override_cookie {
+        return fail(
+            "proxy.canary_override_cookie",
+            "canary_cookie and canary_override_cookie must differ",
+        );
+    }
     if p.management_api_token.as_deref().is_some_and(str::is_empty) {
         return fail(
             "proxy.management_api_token",
@@ -348,7 +367,10 @@ fn validation_key<'a>(
         let (section, index) = match e {
             ValidationError::DuplicateDomain { domain }
             | ValidationError::IncompleteTlsPair { domain }
-            | ValidationError::EmptyTlsPath { domain } => ("virtual_hosts", vhost_index(domain)),
+            | ValidationError::EmptyTlsPath { domain }
+            | ValidationError::CanaryIsPrimary { domain, .. } => {
+                ("virtual_hosts", vhost_index(domain))
+            }
             ValidationError::DuplicateBackend { id }
             | ValidationError::EmptyTagList { id }
             | ValidationError::DuplicateTag { id, .. }

@@ -261,7 +261,16 @@ fn vhost_table(v: &VirtualHost, mut t: Table) -> Table {
         "tls_key_path",
         v.tls_key_path.as_deref().map(str_value),
     );
+    set_opt(&mut t, "canary", v.canary.as_ref().map(canary_value));
     t
+}
+
+fn canary_value(c: &vhost_routing::Canary) -> Value {
+    let mut t = InlineTable::new();
+    t.insert("tag", Value::from(c.tag.as_str()));
+    t.insert("weight", Value::from(c.weight.percent()));
+    t.insert("sticky_key", Value::from(c.sticky_key.as_text().as_ref()));
+    Value::InlineTable(t)
 }
 
 fn backend_table(b: &Backend, mut t: Table) -> Table {

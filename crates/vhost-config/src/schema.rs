@@ -88,6 +88,16 @@ pub struct ProxyConfig {
     /// Largest request head (request line and headers) accepted, in bytes; larger ones get 431
     /// (default 32768).
     pub max_request_header_bytes: u64,
+    /// Cookie that keeps a client's canary bucket (`sticky_key = "cookie"`; default
+    /// `vhost_bucket`).
+    pub canary_cookie: String,
+    /// Request header forcing a side of a canary: `always` or `never` (default `X-Canary`).
+    pub canary_override_header: String,
+    /// Cookie forcing a side of a canary: `always` or `never` (default `canary`).
+    pub canary_override_cookie: String,
+    /// Add `X-Served-Tag: <tag>` to responses of domains with a canary, naming the tag that
+    /// served (default false).
+    pub expose_served_tag: bool,
 }
 
 impl Default for ProxyConfig {
@@ -112,6 +122,10 @@ impl Default for ProxyConfig {
             client_keepalive_timeout_ms: 60_000,
             max_connections: None,
             max_request_header_bytes: 32 * 1024,
+            canary_cookie: "vhost_bucket".to_owned(),
+            canary_override_header: "X-Canary".to_owned(),
+            canary_override_cookie: "canary".to_owned(),
+            expose_served_tag: false,
         }
     }
 }

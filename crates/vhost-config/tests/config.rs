@@ -160,6 +160,20 @@ fn section_rules() {
     ));
     assert_eq!(key, "backends[0].health_check.path");
     assert!(msg.contains("must start with '/'"), "{msg}");
+    let (_, _, key, _) = invalid("[proxy]\ncanary_cookie = \"a b\"\n");
+    assert_eq!(key, "proxy.canary_cookie");
+    let (_, _, key, _) = invalid("[proxy]\ncanary_override_cookie = \"vhost_bucket\"\n");
+    assert_eq!(key, "proxy.canary_override_cookie");
+    let (line, _, key, msg) = invalid(&format!(
+        "{MINIMAL}\n[[virtual_hosts]]\ndomain = \"c.test\"\nenabled_backends_tag = \"a\"\ncanary = {{ tag = \"a\", weight = 5 }}\n"
+    ));
+    assert_eq!(key, "virtual_hosts[1].canary.tag", "{msg}");
+    assert!(line > 1);
+    let (_, _, key, msg) = invalid(&format!(
+        "{MINIMAL}\n[[virtual_hosts]]\ndomain = \"c.test\"\nenabled_backends_tag = \"a\"\ncanary = {{ tag = \"b\", weight = 100.5 }}\n"
+    ));
+    assert!(key.starts_with("virtual_hosts[1].canary"), "{key}: {msg}");
+    assert!(msg.contains("from 0 to 100"), "{msg}");
     // The key comes from the error's kind, not from words in its message.
     let (_, _, key, _) = invalid("[health_check]\nhost = \"a path\"\n");
     assert_eq!(key, "health_check.host");
@@ -240,6 +254,23 @@ fn write_back_keeps_comments_and_round_trips() {
             },
             force: false,
         },
+        Command::SetCanary {
+            domain: d("example.com"),
+            canary: vhost_routing::Canary {
+                tag: t("a"),
+                weight: vhost_routing::CanaryWeight::from_percent(12.5).unwrap(),
+                sticky_key: vhost_routing::StickyKey::parse("header:X-User").unwrap(),
+            },
+        },
+        Command::SetCanary {
+            domain: d("*.example.com"),
+            canary: vhost_routing::Canary {
+                tag: t("b"),
+                weight: vhost_routing::CanaryWeight::from_percent(0.01).unwrap(),
+                sticky_key: vhost_routing::StickyKey::Cookie,
+            },
+        },
+        Command::PromoteCanary(d("*.example.com")),
         Command::UpdateDomain {
             domain: d("*.example.com"),
             update: VirtualHostUpdate {

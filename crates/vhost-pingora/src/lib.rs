@@ -33,7 +33,7 @@ pub use certs::{
 };
 pub use conn::{CloseReason, ConnLimits, Connections, VhostApp};
 pub use metrics::ProxyMetrics;
-pub use proxy::{Inflight, LocalReason, ProxyOptions, RequestCtx, VhostProxy};
+pub use proxy::{CanaryOptions, Inflight, LocalReason, ProxyOptions, RequestCtx, VhostProxy};
 
 /// Registers the descriptions (Prometheus `# HELP`) of every metric of this crate.
 pub fn describe() {

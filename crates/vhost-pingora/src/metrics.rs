@@ -21,7 +21,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use metrics::{counter, Counter as FacadeCounter};
 use vhost_metrics::{Counter, Exposition, Histogram, Kind};
-use vhost_routing::{Attach, BackendEntry, Route, RoutingTable};
+use vhost_routing::{Attach, BackendEntry, Route, RoutingTable, Side};
 
 use crate::proxy::LocalReason;
 
@@ -66,16 +66,27 @@ struct Registry {
     retries: BTreeMap<(Name, Name), Arc<Counter>>,
     /// By backend.
     connect_failures: BTreeMap<Name, Arc<Counter>>,
+    /// By domain: requests whose canary side had no available backend.
+    fallbacks: BTreeMap<Name, Arc<Counter>>,
 }
 
-/// The handles of one route.
-struct RouteSlot {
+/// The handles of one side (tag) of a route.
+struct SideSlot {
     latency: Arc<Histogram>,
     retries: Arc<Counter>,
     /// By pool member index.
     members: Box<[Arc<StatusCounts>]>,
+}
+
+/// The handles of one route.
+struct RouteSlot {
+    primary: SideSlot,
+    /// The canary tag's, when the route has a canary.
+    canary: Option<SideSlot>,
     /// Requests of this domain answered by the proxy itself.
     local: Arc<StatusCounts>,
+    /// `canary_fallbacks_total` of the domain, when the route has a canary.
+    fallbacks: Option<Arc<Counter>>,
 }
 
 /// The side table attached to one snapshot.
@@ -163,33 +174,25 @@ impl Attach for ProxyMetrics {
         registry
             .connect_failures
             .retain(|b, _| backends.contains(&**b));
+        registry.fallbacks.retain(|d, _| domains.contains(&**d));
 
         let mut routes: Vec<Option<RouteSlot>> = (0..table.route_count()).map(|_| None).collect();
         for route in table.routes() {
             let v = route.vhost();
             let domain: Name = Arc::from(v.domain.as_str());
+            let primary = side_slot(&mut registry, route, Side::Primary, &domain);
+            let canary = route
+                .canary()
+                .map(|_| side_slot(&mut registry, route, Side::Canary, &domain));
+            let fallbacks = route
+                .canary()
+                .map(|_| entry(&mut registry.fallbacks, Arc::clone(&domain)));
             let tag: Name = Arc::from(v.enabled_backends_tag.as_str());
-            let key = (Arc::clone(&domain), Arc::clone(&tag));
-            let members = route
-                .pool()
-                .map(|pool| {
-                    pool.members()
-                        .iter()
-                        .map(|m| {
-                            let backend = Arc::from(m.id().as_str());
-                            entry(
-                                &mut registry.requests,
-                                (Arc::clone(&domain), Arc::clone(&tag), backend),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
             let slot = RouteSlot {
-                latency: entry(&mut registry.latency, key.clone()),
-                retries: entry(&mut registry.retries, key),
-                members,
+                primary,
+                canary,
                 local: entry(&mut registry.requests, (domain, tag, Arc::from(NO_BACKEND))),
+                fallbacks,
             };
             if let Some(place) = routes.get_mut(route.index()) {
                 *place = Some(slot);
@@ -243,6 +246,19 @@ impl ProxyMetrics {
             .and_then(Option::as_ref);
         if let Some(slot) = slot {
             record_route(slot, done, class);
+        }
+    }
+
+    /// Counts a request of `route` whose canary side had no available backend and went to the
+    /// other side.
+    pub(crate) fn canary_fallback(&self, table: &RoutingTable, route: &Route) {
+        if let Some(c) = table
+            .attachment::<Slots>()
+            .and_then(|slots| slots.routes.get(route.index()))
+            .and_then(Option::as_ref)
+            .and_then(|slot| slot.fallbacks.as_ref())
+        {
+            c.add(1);
         }
     }
 
@@ -319,6 +335,14 @@ impl ProxyMetrics {
             }
         }
         e.family(
+            "canary_fallbacks_total",
+            Kind::Counter,
+            "Requests of a domain with a canary whose side (primary or canary tag) had no available backend and were served by the other side",
+        );
+        for (domain, c) in &registry.fallbacks {
+            e.sample("canary_fallbacks_total", &[("domain", domain)], c.get());
+        }
+        e.family(
             "proxy_upstream_connect_failures_total",
             Kind::Counter,
             "Failed connection attempts to a backend",
@@ -335,15 +359,45 @@ impl ProxyMetrics {
     }
 }
 
+/// The handles of `route`'s `side`, created in `registry` if new.
+fn side_slot(registry: &mut Registry, route: &Route, side: Side, domain: &Name) -> SideSlot {
+    let tag: Name = Arc::from(route.tag_on(side).as_str());
+    let key = (Arc::clone(domain), Arc::clone(&tag));
+    let members = route
+        .pool_on(side)
+        .map(|pool| {
+            pool.members()
+                .iter()
+                .map(|m| {
+                    let backend = Arc::from(m.id().as_str());
+                    entry(
+                        &mut registry.requests,
+                        (Arc::clone(domain), Arc::clone(&tag), backend),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    SideSlot {
+        latency: entry(&mut registry.latency, key.clone()),
+        retries: entry(&mut registry.retries, key),
+        members,
+    }
+}
+
 /// Records a request of `route` in its slot.
 fn record_route(slot: &RouteSlot, done: &Finished<'_>, class: usize) {
-    slot.latency.observe(done.seconds);
+    let side = match done.side {
+        Side::Canary => slot.canary.as_ref().unwrap_or(&slot.primary),
+        Side::Primary => &slot.primary,
+    };
+    side.latency.observe(done.seconds);
     if done.attempts > 1 {
-        slot.retries.add((done.attempts - 1) as u64);
+        side.retries.add((done.attempts - 1) as u64);
     }
     match (done.member, done.backend) {
         (Some(i), Some(_)) if done.local.is_none_or(|r| !r.before_backend()) => {
-            if let Some(c) = slot.members.get(i) {
+            if let Some(c) = side.members.get(i) {
                 c.increment(class);
             }
         }
@@ -357,6 +411,7 @@ pub(crate) struct Finished<'a> {
     pub(crate) route: Option<&'a Route>,
     pub(crate) backend: Option<&'a BackendEntry>,
     pub(crate) member: Option<usize>,
+    pub(crate) side: Side,
     pub(crate) local: Option<LocalReason>,
     pub(crate) status: u16,
     pub(crate) attempts: usize,
@@ -406,6 +461,7 @@ mod tests {
             route: Some(route),
             backend: Some(backend),
             member,
+            side: Side::Primary,
             local: None,
             status: 200,
             attempts: 1,

@@ -23,7 +23,8 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use vhost_health::LogLimiter;
 use vhost_routing::{
-    normalize_host, BackendEntry, Route, RouteStore, RouteWriter, RoutingTable, MAX_DOMAIN_LEN,
+    bucket_of, normalize_host, parse_bucket, BackendEntry, CanaryRoute, Override, Route,
+    RouteStore, RouteWriter, RoutingTable, Side, StickyKey, BUCKETS, MAX_DOMAIN_LEN,
 };
 
 use crate::certs::ClientSni;
@@ -54,6 +55,32 @@ pub struct ProxyOptions {
     /// Keep client connections open between requests (HTTP/1.1 keep-alive); `false` closes
     /// each connection after its response.
     pub client_keepalive: bool,
+    /// Names used by canaries.
+    pub canary: CanaryOptions,
+}
+
+/// Cookie and header names of canaries (see docs/canary.md).
+#[derive(Debug, Clone)]
+pub struct CanaryOptions {
+    /// Cookie holding a client's bucket (`sticky_key = "cookie"`).
+    pub bucket_cookie: String,
+    /// Request header forcing a side (`always` / `never`), lowercase.
+    pub override_header: String,
+    /// Cookie forcing a side (`always` / `never`).
+    pub override_cookie: String,
+    /// Add `X-Served-Tag` to responses of domains with a canary.
+    pub expose_served_tag: bool,
+}
+
+impl Default for CanaryOptions {
+    fn default() -> Self {
+        Self {
+            bucket_cookie: "vhost_bucket".to_owned(),
+            override_header: "x-canary".to_owned(),
+            override_cookie: "canary".to_owned(),
+            expose_served_tag: false,
+        }
+    }
 }
 
 impl Default for ProxyOptions {
@@ -69,6 +96,7 @@ impl Default for ProxyOptions {
             passive_failure_threshold: 5,
             access_log: true,
             client_keepalive: true,
+            canary: CanaryOptions::default(),
         }
     }
 }
@@ -162,8 +190,12 @@ pub struct RequestCtx {
     route: Option<Route>,
     /// The backend currently tried.
     backend: Option<Arc<BackendEntry>>,
-    /// Its position in the route's pool.
+    /// Its position in its side's pool.
     member: Option<usize>,
+    /// The side of the route's canary that serves (primary without a canary).
+    side: Side,
+    /// A bucket cookie to set on the response (a client without a valid one).
+    issue_bucket: Option<u16>,
     /// When the request started.
     start: Option<Instant>,
     /// Backends whose connection failed during this request.
@@ -244,7 +276,7 @@ impl Drop for RequestCtx {
             .unwrap_or_default();
         access_log(&AccessLine {
             domain: domain_label(self.route.as_ref()),
-            tag: tag_label(self.route.as_ref()),
+            tag: tag_label(self.route.as_ref(), self.side),
             backend: backend_label(self.backend.as_deref(), self.local),
             method: &method,
             path: &path,
@@ -293,8 +325,8 @@ fn domain_label(route: Option<&Route>) -> &str {
     })
 }
 
-fn tag_label(route: Option<&Route>) -> &str {
-    route.map_or("", |r| r.vhost().enabled_backends_tag.as_str())
+fn tag_label(route: Option<&Route>, side: Side) -> &str {
+    route.map_or("", |r| r.tag_on(side).as_str())
 }
 
 fn backend_label(backend: Option<&BackendEntry>, local: Option<LocalReason>) -> &str {
@@ -380,6 +412,37 @@ impl VhostProxy {
         Arc::clone(&self.inflight)
     }
 
+    /// The side of `canary` this request is on: an override (header, then cookie) wins, else
+    /// the bucket of its sticky key; a request without a key draws a random bucket, and with
+    /// `sticky_key = "cookie"` gets it as a cookie on the response.
+    fn canary_side(&self, session: &Session, canary: &CanaryRoute, ctx: &mut RequestCtx) -> Side {
+        let names = &self.options.canary;
+        let headers = &session.req_header().headers;
+        let forced = headers
+            .get(names.override_header.as_str())
+            .and_then(|v| Override::parse(v.as_bytes()))
+            .or_else(|| cookie_value(headers, &names.override_cookie).and_then(Override::parse));
+        let keyed = match &canary.canary().sticky_key {
+            StickyKey::Cookie => cookie_value(headers, &names.bucket_cookie).and_then(parse_bucket),
+            StickyKey::Header(name) => headers
+                .get(&**name)
+                .map(|v| bucket_of(canary.seed(), v.as_bytes())),
+            StickyKey::ClientIp => ctx.client.map(|ip| match ip {
+                IpAddr::V4(v4) => bucket_of(canary.seed(), &v4.octets()),
+                IpAddr::V6(v6) => bucket_of(canary.seed(), &v6.octets()),
+            }),
+            StickyKey::None => None,
+        };
+        let bucket = keyed.unwrap_or_else(|| {
+            let drawn = fastrand::u16(0..BUCKETS);
+            if canary.canary().sticky_key == StickyKey::Cookie {
+                ctx.issue_bucket = Some(drawn);
+            }
+            drawn
+        });
+        canary.side_for(bucket, forced)
+    }
+
     fn peer_for(&self, backend: &BackendEntry) -> Result<Box<HttpPeer>> {
         let addr = backend.socket_addr().ok_or_else(|| {
             Error::explain(ErrorType::ConnectNoRoute, "backend address did not resolve")
@@ -392,6 +455,19 @@ impl VhostProxy {
         o.idle_timeout = Some(self.options.idle_timeout);
         Ok(Box::new(peer))
     }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers (the first one set).
+fn cookie_value<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let rest = pair.strip_prefix(name.as_bytes())?;
+            rest.strip_prefix(b"=")
+        })
 }
 
 /// The request's host: `:authority` / absolute-form URI first, then the `Host` header.
@@ -507,13 +583,21 @@ impl ProxyHttp for VhostProxy {
             return Ok(true);
         }
 
+        let wanted = match route.canary() {
+            Some(canary) => self.canary_side(session, canary, ctx),
+            None => Side::Primary,
+        };
         let picked = route
-            .select_where_indexed(|_| true)
-            .map(|(i, b)| (i, Arc::clone(b)));
+            .select_on(wanted, |_| true)
+            .map(|(side, i, b)| (side, i, Arc::clone(b)));
+        if picked.as_ref().is_some_and(|(side, ..)| *side != wanted) {
+            self.metrics.canary_fallback(&table, &route);
+        }
         ctx.table = Some(table);
         ctx.route = Some(route);
         match picked {
-            Some((member, backend)) => {
+            Some((side, member, backend)) => {
+                ctx.side = side;
                 ctx.member = Some(member);
                 ctx.backend = Some(backend);
                 Ok(false)
@@ -540,14 +624,18 @@ impl ProxyHttp for VhostProxy {
     ) -> Result<Box<HttpPeer>> {
         ctx.attempts += 1;
         if ctx.attempts > 1 {
-            // A retry after a connection failure: another available backend of the same tag.
             let failed = &ctx.failed;
+            // A retry after a connection failure: another available backend of the same side,
+            // else of the other side of a canary.
             let next = ctx.route.as_ref().and_then(|r| {
-                r.select_where_indexed(|b| b.socket_addr().is_some_and(|a| !failed.contains(&a)))
-                    .map(|(i, b)| (i, Arc::clone(b)))
+                r.select_on(ctx.side, |b| {
+                    b.socket_addr().is_some_and(|a| !failed.contains(&a))
+                })
+                .map(|(side, i, b)| (side, i, Arc::clone(b)))
             });
             match next {
-                Some((member, b)) => {
+                Some((side, member, b)) => {
+                    ctx.side = side;
                     ctx.member = Some(member);
                     ctx.backend = Some(b);
                 }
@@ -614,6 +702,31 @@ impl ProxyHttp for VhostProxy {
                 upstream.insert_header(header::HOST, host.clone())?;
             }
             upstream.insert_header("x-forwarded-host", host)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(bucket) = ctx.issue_bucket {
+            let cookie = format!(
+                "{}={bucket}; Path=/; Max-Age=86400; HttpOnly; SameSite=Lax",
+                self.options.canary.bucket_cookie
+            );
+            if let Ok(value) = HeaderValue::from_str(&cookie) {
+                upstream_response.append_header(header::SET_COOKIE, value)?;
+            }
+        }
+        if self.options.canary.expose_served_tag {
+            if let Some(route) = ctx.route.as_ref().filter(|r| r.canary().is_some()) {
+                if let Ok(value) = HeaderValue::from_str(route.tag_on(ctx.side).as_str()) {
+                    upstream_response.insert_header("x-served-tag", value)?;
+                }
+            }
         }
         Ok(())
     }
@@ -743,6 +856,7 @@ impl ProxyHttp for VhostProxy {
             route: ctx.route.as_ref(),
             backend: ctx.backend.as_deref(),
             member: ctx.member,
+            side: ctx.side,
             local: ctx.local,
             status,
             attempts: ctx.attempts,
@@ -757,7 +871,7 @@ impl ProxyHttp for VhostProxy {
             let req = session.req_header();
             access_log(&AccessLine {
                 domain,
-                tag: tag_label(ctx.route.as_ref()),
+                tag: tag_label(ctx.route.as_ref(), ctx.side),
                 backend,
                 method: req.method.as_str(),
                 path: req.uri.path_and_query().map_or("/", |p| p.as_str()),

@@ -58,6 +58,16 @@ pub enum ValidationError {
         /// The domain.
         domain: DomainName,
     },
+    /// The canary's tag is the domain's primary tag.
+    #[error(
+        "domain {domain}: the canary tag {tag} is already the primary tag (enabled_backends_tag)"
+    )]
+    CanaryIsPrimary {
+        /// The domain.
+        domain: DomainName,
+        /// The tag.
+        tag: Tag,
+    },
     /// An empty TLS path.
     #[error("domain {domain} has an empty tls_cert_path or tls_key_path")]
     EmptyTlsPath {
@@ -107,6 +117,7 @@ impl ValidationError {
                 ProbeFieldError::ExpectedStatus(..) => "health_check.expected_status",
             },
             Self::IncompleteTlsPair { .. } | Self::EmptyTlsPath { .. } => "tls_cert_path",
+            Self::CanaryIsPrimary { .. } => "canary.tag",
         }
     }
 }
@@ -121,6 +132,12 @@ pub enum CommandError {
     #[error("domain {domain} not found")]
     DomainNotFound {
         /// The domain asked for.
+        domain: DomainName,
+    },
+    /// The domain has no canary.
+    #[error("domain {domain} has no canary")]
+    NoCanary {
+        /// The domain.
         domain: DomainName,
     },
     /// No backend with this id.

@@ -26,6 +26,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod canary;
 pub mod error;
 pub mod model;
 pub mod names;
@@ -33,6 +34,10 @@ pub mod state;
 pub mod store;
 pub mod table;
 
+pub use canary::{
+    bucket_of, domain_seed, parse_bucket, side_for, Canary, CanaryError, CanaryWeight, Override,
+    Side, StickyKey, BUCKETS,
+};
 pub use error::{CommandError, ProbeFieldError, ValidationError};
 pub use model::{
     check_probe_fields, Backend, BackendUpdate, ProbeKind, ProbeOverride, VirtualHost,
@@ -45,6 +50,6 @@ pub use names::{
 pub use state::{Change, Command, State};
 pub use store::{RouteStore, RouteWriter};
 pub use table::{
-    normalize_host, Attach, BackendEntry, BuildOptions, HealthCell, LiteralOnly, Pool, Resolve,
-    Route, RoutingTable,
+    normalize_host, Attach, BackendEntry, BuildOptions, CanaryRoute, HealthCell, LiteralOnly, Pool,
+    Resolve, Route, RoutingTable,
 };

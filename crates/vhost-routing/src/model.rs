@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::canary::Canary;
 use crate::error::{ProbeFieldError, ValidationError};
 use crate::names::{BackendAddress, BackendId, DomainName, Tag};
 
@@ -99,6 +100,10 @@ pub struct VirtualHost {
     #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key_path: Option<String>,
+    /// A share of traffic sent to a second tag (change it with
+    /// `PUT /api/v1/domains/{domain}/canary`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
 }
 
 impl VirtualHost {
@@ -110,11 +115,20 @@ impl VirtualHost {
             http_to_https: false,
             tls_cert_path: None,
             tls_key_path: None,
+            canary: None,
         }
     }
 
     /// Checks the cross-field rules.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(canary) = &self.canary {
+            if canary.tag == self.enabled_backends_tag {
+                return Err(ValidationError::CanaryIsPrimary {
+                    domain: self.domain.clone(),
+                    tag: canary.tag.clone(),
+                });
+            }
+        }
         match (&self.tls_cert_path, &self.tls_key_path) {
             (Some(c), Some(k)) if c.is_empty() || k.is_empty() => {
                 Err(ValidationError::EmptyTlsPath {
@@ -352,6 +366,10 @@ impl VirtualHostUpdate {
         let mut next = current.clone();
         if let Some(tag) = &self.enabled_backends_tag {
             next.enabled_backends_tag = tag.clone();
+            // The canary's tag becoming the primary ends the canary (as a promotion does).
+            if next.canary.as_ref().is_some_and(|c| c.tag == *tag) {
+                next.canary = None;
+            }
         }
         if let Some(redirect) = self.http_to_https {
             next.http_to_https = redirect;

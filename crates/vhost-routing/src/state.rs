@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::canary::Canary;
 use crate::error::{CommandError, ValidationError};
 use crate::model::{Backend, BackendUpdate, VirtualHost, VirtualHostUpdate};
 use crate::names::{BackendId, DomainName, Tag};
@@ -51,13 +52,25 @@ pub enum Command {
         /// Allow leaving a domain's active tag without backends.
         force: bool,
     },
-    /// Point a domain at another tag (the A/B switch).
+    /// Point a domain at another tag (the A/B switch); switching to the canary's tag ends the
+    /// canary.
     SwitchTag {
         /// The domain.
         domain: DomainName,
         /// Its new active tag.
         tag: Tag,
     },
+    /// Set (or replace) a domain's canary.
+    SetCanary {
+        /// The domain.
+        domain: DomainName,
+        /// The canary.
+        canary: Canary,
+    },
+    /// Remove a domain's canary: all traffic back to the primary tag.
+    RemoveCanary(DomainName),
+    /// Make the canary's tag the primary and remove the canary, in one change.
+    PromoteCanary(DomainName),
 }
 
 /// What a successful [`Command`] did; enough to persist it and to log it.
@@ -184,6 +197,9 @@ impl State {
             Command::SwitchTag { domain, tag } => {
                 let before = self.existing_vhost(&domain)?;
                 let mut after = before.clone();
+                if after.canary.as_ref().is_some_and(|c| c.tag == tag) {
+                    after.canary = None;
+                }
                 after.enabled_backends_tag = tag;
                 next.vhosts.insert(domain, after.clone());
                 Change::TagSwitched {
@@ -191,6 +207,19 @@ impl State {
                     vhost: after,
                 }
             }
+            Command::SetCanary { domain, canary } => {
+                let before = self.existing_vhost(&domain)?;
+                let mut after = before.clone();
+                after.canary = Some(canary);
+                after.validate()?;
+                next.vhosts.insert(domain, after.clone());
+                Change::DomainUpdated {
+                    before: before.clone(),
+                    after,
+                }
+            }
+            Command::RemoveCanary(domain) => self.end_canary(&mut next, domain, false)?,
+            Command::PromoteCanary(domain) => self.end_canary(&mut next, domain, true)?,
             Command::AddBackend(backend) => {
                 backend.validate()?;
                 if next.backends.contains_key(&backend.id) {
@@ -222,6 +251,28 @@ impl State {
             }
         };
         Ok((next, change))
+    }
+
+    /// Removes `domain`'s canary from `next`; with `promote`, its tag becomes the primary.
+    fn end_canary(
+        &self,
+        next: &mut State,
+        domain: DomainName,
+        promote: bool,
+    ) -> Result<Change, CommandError> {
+        let before = self.existing_vhost(&domain)?;
+        let mut after = before.clone();
+        let canary = after.canary.take().ok_or_else(|| CommandError::NoCanary {
+            domain: domain.clone(),
+        })?;
+        if promote {
+            after.enabled_backends_tag = canary.tag;
+        }
+        next.vhosts.insert(domain, after.clone());
+        Ok(Change::DomainUpdated {
+            before: before.clone(),
+            after,
+        })
     }
 
     fn existing_vhost(&self, domain: &DomainName) -> Result<&VirtualHost, CommandError> {
@@ -295,6 +346,75 @@ mod tests {
             ],
         )
         .unwrap()
+    }
+
+    fn canary(tag: &str, weight: f64) -> Canary {
+        Canary {
+            tag: t(tag),
+            weight: crate::CanaryWeight::from_percent(weight).unwrap(),
+            sticky_key: crate::StickyKey::Cookie,
+        }
+    }
+
+    #[test]
+    fn canary_set_remove_promote_and_switch() {
+        let (s, change) = sample()
+            .apply(Command::SetCanary {
+                domain: d("a.com"),
+                canary: canary("b", 10.0),
+            })
+            .unwrap();
+        assert!(matches!(change, Change::DomainUpdated { .. }));
+        assert_eq!(
+            s.vhost(&d("a.com")).unwrap().canary,
+            Some(canary("b", 10.0))
+        );
+        // The primary tag cannot be its own canary.
+        assert!(matches!(
+            s.apply(Command::SetCanary {
+                domain: d("a.com"),
+                canary: canary("a", 5.0)
+            }),
+            Err(CommandError::Invalid(
+                ValidationError::CanaryIsPrimary { .. }
+            ))
+        ));
+        let (removed, _) = s.apply(Command::RemoveCanary(d("a.com"))).unwrap();
+        assert_eq!(removed.vhost(&d("a.com")).unwrap().canary, None);
+        assert!(matches!(
+            removed.apply(Command::RemoveCanary(d("a.com"))),
+            Err(CommandError::NoCanary { .. })
+        ));
+        let (promoted, _) = s.apply(Command::PromoteCanary(d("a.com"))).unwrap();
+        let v = promoted.vhost(&d("a.com")).unwrap();
+        assert_eq!(
+            (v.enabled_backends_tag.clone(), v.canary.clone()),
+            (t("b"), None)
+        );
+        // Switching to the canary's tag ends the canary; to another tag keeps it.
+        let (switched, _) = s
+            .apply(Command::SwitchTag {
+                domain: d("a.com"),
+                tag: t("b"),
+            })
+            .unwrap();
+        assert_eq!(switched.vhost(&d("a.com")).unwrap().canary, None);
+        let (s3, _) = s
+            .apply(Command::SetCanary {
+                domain: d("b.com"),
+                canary: canary("a", 1.0),
+            })
+            .unwrap();
+        let (kept, _) = s3
+            .apply(Command::SwitchTag {
+                domain: d("b.com"),
+                tag: t("c"),
+            })
+            .unwrap();
+        assert_eq!(
+            kept.vhost(&d("b.com")).unwrap().canary,
+            Some(canary("a", 1.0))
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 
+use crate::canary::{domain_seed, Canary, Override, Side};
 use crate::model::{Backend, VirtualHost};
 use crate::names::{BackendAddress, BackendId, Tag, MAX_DOMAIN_LEN};
 use crate::state::State;
@@ -294,12 +295,39 @@ fn smooth_schedule(weights: &[u16]) -> Vec<u32> {
 }
 
 /// A domain's route: its virtual host and the pool of its active tag (`None` when no backend
-/// carries that tag).
+/// carries that tag), plus its canary if it has one.
 #[derive(Debug, Clone)]
 pub struct Route {
     vhost: Arc<VirtualHost>,
     pool: Option<Arc<Pool>>,
+    canary: Option<Arc<CanaryRoute>>,
     index: u32,
+}
+
+/// A route's canary as the data plane uses it: weight, sticky key, the per-domain bucket seed
+/// and the canary tag's pool.
+#[derive(Debug)]
+pub struct CanaryRoute {
+    canary: Canary,
+    seed: u64,
+    pool: Option<Arc<Pool>>,
+}
+
+impl CanaryRoute {
+    /// The configured canary.
+    pub fn canary(&self) -> &Canary {
+        &self.canary
+    }
+
+    /// The seed of [`crate::bucket_of`] for this domain.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The side a request with `bucket` and `forced` goes to, before health is considered.
+    pub fn side_for(&self, bucket: u16, forced: Option<Override>) -> Side {
+        crate::canary::side_for(self.canary.weight, bucket, forced)
+    }
 }
 
 impl Route {
@@ -317,6 +345,52 @@ impl Route {
     /// The active tag's pool.
     pub fn pool(&self) -> Option<&Arc<Pool>> {
         self.pool.as_ref()
+    }
+
+    /// The canary, if the domain has one.
+    pub fn canary(&self) -> Option<&CanaryRoute> {
+        self.canary.as_deref()
+    }
+
+    /// The pool of `side` (`None` for the canary side of a route without canary).
+    pub fn pool_on(&self, side: Side) -> Option<&Arc<Pool>> {
+        match side {
+            Side::Primary => self.pool.as_ref(),
+            Side::Canary => self.canary.as_ref()?.pool.as_ref(),
+        }
+    }
+
+    /// The tag of `side` (the primary tag for the canary side of a route without canary).
+    pub fn tag_on(&self, side: Side) -> &Tag {
+        match (side, &self.canary) {
+            (Side::Canary, Some(c)) => &c.canary.tag,
+            _ => &self.vhost.enabled_backends_tag,
+        }
+    }
+
+    /// The next available backend that `accept` takes, on `wanted`'s side or, when that side has
+    /// none, on the other side (a route without canary has only the primary side). Returns the
+    /// side that serves and the backend's position in that side's pool.
+    pub fn select_on(
+        &self,
+        wanted: Side,
+        mut accept: impl FnMut(&BackendEntry) -> bool,
+    ) -> Option<(Side, usize, &Arc<BackendEntry>)> {
+        let first = if self.canary.is_some() {
+            wanted
+        } else {
+            Side::Primary
+        };
+        if let Some((i, b)) = self
+            .pool_on(first)
+            .and_then(|p| p.select_where_indexed(&mut accept))
+        {
+            return Some((first, i, b));
+        }
+        self.canary.as_ref()?;
+        let other = first.other();
+        let (i, b) = self.pool_on(other)?.select_where_indexed(accept)?;
+        Some((other, i, b))
     }
 
     /// The next available backend of the active tag.
@@ -483,8 +557,10 @@ impl RoutingTable {
             .collect();
 
         let mut pools: BTreeMap<Tag, Arc<Pool>> = BTreeMap::new();
-        for vhost in state.vhosts() {
-            let tag = &vhost.enabled_backends_tag;
+        let tags = state.vhosts().flat_map(|v| {
+            std::iter::once(&v.enabled_backends_tag).chain(v.canary.as_ref().map(|c| &c.tag))
+        });
+        for tag in tags {
             if pools.contains_key(tag) {
                 continue;
             }
@@ -511,8 +587,16 @@ impl RoutingTable {
             HashMap::with_capacity_and_hasher(state.vhosts().len(), RandomState::default());
         let mut wildcard = HashMap::default();
         for (vhost, index) in state.vhosts().zip(0u32..) {
+            let canary = vhost.canary.as_ref().map(|c| {
+                Arc::new(CanaryRoute {
+                    canary: c.clone(),
+                    seed: domain_seed(vhost.domain.as_str()),
+                    pool: pools.get(&c.tag).cloned(),
+                })
+            });
             let route = Route {
                 pool: pools.get(&vhost.enabled_backends_tag).cloned(),
+                canary,
                 vhost: Arc::new(vhost.clone()),
                 index,
             };
@@ -686,6 +770,46 @@ mod tests {
             &LiteralOnly,
             BuildOptions::default(),
         )
+    }
+
+    #[test]
+    fn canary_sides_and_fallback() {
+        let mut v = vhost("a.com", "a");
+        v.canary = Some(Canary {
+            tag: t("b"),
+            weight: crate::CanaryWeight::from_percent(25.0).unwrap(),
+            sticky_key: crate::StickyKey::Cookie,
+        });
+        let tbl = table(
+            vec![v, vhost("plain.com", "a")],
+            vec![backend("a1", 1, &["a"], 1), backend("b1", 2, &["b"], 1)],
+        );
+        let route = tbl.lookup(b"a.com").unwrap();
+        let c = route.canary().unwrap();
+        assert_eq!(c.side_for(2499, None), Side::Canary);
+        assert_eq!(c.side_for(2500, None), Side::Primary);
+        assert_eq!(c.side_for(0, Some(Override::Never)), Side::Primary);
+        assert_eq!(route.tag_on(Side::Canary).as_str(), "b");
+        let (side, _, b) = route.select_on(Side::Canary, |_| true).unwrap();
+        assert_eq!((side, b.id().as_str()), (Side::Canary, "b1"));
+        // The canary side has nothing available: the primary serves, and vice versa.
+        let (side, _, b) = route
+            .select_on(Side::Canary, |b| b.id().as_str() != "b1")
+            .unwrap();
+        assert_eq!((side, b.id().as_str()), (Side::Primary, "a1"));
+        let (side, _, b) = route
+            .select_on(Side::Primary, |b| b.id().as_str() != "a1")
+            .unwrap();
+        assert_eq!((side, b.id().as_str()), (Side::Canary, "b1"));
+        assert!(route.select_on(Side::Primary, |_| false).is_none());
+        // Without a canary only the primary side exists.
+        let plain = tbl.lookup(b"plain.com").unwrap();
+        assert!(plain.canary().is_none());
+        let (side, _, b) = plain.select_on(Side::Canary, |_| true).unwrap();
+        assert_eq!((side, b.id().as_str()), (Side::Primary, "a1"));
+        assert!(plain
+            .select_on(Side::Primary, |b| b.id().as_str() != "a1")
+            .is_none());
     }
 
     fn picks(route: &Route, n: usize) -> BTreeMap<String, usize> {

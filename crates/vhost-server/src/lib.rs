@@ -41,6 +41,12 @@ pub fn proxy_options(config: &vhost_config::Config) -> vhost_pingora::ProxyOptio
         passive_failure_threshold: config.health_check.passive_failure_threshold,
         access_log: config.logging.access_log,
         client_keepalive: proxy.client_keepalive_timeout_ms > 0,
+        canary: vhost_pingora::CanaryOptions {
+            bucket_cookie: proxy.canary_cookie.clone(),
+            override_header: proxy.canary_override_header.to_ascii_lowercase(),
+            override_cookie: proxy.canary_override_cookie.clone(),
+            expose_served_tag: proxy.expose_served_tag,
+        },
         ..vhost_pingora::ProxyOptions::default()
     }
 }

@@ -138,12 +138,14 @@ pub fn router(render: MetricsRender, token: Option<String>) -> axum::Router {
 }
 
 /// Gauges derived from the configuration: `proxy_domain_active_tag{domain,tag}` (1 for the
-/// active tag, 0 for a tag the domain used before) and
+/// active tag, 0 for a tag the domain used before), `canary_weight{domain}` and
 /// `tls_certificate_expiry_timestamp_seconds{domain}`. A deleted domain's series go with it.
 #[derive(Debug, Default)]
 pub struct ConfigGauges {
     /// Per domain: its active tag and the tags it used before.
     tags: ArcSwap<BTreeMap<String, (String, BTreeSet<String>)>>,
+    /// Per domain: its canary weight in percent (0 without a canary).
+    canary_weights: ArcSwap<BTreeMap<String, f64>>,
 }
 
 impl ConfigGauges {
@@ -169,6 +171,15 @@ impl ConfigGauges {
             })
             .collect();
         self.tags.store(Arc::new(now));
+        let weights = table
+            .state()
+            .vhosts()
+            .map(|v| {
+                let weight = v.canary.as_ref().map_or(0.0, |c| c.weight.percent());
+                (v.domain.to_string(), weight)
+            })
+            .collect();
+        self.canary_weights.store(Arc::new(weights));
     }
 
     /// Appends the gauges to a Prometheus text exposition.
@@ -192,6 +203,14 @@ impl ConfigGauges {
                     0,
                 );
             }
+        }
+        e.family(
+            "canary_weight",
+            Kind::Gauge,
+            "Percent of a domain's traffic sent to its canary tag (0 without a canary)",
+        );
+        for (domain, weight) in self.canary_weights.load().iter() {
+            e.sample("canary_weight", &[("domain", domain)], weight);
         }
         e.family(
             "tls_certificate_expiry_timestamp_seconds",
