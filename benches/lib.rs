@@ -49,11 +49,11 @@ pub fn with_canaries(state: State, tags: usize) -> Result<State, Box<dyn std::er
     let mut vhosts: Vec<VirtualHost> = state.vhosts().cloned().collect();
     for v in &mut vhosts {
         let n: usize = v.enabled_backends_tag.as_str()[1..].parse()?;
-        v.canary = Some(Canary {
-            tag: Tag::parse(&format!("t{}", (n + 1) % tags))?,
-            weight: CanaryWeight::from_percent(10.0)?,
-            sticky_key: StickyKey::parse("header:x-user")?,
-        });
+        v.canary = Some(Box::new(Canary::new(
+            Tag::parse(&format!("t{}", (n + 1) % tags))?,
+            CanaryWeight::from_percent(10.0)?,
+            StickyKey::parse("header:x-user")?,
+        )));
     }
     Ok(State::new(vhosts, state.backends().cloned().collect())?)
 }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
-use vhost_routing::{CommandError, ProbeFieldError, ValidationError};
+use vhost_routing::{CommandError, ProbeFieldError, RolloutError, ValidationError};
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -170,6 +170,26 @@ impl ApiError {
         }
     }
 
+    /// For a request whose body is the canary itself: fields named from the domain
+    /// (`canary.steps`) are named from the body (`steps`).
+    pub(crate) fn within_canary(self) -> Self {
+        let strip = |field: String| match field.strip_prefix("canary.") {
+            Some(rest) => rest.to_owned(),
+            None => field,
+        };
+        match self {
+            Self::InvalidField { field, message } => Self::InvalidField {
+                field: strip(field),
+                message,
+            },
+            Self::Inconsistent { field, message } => Self::Inconsistent {
+                field: strip(field),
+                message,
+            },
+            other => other,
+        }
+    }
+
     fn field(&self) -> Option<String> {
         match self {
             Self::InvalidField { field, .. }
@@ -226,6 +246,12 @@ fn is_cross_field(error: &ValidationError) -> bool {
     let status = 100..=599;
     match error {
         ValidationError::IncompleteTlsPair { .. } | ValidationError::CanaryIsPrimary { .. } => true,
+        ValidationError::InvalidRollout { reason, .. } => matches!(
+            reason,
+            RolloutError::Steps
+                | RolloutError::WeightNotStep { .. }
+                | RolloutError::AbortedWithWeight
+        ),
         ValidationError::InvalidProbe {
             reason: ProbeFieldError::ExpectedStatus(lo, hi),
             ..

@@ -48,10 +48,10 @@ where
     }
 }
 
-/// The only request fields whose values are arrays (`tags`, `expected_status`). serde would
+/// The only request fields whose values are arrays (`tags`, `expected_status`, `steps`). serde would
 /// also read a record from an array of its field values (`[]` as an empty update); the API
 /// document says objects, so anywhere else an array is refused.
-const ARRAY_FIELDS: [&str; 2] = ["tags", "expected_status"];
+const ARRAY_FIELDS: [&str; 3] = ["tags", "expected_status", "steps"];
 
 /// The path of the first array that stands where the API expects an object, if any.
 fn misplaced_array(value: &serde_json::Value, path: &str) -> Option<String> {

@@ -10,8 +10,8 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use vhost_routing::{
-    Backend, BackendEntry, BackendId, BackendUpdate, Canary, Change, Command, DomainName,
-    RoutingTable, Tag, VirtualHost, VirtualHostUpdate,
+    Backend, BackendEntry, BackendId, BackendUpdate, Canary, CanaryWeight, Change, Command,
+    DomainName, RolloutState, RoutingTable, Tag, VirtualHost, VirtualHostUpdate,
 };
 
 use crate::error::ApiError;
@@ -214,7 +214,7 @@ pub(crate) const OPTIMISTIC_ATTEMPTS: usize = 3;
 /// runs again if another change is published while this one is prepared. Runs on the blocking
 /// pool: preparing reads certificate files, persisting fsyncs the config file and publishing may
 /// resolve backend host names, none of which may stall the async runtime.
-async fn apply_write(
+pub(crate) async fn apply_write(
     state: &Arc<AdminState>,
     headers: &HeaderMap,
     build: impl Fn(&RoutingTable) -> Result<(Command, Option<String>), ApiError> + Send + 'static,
@@ -441,7 +441,7 @@ pub(crate) async fn switch_domain(
 #[utoipa::path(get, path = "/api/v1/domains/{domain}/canary", tag = "canary",
     params(("domain" = DomainName, Path, description = "Domain name")),
     responses(
-        (status = 200, description = "The canary (ETag: the domain's)", body = Canary),
+        (status = 200, description = "The canary with its rollout's latest analysis (ETag: the domain's)", body = CanaryView),
         (status = 400, description = "Invalid domain name", body = crate::ErrorBody),
         (status = 404, description = "Unknown domain, or the domain has no canary", body = crate::ErrorBody)))]
 pub(crate) async fn get_canary(
@@ -452,11 +452,133 @@ pub(crate) async fn get_canary(
     let table = s.store.load();
     let vhost = vhost_in(&table, &domain)?;
     let canary = vhost.canary.as_ref().ok_or_else(|| no_canary(&domain))?;
-    let mut response = (StatusCode::OK, Json(canary)).into_response();
+    let view = CanaryView {
+        canary: Canary::clone(canary),
+        rollout: s.rollout_report(&domain),
+    };
+    let mut response = (StatusCode::OK, Json(view)).into_response();
     if let Ok(v) = HeaderValue::from_str(&etag_of(vhost)) {
         response.headers_mut().insert(header::ETAG, v);
     }
     Ok(response)
+}
+
+/// A canary as `GET .../canary` shows it: the configured object, plus the rollout controller's
+/// latest numbers while a rollout runs.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CanaryView {
+    /// The canary.
+    #[serde(flatten)]
+    pub canary: Canary,
+    /// The latest analysis of a running rollout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::RolloutReport>,
+}
+
+/// Which rollout order.
+#[derive(Debug, Clone, Copy)]
+enum RolloutOrder {
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// Applies a rollout order to `domain`'s canary.
+async fn rollout_order(
+    s: &Arc<AdminState>,
+    domain: String,
+    headers: &HeaderMap,
+    order: RolloutOrder,
+) -> Result<Response, ApiError> {
+    let domain = parse_domain(&domain)?;
+    let target = domain.clone();
+    let (table, _) = apply_write(s, headers, move |t| {
+        let current = vhost_in(t, &target)?;
+        let mut canary = current.canary.clone().ok_or_else(|| no_canary(&target))?;
+        let conflict = |message: String| ApiError::Conflict {
+            code: "rollout_state",
+            message,
+            field: None,
+        };
+        match (order, canary.state) {
+            (_, RolloutState::Aborted) if !matches!(order, RolloutOrder::Abort) => {
+                return Err(conflict(format!(
+                    "the rollout of {target} was aborted; set the canary again to start over"
+                )))
+            }
+            (RolloutOrder::Pause, _) => canary.state = RolloutState::Paused,
+            (RolloutOrder::Resume, _) => canary.state = RolloutState::Progressing,
+            (RolloutOrder::Abort, _) => {
+                canary.state = RolloutState::Aborted;
+                canary.weight = CanaryWeight::ZERO;
+                canary.abort_reason = Some("aborted by the operator".to_owned());
+            }
+        }
+        Ok((
+            Command::SetCanary {
+                domain: target.clone(),
+                canary: *canary,
+            },
+            Some(etag_of(current)),
+        ))
+    })
+    .await?;
+    if matches!(order, RolloutOrder::Abort) {
+        metrics::counter!("rollout_aborts_total", "domain" => domain.to_string(), "reason" => "operator")
+            .increment(1);
+    }
+    let vhost = vhost_in(&table, &domain)?;
+    Ok(json_with_etag(StatusCode::OK, vhost))
+}
+
+/// Pauses a domain's rollout: no step and no analysis until it is resumed; the weight stays.
+#[utoipa::path(post, path = "/api/v1/domains/{domain}/canary/pause", tag = "canary",
+    params(("domain" = DomainName, Path, description = "Domain name"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET of the domain")),
+    responses(
+        (status = 200, description = "Paused: the domain", body = VirtualHost),
+        (status = 404, description = "Unknown domain, or no canary", body = crate::ErrorBody),
+        (status = 409, description = "The rollout was aborted", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody)))]
+pub(crate) async fn pause_canary(
+    State(s): AppState,
+    Path(domain): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    rollout_order(&s, domain, &headers, RolloutOrder::Pause).await
+}
+
+/// Resumes a paused rollout (its current step starts its interval afresh).
+#[utoipa::path(post, path = "/api/v1/domains/{domain}/canary/resume", tag = "canary",
+    params(("domain" = DomainName, Path, description = "Domain name"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET of the domain")),
+    responses(
+        (status = 200, description = "Resumed: the domain", body = VirtualHost),
+        (status = 404, description = "Unknown domain, or no canary", body = crate::ErrorBody),
+        (status = 409, description = "The rollout was aborted", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody)))]
+pub(crate) async fn resume_canary(
+    State(s): AppState,
+    Path(domain): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    rollout_order(&s, domain, &headers, RolloutOrder::Resume).await
+}
+
+/// Aborts a rollout: weight 0 (all traffic on the primary), state `aborted`.
+#[utoipa::path(post, path = "/api/v1/domains/{domain}/canary/abort", tag = "canary",
+    params(("domain" = DomainName, Path, description = "Domain name"),
+           ("If-Match" = Option<String>, Header, description = "ETag from a previous GET of the domain")),
+    responses(
+        (status = 200, description = "Aborted: the domain", body = VirtualHost),
+        (status = 404, description = "Unknown domain, or no canary", body = crate::ErrorBody),
+        (status = 412, description = "Stale If-Match", body = crate::ErrorBody)))]
+pub(crate) async fn abort_canary(
+    State(s): AppState,
+    Path(domain): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    rollout_order(&s, domain, &headers, RolloutOrder::Abort).await
 }
 
 fn no_canary(domain: &DomainName) -> ApiError {
@@ -509,7 +631,8 @@ pub(crate) async fn put_canary(
             Some(etag_of(current)),
         ))
     })
-    .await?;
+    .await
+    .map_err(ApiError::within_canary)?;
     let vhost = vhost_in(&table, &domain)?;
     Ok(json_with_etag(StatusCode::OK, vhost))
 }

@@ -40,10 +40,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::Mutex;
 use vhost_config::ConfigWriter;
-use vhost_routing::{RouteStore, RouteWriter, State};
+use vhost_routing::{DomainName, RouteStore, RouteWriter, State, Verdict, Window};
 
 pub use error::{ApiError, ErrorBody, ErrorDetail, Refusal};
-pub use handlers::{BackendView, Health, SwitchRequest};
+pub use handlers::{BackendView, CanaryView, Health, SwitchRequest};
 pub use reload::{Diff, PreparedReload, ReloadError, ReloadHook, ReloadReport};
 
 /// Largest accepted request body, in bytes.
@@ -85,6 +85,26 @@ pub struct AdminState {
     /// The config file (re-read by a reload).
     config_path: Option<std::path::PathBuf>,
     metrics: Option<MetricsRender>,
+    /// What the rollout controller last measured, by domain (shown by `GET .../canary`).
+    rollouts: arc_swap::ArcSwap<std::collections::BTreeMap<DomainName, RolloutReport>>,
+}
+
+/// The latest analysis of a running rollout, as `GET /api/v1/domains/{domain}/canary` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct RolloutReport {
+    /// Checks made in the current step.
+    pub checks: u64,
+    /// Consecutive failed checks.
+    pub consecutive_failures: u32,
+    /// The last check: `pass`, `inconclusive` or `fail` (with the reason).
+    #[schema(value_type = Option<Object>)]
+    pub last_verdict: Option<Verdict>,
+    /// The canary tag over the last window.
+    pub canary: Option<Window>,
+    /// The primary tag over the same window.
+    pub primary: Option<Window>,
+    /// Seconds the current step has run.
+    pub step_age_secs: u64,
 }
 
 struct Writer {
@@ -115,6 +135,7 @@ impl AdminState {
             listen: None,
             config_path,
             metrics: None,
+            rollouts: arc_swap::ArcSwap::default(),
         }
     }
 
@@ -151,6 +172,36 @@ impl AdminState {
     pub fn with_metrics(mut self, render: MetricsRender) -> Self {
         self.metrics = Some(render);
         self
+    }
+
+    /// The rollout controller's latest reports (it replaces the whole map after each round).
+    pub fn set_rollout_reports(
+        &self,
+        reports: std::collections::BTreeMap<DomainName, RolloutReport>,
+    ) {
+        self.rollouts.store(Arc::new(reports));
+    }
+
+    /// The latest report of `domain`'s rollout, if one runs.
+    pub fn rollout_report(&self, domain: &DomainName) -> Option<RolloutReport> {
+        self.rollouts.load().get(domain).cloned()
+    }
+
+    /// Applies a change decided inside the process (a rollout step, promotion or abort):
+    /// checked, persisted and published exactly like an API write, without preconditions.
+    /// `build` sees the current snapshot; it runs again if another change is published
+    /// meanwhile, and may refuse (for example when what it decided on changed).
+    pub async fn apply_internal(
+        self: &Arc<Self>,
+        build: impl Fn(&vhost_routing::RoutingTable) -> Result<vhost_routing::Command, ApiError>
+            + Send
+            + 'static,
+    ) -> Result<Arc<vhost_routing::RoutingTable>, ApiError> {
+        handlers::apply_write(self, &axum::http::HeaderMap::new(), move |t| {
+            Ok((build(t)?, None))
+        })
+        .await
+        .map(|(table, _)| table)
     }
 
     /// The routing store the API publishes to.
@@ -242,6 +293,12 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/api/v1/domains/{domain}/canary/promote",
             post(promote_canary),
         )
+        .route("/api/v1/domains/{domain}/canary/pause", post(pause_canary))
+        .route(
+            "/api/v1/domains/{domain}/canary/resume",
+            post(resume_canary),
+        )
+        .route("/api/v1/domains/{domain}/canary/abort", post(abort_canary))
         .route("/api/v1/backends", get(list_backends).post(create_backend))
         .route(
             "/api/v1/backends/{id}",

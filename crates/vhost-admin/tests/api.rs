@@ -898,6 +898,9 @@ async fn openapi_document_lists_every_route_and_resolves() {
             vec!["get", "put", "delete"],
         ),
         ("/api/v1/domains/{domain}/canary/promote", vec!["post"]),
+        ("/api/v1/domains/{domain}/canary/pause", vec!["post"]),
+        ("/api/v1/domains/{domain}/canary/resume", vec!["post"]),
+        ("/api/v1/domains/{domain}/canary/abort", vec!["post"]),
         ("/api/v1/backends", vec!["get", "post"]),
         ("/api/v1/backends/{id}", vec!["get", "put", "delete"]),
         ("/api/v1/metrics", vec!["get"]),
@@ -1226,4 +1229,106 @@ async fn canary_lifecycle_through_the_api() {
         .unwrap()
         .canary
         .is_none());
+}
+
+#[tokio::test]
+async fn rollout_plans_are_validated_and_paused_resumed_aborted() {
+    let api = api();
+    let put = |body: &'static str| {
+        let api = &api;
+        async move {
+            send(
+                api,
+                Method::PUT,
+                "/api/v1/domains/example.com/canary?force=true",
+                Some(body),
+                &[],
+            )
+            .await
+        }
+    };
+    // Steps must increase; the weight must be the current step's.
+    for (body, status, field) in [
+        (
+            r#"{"tag":"b","weight":5,"steps":[5,1]}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "steps",
+        ),
+        (
+            r#"{"tag":"b","weight":7,"steps":[5,10]}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "weight",
+        ),
+        (
+            r#"{"tag":"b","weight":5,"steps":[5,10],"step_interval_secs":0}"#,
+            StatusCode::BAD_REQUEST,
+            "step_interval_secs",
+        ),
+        (
+            r#"{"tag":"b","weight":5,"analysis":{"max_error_rate":2}}"#,
+            StatusCode::BAD_REQUEST,
+            "analysis",
+        ),
+        (
+            r#"{"tag":"b","weight":5,"analysis":{"interval":2}}"#,
+            StatusCode::BAD_REQUEST,
+            "analysis.interval",
+        ),
+    ] {
+        let r = put(body).await;
+        assert_eq!(r.status, status, "{body}: {}", r.text);
+        assert_eq!(r.error().1.as_deref(), Some(field), "{body}: {}", r.text);
+    }
+    let r = put(
+        r#"{"tag":"b","weight":1,"steps":[1,5,25,50,100],"step_interval_secs":60,"analysis":{"max_error_rate":0.01,"max_p99_ms":500,"max_p99_ratio":1.5,"min_requests":100,"interval_secs":10,"failure_limit":2}}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let order = |what: &'static str| {
+        let api = &api;
+        async move {
+            send(
+                api,
+                Method::POST,
+                &format!("/api/v1/domains/example.com/canary/{what}"),
+                None,
+                &[],
+            )
+            .await
+        }
+    };
+    let r = order("pause").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["canary"]["state"], "paused");
+    let r = order("resume").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(
+        r.json()["canary"].get("state").is_none(),
+        "progressing is the default: {}",
+        r.text
+    );
+    let r = order("abort").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let canary = &r.json()["canary"];
+    assert_eq!(
+        (canary["state"].as_str(), canary["weight"].as_f64()),
+        (Some("aborted"), Some(0.0))
+    );
+    assert_eq!(canary["abort_reason"], "aborted by the operator");
+    assert_eq!(order("resume").await.status, StatusCode::CONFLICT);
+    assert_eq!(order("pause").await.status, StatusCode::CONFLICT);
+    // Persisted like any change.
+    let on_disk = vhost_config::load(&api.path).unwrap().state;
+    let c = on_disk.vhosts().next().unwrap().canary.clone().unwrap();
+    assert_eq!(c.state, vhost_routing::RolloutState::Aborted);
+    assert_eq!(c.steps.len(), 5);
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains/nowhere.test/canary/pause",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
 }

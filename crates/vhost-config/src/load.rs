@@ -368,7 +368,8 @@ fn validation_key<'a>(
             ValidationError::DuplicateDomain { domain }
             | ValidationError::IncompleteTlsPair { domain }
             | ValidationError::EmptyTlsPath { domain }
-            | ValidationError::CanaryIsPrimary { domain, .. } => {
+            | ValidationError::CanaryIsPrimary { domain, .. }
+            | ValidationError::InvalidRollout { domain, .. } => {
                 ("virtual_hosts", vhost_index(domain))
             }
             ValidationError::DuplicateBackend { id }

@@ -261,7 +261,7 @@ fn vhost_table(v: &VirtualHost, mut t: Table) -> Table {
         "tls_key_path",
         v.tls_key_path.as_deref().map(str_value),
     );
-    set_opt(&mut t, "canary", v.canary.as_ref().map(canary_value));
+    set_opt(&mut t, "canary", v.canary.as_deref().map(canary_value));
     t
 }
 
@@ -270,7 +270,47 @@ fn canary_value(c: &vhost_routing::Canary) -> Value {
     t.insert("tag", Value::from(c.tag.as_str()));
     t.insert("weight", Value::from(c.weight.percent()));
     t.insert("sticky_key", Value::from(c.sticky_key.as_text().as_ref()));
+    if !c.steps.is_empty() {
+        let steps: Array = c.steps.iter().map(|w| w.percent()).collect();
+        t.insert("steps", Value::Array(steps));
+    }
+    if c.step_interval_secs != 60 {
+        t.insert(
+            "step_interval_secs",
+            Value::from(to_i64(c.step_interval_secs)),
+        );
+    }
+    if let Some(a) = &c.analysis {
+        let mut at = InlineTable::new();
+        if let Some(r) = a.max_error_rate {
+            at.insert("max_error_rate", Value::from(r.get()));
+        }
+        if let Some(ms) = a.max_p99_ms {
+            at.insert("max_p99_ms", Value::from(to_i64(ms)));
+        }
+        if let Some(r) = a.max_p99_ratio {
+            at.insert("max_p99_ratio", Value::from(r.get()));
+        }
+        at.insert("min_requests", Value::from(to_i64(a.min_requests)));
+        at.insert("interval_secs", Value::from(to_i64(a.interval_secs)));
+        at.insert("failure_limit", Value::from(i64::from(a.failure_limit)));
+        t.insert("analysis", Value::InlineTable(at));
+    }
+    if c.state != vhost_routing::RolloutState::Progressing {
+        t.insert("state", Value::from(c.state.as_str()));
+    }
+    if c.step != 0 {
+        t.insert("step", Value::from(to_i64(c.step as u64)));
+    }
+    if let Some(reason) = &c.abort_reason {
+        t.insert("abort_reason", Value::from(reason.as_str()));
+    }
     Value::InlineTable(t)
+}
+
+/// TOML integers are i64; validated settings are far below its maximum.
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn backend_table(b: &Backend, mut t: Table) -> Table {

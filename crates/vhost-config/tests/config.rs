@@ -256,19 +256,45 @@ fn write_back_keeps_comments_and_round_trips() {
         },
         Command::SetCanary {
             domain: d("example.com"),
-            canary: vhost_routing::Canary {
-                tag: t("a"),
-                weight: vhost_routing::CanaryWeight::from_percent(12.5).unwrap(),
-                sticky_key: vhost_routing::StickyKey::parse("header:X-User").unwrap(),
+            canary: vhost_routing::Canary::new(
+                t("a"),
+                vhost_routing::CanaryWeight::from_percent(12.5).unwrap(),
+                vhost_routing::StickyKey::parse("header:X-User").unwrap(),
+            ),
+        },
+        Command::SetCanary {
+            domain: d("example.com"),
+            canary: {
+                let mut c = vhost_routing::Canary::new(
+                    t("a"),
+                    vhost_routing::CanaryWeight::from_percent(25.0).unwrap(),
+                    vhost_routing::StickyKey::Cookie,
+                );
+                c.steps = [1.0, 25.0, 100.0]
+                    .iter()
+                    .map(|p| vhost_routing::CanaryWeight::from_percent(*p).unwrap())
+                    .collect();
+                c.step = 1;
+                c.step_interval_secs = 30;
+                c.state = vhost_routing::RolloutState::Paused;
+                c.analysis = Some(vhost_routing::Analysis {
+                    max_error_rate: vhost_routing::Threshold::new(0.01),
+                    max_p99_ms: Some(500),
+                    max_p99_ratio: vhost_routing::Threshold::new(1.5),
+                    min_requests: 100,
+                    interval_secs: 10,
+                    failure_limit: 2,
+                });
+                c
             },
         },
         Command::SetCanary {
             domain: d("*.example.com"),
-            canary: vhost_routing::Canary {
-                tag: t("b"),
-                weight: vhost_routing::CanaryWeight::from_percent(0.01).unwrap(),
-                sticky_key: vhost_routing::StickyKey::Cookie,
-            },
+            canary: vhost_routing::Canary::new(
+                t("b"),
+                vhost_routing::CanaryWeight::from_percent(0.01).unwrap(),
+                vhost_routing::StickyKey::Cookie,
+            ),
         },
         Command::PromoteCanary(d("*.example.com")),
         Command::UpdateDomain {

@@ -55,6 +55,12 @@ impl Histogram {
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
+    /// Observations per bucket of [`LATENCY_BUCKETS`] (not cumulative), the last one above
+    /// every bound.
+    pub fn bucket_counts(&self) -> [u64; LATENCY_BUCKETS.len() + 1] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+
     /// Number of observations.
     pub fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()

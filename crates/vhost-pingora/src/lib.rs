@@ -32,7 +32,7 @@ pub use certs::{
     CERT_READ_TIMEOUT, MAX_PEM_BYTES,
 };
 pub use conn::{CloseReason, ConnLimits, Connections, VhostApp};
-pub use metrics::ProxyMetrics;
+pub use metrics::{ProxyMetrics, SideTotals};
 pub use proxy::{CanaryOptions, Inflight, LocalReason, ProxyOptions, RequestCtx, VhostProxy};
 
 /// Registers the descriptions (Prometheus `# HELP`) of every metric of this crate.

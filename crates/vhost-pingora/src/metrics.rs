@@ -214,7 +214,59 @@ impl Attach for ProxyMetrics {
     }
 }
 
+/// Everything counted so far for one (domain, tag): the cumulative numbers a rollout analysis
+/// takes differences of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SideTotals {
+    /// Requests answered (any status, the proxy's own answers included).
+    pub requests: u64,
+    /// Of which 5xx.
+    pub errors: u64,
+    /// Latency observations per bucket of [`vhost_metrics::LATENCY_BUCKETS`] (the last one
+    /// above every bound).
+    pub latency: Vec<u64>,
+}
+
+impl SideTotals {
+    /// `self − earlier`, counter by counter (a counter that went down, after its series was
+    /// recreated, counts from zero).
+    pub fn since(&self, earlier: &SideTotals) -> SideTotals {
+        let latency = self
+            .latency
+            .iter()
+            .enumerate()
+            .map(|(i, now)| now.saturating_sub(earlier.latency.get(i).copied().unwrap_or(0)))
+            .collect();
+        SideTotals {
+            requests: self.requests.saturating_sub(earlier.requests),
+            errors: self.errors.saturating_sub(earlier.errors),
+            latency,
+        }
+    }
+}
+
 impl ProxyMetrics {
+    /// The cumulative numbers of `domain`'s requests served by `tag` (off the request path:
+    /// reads the registry).
+    pub fn side_totals(&self, domain: &str, tag: &str) -> SideTotals {
+        let registry = self.registry.load();
+        let mut totals = SideTotals::default();
+        for ((d, t, _), counts) in registry.requests.iter() {
+            if &**d == domain && &**t == tag {
+                // "none" (the client left before an answer) is not a request answered.
+                totals.requests += counts.0[..5].iter().map(Counter::get).sum::<u64>();
+                totals.errors += counts.0[4].get();
+            }
+        }
+        let key = (Arc::from(domain), Arc::from(tag));
+        totals.latency = registry
+            .latency
+            .get(&key)
+            .map(|h| h.bucket_counts().to_vec())
+            .unwrap_or_else(|| vec![0; vhost_metrics::LATENCY_BUCKETS.len() + 1]);
+        totals
+    }
+
     /// Metrics with facade handles registered with the global recorder installed now (a no-op
     /// recorder if none).
     pub fn new() -> Self {

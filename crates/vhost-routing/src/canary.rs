@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::names::Tag;
+use crate::rollout::{check_plan, Analysis, RolloutError, RolloutState};
 
 /// Number of buckets keys are hashed into; a weight has a resolution of one bucket (0.01 %).
 pub const BUCKETS: u16 = 10_000;
@@ -37,6 +38,89 @@ pub struct Canary {
     /// `none` (each request drawn anew).
     #[serde(default)]
     pub sticky_key: StickyKey,
+    /// Weights a rollout walks through, increasing (`[1, 5, 25, 50, 100]`): after the last one
+    /// the canary is promoted. Empty: the weight changes only by hand (and an `analysis` only
+    /// guards it).
+    #[cfg_attr(feature = "openapi", schema(max_items = 20))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<CanaryWeight>,
+    /// Seconds each step lasts at least (with an analysis: until a passing check after that).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 1, maximum = 86400, default = 60)
+    )]
+    #[serde(
+        default = "default_step_interval",
+        deserialize_with = "crate::model::whole::u64",
+        skip_serializing_if = "is_default_step_interval"
+    )]
+    pub step_interval_secs: u64,
+    /// Checks of the canary against the primary that abort the rollout when they keep failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
+    /// Where the rollout stands: `progressing` (default), `paused` or `aborted`.
+    #[serde(default, skip_serializing_if = "is_progressing")]
+    pub state: RolloutState,
+    /// Index of the current step in `steps` (`weight` is `steps[step]`).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 19))]
+    #[serde(
+        default,
+        deserialize_with = "crate::model::whole::usize",
+        skip_serializing_if = "is_zero"
+    )]
+    pub step: usize,
+    /// Why the rollout was aborted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_reason: Option<String>,
+}
+
+fn default_step_interval() -> u64 {
+    60
+}
+fn is_default_step_interval(v: &u64) -> bool {
+    *v == 60
+}
+fn is_progressing(s: &RolloutState) -> bool {
+    *s == RolloutState::Progressing
+}
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+impl Canary {
+    /// A canary sending `weight` to `tag`, without a rollout plan.
+    pub fn new(tag: Tag, weight: CanaryWeight, sticky_key: StickyKey) -> Self {
+        Self {
+            tag,
+            weight,
+            sticky_key,
+            steps: Vec::new(),
+            step_interval_secs: default_step_interval(),
+            analysis: None,
+            state: RolloutState::Progressing,
+            step: 0,
+            abort_reason: None,
+        }
+    }
+
+    /// True if the proxy moves or guards this canary on its own (steps or an analysis) and it
+    /// is running.
+    pub fn is_running(&self) -> bool {
+        self.state == RolloutState::Progressing
+            && (!self.steps.is_empty() || self.analysis.is_some())
+    }
+
+    /// Checks the rollout plan.
+    pub fn check(&self) -> Result<(), RolloutError> {
+        check_plan(
+            &self.steps,
+            self.step,
+            self.weight,
+            self.state,
+            self.step_interval_secs,
+            self.analysis.as_ref(),
+        )
+    }
 }
 
 /// Why a canary setting was rejected.

@@ -68,6 +68,14 @@ pub enum ValidationError {
         /// The tag.
         tag: Tag,
     },
+    /// The canary's rollout plan is invalid.
+    #[error("domain {domain}: invalid canary rollout: {reason}")]
+    InvalidRollout {
+        /// The domain.
+        domain: DomainName,
+        /// What is wrong.
+        reason: crate::rollout::RolloutError,
+    },
     /// An empty TLS path.
     #[error("domain {domain} has an empty tls_cert_path or tls_key_path")]
     EmptyTlsPath {
@@ -118,6 +126,13 @@ impl ValidationError {
             },
             Self::IncompleteTlsPair { .. } | Self::EmptyTlsPath { .. } => "tls_cert_path",
             Self::CanaryIsPrimary { .. } => "canary.tag",
+            Self::InvalidRollout { reason, .. } => match reason {
+                crate::rollout::RolloutError::Steps => "canary.steps",
+                crate::rollout::RolloutError::WeightNotStep { .. }
+                | crate::rollout::RolloutError::AbortedWithWeight => "canary.weight",
+                crate::rollout::RolloutError::StepInterval => "canary.step_interval_secs",
+                crate::rollout::RolloutError::Analysis(_) => "canary.analysis",
+            },
         }
     }
 }

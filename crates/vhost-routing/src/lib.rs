@@ -30,6 +30,7 @@ pub mod canary;
 pub mod error;
 pub mod model;
 pub mod names;
+pub mod rollout;
 pub mod state;
 pub mod store;
 pub mod table;
@@ -46,6 +47,10 @@ pub use model::{
 pub use names::{
     AddressError, BackendAddress, BackendId, BackendIdError, DomainName, DomainNameError, Host,
     Tag, TagError, MAX_DOMAIN_LEN,
+};
+pub use rollout::{
+    decide, judge, p99_ms, Action, Analysis, Progress, RolloutError, RolloutState, Threshold,
+    Verdict, Window,
 };
 pub use state::{Change, Command, State};
 pub use store::{RouteStore, RouteWriter};

@@ -20,7 +20,7 @@ fn default_weight() -> u16 {
 
 /// Integers that may arrive written as whole floats (`2.0`): JSON Schema, which the API document
 /// speaks, counts `2.0` as an integer, so the API accepts it too.
-mod whole {
+pub(crate) mod whole {
     use serde::de::{Deserializer, Error, Unexpected, Visitor};
     use serde::Deserialize;
     use std::fmt;
@@ -58,6 +58,57 @@ mod whole {
             }
             d.deserialize_any(V)
         }
+    }
+
+    /// A `u64` written as an integer or a whole float.
+    pub(crate) struct WholeU64(pub(crate) u64);
+
+    impl<'de> Deserialize<'de> for WholeU64 {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = WholeU64;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a non-negative integer")
+                }
+                fn visit_u64<E: Error>(self, v: u64) -> Result<WholeU64, E> {
+                    Ok(WholeU64(v))
+                }
+                fn visit_i64<E: Error>(self, v: i64) -> Result<WholeU64, E> {
+                    u64::try_from(v)
+                        .map(WholeU64)
+                        .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+                }
+                fn visit_f64<E: Error>(self, v: f64) -> Result<WholeU64, E> {
+                    // 2^53: the largest range where every whole float is exact.
+                    if v.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(&v) {
+                        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                        Ok(WholeU64(v as u64))
+                    } else {
+                        Err(E::invalid_value(Unexpected::Float(v), &self))
+                    }
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    pub(crate) fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        WholeU64::deserialize(d).map(|w| w.0)
+    }
+
+    pub(crate) fn option_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Option::<WholeU64>::deserialize(d).map(|o| o.map(|w| w.0))
+    }
+
+    pub(crate) fn usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let v = WholeU64::deserialize(d)?.0;
+        usize::try_from(v).map_err(|_| D::Error::custom(format!("{v} is too large")))
+    }
+
+    pub(crate) fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let v = WholeU64::deserialize(d)?.0;
+        u32::try_from(v).map_err(|_| D::Error::custom(format!("{v} is too large")))
     }
 
     pub(super) fn u16<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
@@ -103,7 +154,7 @@ pub struct VirtualHost {
     /// A share of traffic sent to a second tag (change it with
     /// `PUT /api/v1/domains/{domain}/canary`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub canary: Option<Canary>,
+    pub canary: Option<Box<Canary>>,
 }
 
 impl VirtualHost {
@@ -128,6 +179,12 @@ impl VirtualHost {
                     tag: canary.tag.clone(),
                 });
             }
+            canary
+                .check()
+                .map_err(|reason| ValidationError::InvalidRollout {
+                    domain: self.domain.clone(),
+                    reason,
+                })?;
         }
         match (&self.tls_cert_path, &self.tls_key_path) {
             (Some(c), Some(k)) if c.is_empty() || k.is_empty() => {

@@ -210,7 +210,7 @@ impl State {
             Command::SetCanary { domain, canary } => {
                 let before = self.existing_vhost(&domain)?;
                 let mut after = before.clone();
-                after.canary = Some(canary);
+                after.canary = Some(Box::new(canary));
                 after.validate()?;
                 next.vhosts.insert(domain, after.clone());
                 Change::DomainUpdated {
@@ -349,11 +349,11 @@ mod tests {
     }
 
     fn canary(tag: &str, weight: f64) -> Canary {
-        Canary {
-            tag: t(tag),
-            weight: crate::CanaryWeight::from_percent(weight).unwrap(),
-            sticky_key: crate::StickyKey::Cookie,
-        }
+        Canary::new(
+            t(tag),
+            crate::CanaryWeight::from_percent(weight).unwrap(),
+            crate::StickyKey::Cookie,
+        )
     }
 
     #[test]
@@ -367,7 +367,7 @@ mod tests {
         assert!(matches!(change, Change::DomainUpdated { .. }));
         assert_eq!(
             s.vhost(&d("a.com")).unwrap().canary,
-            Some(canary("b", 10.0))
+            Some(Box::new(canary("b", 10.0)))
         );
         // The primary tag cannot be its own canary.
         assert!(matches!(
@@ -413,7 +413,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             kept.vhost(&d("b.com")).unwrap().canary,
-            Some(canary("a", 1.0))
+            Some(Box::new(canary("a", 1.0)))
         );
     }
 

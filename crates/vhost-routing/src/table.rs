@@ -589,7 +589,7 @@ impl RoutingTable {
         for (vhost, index) in state.vhosts().zip(0u32..) {
             let canary = vhost.canary.as_ref().map(|c| {
                 Arc::new(CanaryRoute {
-                    canary: c.clone(),
+                    canary: Canary::clone(c),
                     seed: domain_seed(vhost.domain.as_str()),
                     pool: pools.get(&c.tag).cloned(),
                 })
@@ -775,11 +775,11 @@ mod tests {
     #[test]
     fn canary_sides_and_fallback() {
         let mut v = vhost("a.com", "a");
-        v.canary = Some(Canary {
-            tag: t("b"),
-            weight: crate::CanaryWeight::from_percent(25.0).unwrap(),
-            sticky_key: crate::StickyKey::Cookie,
-        });
+        v.canary = Some(Box::new(Canary::new(
+            t("b"),
+            crate::CanaryWeight::from_percent(25.0).unwrap(),
+            crate::StickyKey::Cookie,
+        )));
         let tbl = table(
             vec![v, vhost("plain.com", "a")],
             vec![backend("a1", 1, &["a"], 1), backend("b1", 2, &["b"], 1)],

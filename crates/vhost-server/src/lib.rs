@@ -20,6 +20,7 @@ pub mod memory;
 pub mod metrics;
 mod publish;
 mod reload;
+mod rollout;
 mod run;
 
 use std::time::Duration;

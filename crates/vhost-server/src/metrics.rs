@@ -12,12 +12,12 @@ use arc_swap::ArcSwap;
 use axum::routing::get;
 use metrics::gauge;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use vhost_admin::MetricsRender;
+use vhost_admin::{MetricsRender, RolloutReport};
 use vhost_config::MetricsConfig;
 use vhost_health::HealthMetrics;
 use vhost_metrics::{Exposition, Kind};
 use vhost_pingora::{CertMap, CertStore, Inflight, ProxyMetrics};
-use vhost_routing::RoutingTable;
+use vhost_routing::{DomainName, RolloutState, RoutingTable, Window};
 
 use crate::error::ServerError;
 
@@ -51,6 +51,7 @@ pub fn install(config: &MetricsConfig) -> Result<Option<Metrics>, ServerError> {
     }
     vhost_pingora::describe();
     vhost_admin::describe();
+    crate::rollout::describe();
     Ok(Some(Metrics {
         handle,
         listener,
@@ -146,6 +147,10 @@ pub struct ConfigGauges {
     tags: ArcSwap<BTreeMap<String, (String, BTreeSet<String>)>>,
     /// Per domain: its canary weight in percent (0 without a canary).
     canary_weights: ArcSwap<BTreeMap<String, f64>>,
+    /// Per domain with a rollout plan: its state (0 progressing, 1 paused, 2 aborted) and step.
+    rollouts: ArcSwap<BTreeMap<String, (u8, usize)>>,
+    /// Per running rollout: the last analysis window of (primary, canary).
+    analysis: ArcSwap<BTreeMap<String, (Window, Window)>>,
 }
 
 impl ConfigGauges {
@@ -180,6 +185,31 @@ impl ConfigGauges {
             })
             .collect();
         self.canary_weights.store(Arc::new(weights));
+        let rollouts = table
+            .state()
+            .vhosts()
+            .filter_map(|v| {
+                let c = v.canary.as_ref()?;
+                (!c.steps.is_empty() || c.analysis.is_some()).then(|| {
+                    let state = match c.state {
+                        RolloutState::Progressing => 0,
+                        RolloutState::Paused => 1,
+                        RolloutState::Aborted => 2,
+                    };
+                    (v.domain.to_string(), (state, c.step))
+                })
+            })
+            .collect();
+        self.rollouts.store(Arc::new(rollouts));
+    }
+
+    /// The rollout controller's latest windows.
+    pub(crate) fn set_rollout_reports(&self, reports: &BTreeMap<DomainName, RolloutReport>) {
+        let windows = reports
+            .iter()
+            .filter_map(|(d, r)| Some((d.to_string(), (r.primary?, r.canary?))))
+            .collect();
+        self.analysis.store(Arc::new(windows));
     }
 
     /// Appends the gauges to a Prometheus text exposition.
@@ -211,6 +241,54 @@ impl ConfigGauges {
         );
         for (domain, weight) in self.canary_weights.load().iter() {
             e.sample("canary_weight", &[("domain", domain)], weight);
+        }
+        e.family(
+            "rollout_state",
+            Kind::Gauge,
+            "State of a domain's rollout plan: 0 progressing, 1 paused, 2 aborted",
+        );
+        let rollouts = self.rollouts.load();
+        for (domain, (state, _)) in rollouts.iter() {
+            e.sample("rollout_state", &[("domain", domain)], state);
+        }
+        e.family(
+            "rollout_step",
+            Kind::Gauge,
+            "Index of the current step of a domain's rollout plan",
+        );
+        for (domain, (_, step)) in rollouts.iter() {
+            e.sample("rollout_step", &[("domain", domain)], step);
+        }
+        e.family(
+            "rollout_analysis_error_rate",
+            Kind::Gauge,
+            "Share of 5xx answers over the last analysis window of a running rollout, by side",
+        );
+        let analysis = self.analysis.load();
+        for (domain, (primary, canary)) in analysis.iter() {
+            for (side, w) in [("primary", primary), ("canary", canary)] {
+                e.sample(
+                    "rollout_analysis_error_rate",
+                    &[("domain", domain), ("side", side)],
+                    w.error_rate(),
+                );
+            }
+        }
+        e.family(
+            "rollout_analysis_p99_seconds",
+            Kind::Gauge,
+            "p99 latency (histogram bucket bound) over the last analysis window of a running rollout, by side",
+        );
+        for (domain, (primary, canary)) in analysis.iter() {
+            for (side, w) in [("primary", primary), ("canary", canary)] {
+                if let Some(ms) = w.p99_ms {
+                    e.sample(
+                        "rollout_analysis_p99_seconds",
+                        &[("domain", domain), ("side", side)],
+                        ms / 1000.0,
+                    );
+                }
+            }
         }
         e.family(
             "tls_certificate_expiry_timestamp_seconds",

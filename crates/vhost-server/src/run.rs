@@ -161,6 +161,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     let proxy = VhostProxy::new(&mut writer, crate::proxy_options(&config));
     let inflight = proxy.inflight();
+    let proxy_metrics = proxy.metrics();
     let checker = HealthChecker::new(
         Arc::clone(writer.store()),
         check_settings(&config.health_check),
@@ -173,6 +174,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
     };
     hook.published();
     let gauges = Arc::clone(&hook.gauges);
+    let rollout_gauges = Arc::clone(&gauges);
     // The same follow-up actions after a DNS re-resolution publishes a snapshot.
     let after_publish = hook.clone();
     let reload = crate::reload::ServerReload {
@@ -283,6 +285,12 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
                 admin_stop_rx.clone(),
             ));
         }
+        tokio::spawn(crate::rollout::run(
+            Arc::clone(&admin),
+            proxy_metrics,
+            rollout_gauges,
+            admin_stop_rx.clone(),
+        ));
         tokio::spawn(crate::memory::trim_after_waves(
             Arc::clone(&conns),
             admin_stop_rx,

@@ -79,6 +79,8 @@ pub struct TestBackend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// When n > 0, every n-th request is answered 500.
+    pub fail_every: Arc<AtomicUsize>,
     rt: Arc<tokio::runtime::Runtime>,
     accept: Option<tokio::task::JoinHandle<()>>,
     /// Flipped by `kill`: open connections close.
@@ -93,11 +95,13 @@ impl TestBackend {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let (killed, killed_rx) = tokio::sync::watch::channel(false);
-        let accept = Self::serve(rt, listener, name, &hits, killed_rx);
+        let fail_every = Arc::new(AtomicUsize::new(0));
+        let accept = Self::serve(rt, listener, name, &hits, &fail_every, killed_rx);
         Self {
             name: name.to_owned(),
             addr,
             hits,
+            fail_every,
             rt: Arc::clone(rt),
             accept: Some(accept),
             killed,
@@ -130,6 +134,7 @@ impl TestBackend {
             listener,
             &self.name,
             &self.hits,
+            &self.fail_every,
             self.killed.subscribe(),
         ));
     }
@@ -139,19 +144,28 @@ impl TestBackend {
         listener: tokio::net::TcpListener,
         name: &str,
         hits: &Arc<AtomicUsize>,
+        fail_every: &Arc<AtomicUsize>,
         killed: tokio::sync::watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         let (name_c, hits_c) = (name.to_owned(), Arc::clone(hits));
+        let fail_c = Arc::clone(fail_every);
         rt.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (name, hits) = (name_c.clone(), Arc::clone(&hits_c));
+                let fail = Arc::clone(&fail_c);
                 let mut killed = killed.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (name, hits) = (name.clone(), Arc::clone(&hits));
+                        let (name, hits, fail) = (name.clone(), Arc::clone(&hits), Arc::clone(&fail));
                         async move {
-                            hits.fetch_add(1, Ordering::SeqCst);
+                            let n = hits.fetch_add(1, Ordering::SeqCst) + 1;
+                            let every = fail.load(Ordering::SeqCst);
+                            if every > 0 && n % every == 0 {
+                                let mut r = Response::new(Full::new(Bytes::from_static(b"injected failure")));
+                                *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                                return Ok::<_, Infallible>(r);
+                            }
                             if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
                                 let ms: u64 = ms.parse().unwrap_or(1000);
                                 tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -1,0 +1,274 @@
+//! Rollout plans through the real binary: a failing canary is aborted by its analysis, a healthy
+//! one walks its steps and is promoted, a step without traffic holds, and a restart resumes at
+//! the same step.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn config(a: &TestBackend, b: &TestBackend, canary: &str) -> String {
+    format!(
+        "[[virtual_hosts]]\ndomain = \"app.test\"\nenabled_backends_tag = \"a\"\ncanary = {canary}\n\n\
+         [[backends]]\nid = \"a1\"\naddress = \"{}\"\ntags = [\"a\"]\n\n\
+         [[backends]]\nid = \"b1\"\naddress = \"{}\"\ntags = [\"b\"]\n",
+        a.addr, b.addr
+    )
+}
+
+fn get_json(c: &reqwest::Client, rt: &tokio::runtime::Runtime, url: String) -> (u16, Value) {
+    rt.block_on(async {
+        let r = c.get(url).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    })
+}
+
+fn post(c: &reqwest::Client, rt: &tokio::runtime::Runtime, url: String) -> u16 {
+    rt.block_on(async { c.post(url).send().await.unwrap().status().as_u16() })
+}
+
+/// Requests `app.test` from 4 clients until dropped; counts answers by status.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(rt: &tokio::runtime::Runtime, proxy: &ProxyProcess) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let url = proxy.http_url("/");
+        let tasks = (0..4)
+            .map(|_| {
+                let (stop, ok, failed, url) = (
+                    Arc::clone(&stop),
+                    Arc::clone(&ok),
+                    Arc::clone(&failed),
+                    url.clone(),
+                );
+                let c = client(&[], true);
+                rt.spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let r = c.get(&url).header("host", "app.test").send().await;
+                        match r.map(|r| r.status().as_u16()) {
+                            Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
+                            _ => failed.fetch_add(1, Ordering::SeqCst),
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    fn stop(self, rt: &tokio::runtime::Runtime) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            rt.block_on(t).unwrap();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[test]
+fn a_canary_failing_half_its_requests_is_aborted_then_every_request_succeeds() {
+    let rt = runtime();
+    let a = TestBackend::start(&rt, "a1");
+    let b = TestBackend::start(&rt, "b1");
+    b.fail_every.store(2, Ordering::SeqCst);
+    let body = config(
+        &a,
+        &b,
+        "{ tag = \"b\", weight = 30.0, sticky_key = \"none\", analysis = { max_error_rate = 0.05, min_requests = 10, interval_secs = 2, failure_limit = 2 } }",
+    );
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    let c = client(&[], true);
+    let started = Instant::now();
+    let load = Load::start(&rt, &proxy);
+    let mut canary = Value::Null;
+    wait_until("the analysis to abort the rollout", || {
+        canary = get_json(&c, &rt, proxy.admin_url("/api/v1/domains/app.test/canary")).1;
+        canary["state"] == "aborted"
+    });
+    let took = started.elapsed();
+    load.stop(&rt);
+    assert!(took < Duration::from_secs(10), "aborted after {took:?}");
+    assert_eq!(canary["weight"], 0.0, "{canary}");
+    let reason = canary["abort_reason"].as_str().unwrap();
+    assert!(reason.contains("error rate"), "{reason}");
+    // From now on every request succeeds: the canary gets no traffic.
+    rt.block_on(async {
+        for _ in 0..100 {
+            assert_eq!(proxy.backend_for(&c, "app.test").await, "a1");
+        }
+    });
+    // Persisted, visible in the metrics, and resume is refused (set the canary again instead).
+    let file = std::fs::read_to_string(&proxy.config_path).unwrap();
+    assert!(file.contains("state = \"aborted\""), "{file}");
+    assert_eq!(
+        metric(proxy.metrics, r#"rollout_state{domain="app.test"}"#),
+        2.0
+    );
+    assert!(
+        metric(
+            proxy.metrics,
+            r#"rollout_aborts_total{domain="app.test",reason="analysis"}"#
+        ) >= 1.0
+    );
+    assert_eq!(
+        post(
+            &c,
+            &rt,
+            proxy.admin_url("/api/v1/domains/app.test/canary/resume")
+        ),
+        409
+    );
+}
+
+#[test]
+fn a_healthy_canary_walks_every_step_and_is_promoted() {
+    let rt = runtime();
+    let a = TestBackend::start(&rt, "a1");
+    let b = TestBackend::start(&rt, "b1");
+    let body = config(
+        &a,
+        &b,
+        "{ tag = \"b\", weight = 10.0, sticky_key = \"none\", steps = [10, 50, 100], step_interval_secs = 1, analysis = { max_error_rate = 0.05, min_requests = 5, interval_secs = 1 } }",
+    );
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    let c = client(&[], true);
+    let load = Load::start(&rt, &proxy);
+    let mut weights = Vec::new();
+    let mut domain = Value::Null;
+    wait_until("the promotion", || {
+        domain = get_json(&c, &rt, proxy.admin_url("/api/v1/domains/app.test")).1;
+        if let Some(w) = domain["canary"]["weight"].as_f64() {
+            if weights.last() != Some(&w) {
+                weights.push(w);
+            }
+        }
+        domain["enabled_backends_tag"] == "b"
+    });
+    let (ok, failed) = load.stop(&rt);
+    assert_eq!(failed, 0, "failed requests during the rollout");
+    assert!(ok > 0);
+    assert!(domain.get("canary").is_none(), "{domain}");
+    // The weight only ever went up, through the steps.
+    assert!(weights.windows(2).all(|w| w[0] < w[1]), "{weights:?}");
+    assert!(
+        weights.iter().all(|w| [10.0, 50.0, 100.0].contains(w)),
+        "{weights:?}"
+    );
+    rt.block_on(async {
+        assert_eq!(proxy.backend_for(&c, "app.test").await, "b1");
+    });
+    assert_eq!(
+        metric(
+            proxy.metrics,
+            r#"rollout_promotions_total{domain="app.test"}"#
+        ),
+        1.0
+    );
+    let file = std::fs::read_to_string(&proxy.config_path).unwrap();
+    assert!(file.contains("enabled_backends_tag = \"b\""), "{file}");
+    assert!(!file.contains("canary"), "{file}");
+}
+
+#[test]
+fn without_traffic_a_step_holds_and_a_restart_resumes_at_the_same_step() {
+    let rt = runtime();
+    let a = TestBackend::start(&rt, "a1");
+    let b = TestBackend::start(&rt, "b1");
+    let body = config(
+        &a,
+        &b,
+        "{ tag = \"b\", weight = 10.0, sticky_key = \"none\", steps = [10, 20, 100], step_interval_secs = 1, analysis = { min_requests = 5, interval_secs = 1 } }",
+    );
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    let c = client(&[], true);
+    let url = proxy.admin_url("/api/v1/domains/app.test/canary");
+    // No traffic: three inconclusive checks, and the first step holds.
+    let mut canary = Value::Null;
+    wait_until("three inconclusive checks", || {
+        canary = get_json(&c, &rt, url.clone()).1;
+        canary["rollout"]["checks"].as_u64().unwrap_or(0) >= 3
+    });
+    assert_eq!(
+        canary["rollout"]["last_verdict"]["verdict"], "inconclusive",
+        "{canary}"
+    );
+    assert_eq!(
+        (canary["weight"].as_f64(), canary.get("step")),
+        (Some(10.0), None),
+        "{canary}"
+    );
+
+    // With traffic it moves on; pause it at the second step.
+    let load = Load::start(&rt, &proxy);
+    wait_until("the second step", || {
+        get_json(&c, &rt, url.clone()).1["step"] == 1
+    });
+    assert_eq!(
+        post(
+            &c,
+            &rt,
+            proxy.admin_url("/api/v1/domains/app.test/canary/pause")
+        ),
+        200
+    );
+    let (_, failed) = load.stop(&rt);
+    assert_eq!(failed, 0);
+    let paused = get_json(&c, &rt, url.clone()).1;
+    assert_eq!(
+        (paused["state"].as_str(), paused["step"].as_u64()),
+        (Some("paused"), Some(1))
+    );
+
+    // A restart resumes exactly there.
+    let (http, https, admin) = (proxy.http, proxy.https, proxy.admin);
+    let (dir, path) = proxy.stop();
+    let proxy = ProxyProcess::spawn(dir, path, http, https, admin, false, &[]);
+    let after = get_json(&c, &rt, url.clone()).1;
+    assert_eq!(
+        (
+            after["state"].as_str(),
+            after["step"].as_u64(),
+            after["weight"].as_f64()
+        ),
+        (Some("paused"), Some(1), Some(20.0)),
+        "{after}"
+    );
+    // Resumed with traffic, it finishes.
+    assert_eq!(
+        post(
+            &c,
+            &rt,
+            proxy.admin_url("/api/v1/domains/app.test/canary/resume")
+        ),
+        200
+    );
+    let load = Load::start(&rt, &proxy);
+    wait_until("the promotion after the restart", || {
+        get_json(&c, &rt, proxy.admin_url("/api/v1/domains/app.test")).1["enabled_backends_tag"]
+            == "b"
+    });
+    let (_, failed) = load.stop(&rt);
+    assert_eq!(failed, 0);
+}
