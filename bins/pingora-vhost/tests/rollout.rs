@@ -189,6 +189,19 @@ fn a_healthy_canary_walks_every_step_and_is_promoted() {
     let file = std::fs::read_to_string(&proxy.config_path).unwrap();
     assert!(file.contains("enabled_backends_tag = \"b\""), "{file}");
     assert!(!file.contains("canary"), "{file}");
+    // Each step and the promotion are revisions of the configuration history.
+    let history = get_json(&c, &rt, proxy.admin_url("/api/v1/config/history")).1;
+    let sources: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sources,
+        ["rollout", "rollout", "rollout", "start"],
+        "{history}"
+    );
 }
 
 #[test]

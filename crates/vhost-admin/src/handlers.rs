@@ -217,10 +217,16 @@ pub(crate) const OPTIMISTIC_ATTEMPTS: usize = 3;
 pub(crate) async fn apply_write(
     state: &Arc<AdminState>,
     headers: &HeaderMap,
+    source: crate::history::Source,
     build: impl Fn(&RoutingTable) -> Result<(Command, Option<String>), ApiError> + Send + 'static,
 ) -> Result<(Arc<RoutingTable>, Change), ApiError> {
     let this = Arc::clone(state);
     let if_match = headers.get(header::IF_MATCH).cloned();
+    let client = crate::middleware::CLIENT
+        .try_with(|c| *c)
+        .ok()
+        .flatten()
+        .map(|c| c.to_string());
     let result = tokio::task::spawn_blocking(move || {
         let mut attempt = 0;
         loop {
@@ -249,6 +255,9 @@ pub(crate) async fn apply_write(
             }
             let table = writer.routes.publish(next);
             commit();
+            writer
+                .history
+                .record(current.state(), table.state(), source, client.clone());
             return Ok((table, change));
         }
     })
@@ -319,7 +328,7 @@ pub(crate) async fn create_domain(
     ApiJson(vhost): ApiJson<VirtualHost>,
 ) -> Result<Response, ApiError> {
     let domain = vhost.domain.clone();
-    let (table, _) = apply_write(&s, &headers, move |_| {
+    let (table, _) = apply_write(&s, &headers, crate::history::Source::Api, move |_| {
         Ok((Command::AddDomain(vhost.clone()), None))
     })
     .await?;
@@ -353,7 +362,7 @@ pub(crate) async fn update_domain(
     let domain = parse_domain(&domain)?;
     let force = force(&query)?;
     let target = domain.clone();
-    let (table, _) = apply_write(&s, &headers, move |t| {
+    let (table, _) = apply_write(&s, &headers, crate::history::Source::Api, move |t| {
         let current = vhost_in(t, &target)?;
         if let Some(tag) = &update.enabled_backends_tag {
             if *tag != current.enabled_backends_tag {
@@ -388,7 +397,7 @@ pub(crate) async fn delete_domain(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let domain = parse_domain(&domain)?;
-    apply_write(&s, &headers, move |t| {
+    apply_write(&s, &headers, crate::history::Source::Api, move |t| {
         let current = vhost_in(t, &domain)?;
         Ok((
             Command::DeleteDomain(domain.clone()),
@@ -421,7 +430,7 @@ pub(crate) async fn switch_domain(
     let domain = parse_domain(&domain)?;
     let force = force(&query)?;
     let target = domain.clone();
-    let (table, _) = apply_write(&s, &headers, move |t| {
+    let (table, _) = apply_write(&s, &headers, crate::history::Source::Api, move |t| {
         let current = vhost_in(t, &target)?;
         ensure_serving_tag(t, &request.new_tag, force, "new_tag")?;
         Ok((
@@ -492,7 +501,7 @@ async fn rollout_order(
 ) -> Result<Response, ApiError> {
     let domain = parse_domain(&domain)?;
     let target = domain.clone();
-    let (table, _) = apply_write(s, headers, move |t| {
+    let (table, _) = apply_write(s, headers, crate::history::Source::Api, move |t| {
         let current = vhost_in(t, &target)?;
         let mut canary = current.canary.clone().ok_or_else(|| no_canary(&target))?;
         let conflict = |message: String| ApiError::Conflict {
@@ -608,7 +617,7 @@ pub(crate) async fn put_canary(
     let domain = parse_domain(&domain)?;
     let force = force(&query)?;
     let target = domain.clone();
-    let (table, _) = apply_write(&s, &headers, move |t| {
+    let (table, _) = apply_write(&s, &headers, crate::history::Source::Api, move |t| {
         let current = vhost_in(t, &target)?;
         if canary.tag == current.enabled_backends_tag {
             return Err(ApiError::Conflict {
@@ -651,7 +660,7 @@ pub(crate) async fn delete_canary(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let domain = parse_domain(&domain)?;
-    apply_write(&s, &headers, move |t| {
+    apply_write(&s, &headers, crate::history::Source::Api, move |t| {
         let current = vhost_in(t, &domain)?;
         Ok((
             Command::RemoveCanary(domain.clone()),
@@ -682,7 +691,7 @@ pub(crate) async fn promote_canary(
     let domain = parse_domain(&domain)?;
     let force = force(&query)?;
     let target = domain.clone();
-    let (table, _) = apply_write(&s, &headers, move |t| {
+    let (table, _) = apply_write(&s, &headers, crate::history::Source::Api, move |t| {
         let current = vhost_in(t, &target)?;
         let canary = current.canary.as_ref().ok_or_else(|| no_canary(&target))?;
         ensure_serving_tag(t, &canary.tag, force, "tag")?;
@@ -763,7 +772,7 @@ pub(crate) async fn create_backend(
     ApiJson(backend): ApiJson<Backend>,
 ) -> Result<Response, ApiError> {
     let id = backend.id.clone();
-    let (table, _) = apply_write(&s, &headers, move |_| {
+    let (table, _) = apply_write(&s, &headers, crate::history::Source::Api, move |_| {
         Ok((Command::AddBackend(backend.clone()), None))
     })
     .await?;
@@ -793,7 +802,7 @@ pub(crate) async fn update_backend(
     let id = parse_id(&id)?;
     let force = force(&query)?;
     let target = id.clone();
-    let (table, _) = apply_write(&s, &headers, move |t| {
+    let (table, _) = apply_write(&s, &headers, crate::history::Source::Api, move |t| {
         let etag = backend_etag(t, &target)?;
         Ok((
             Command::UpdateBackend {
@@ -827,7 +836,7 @@ pub(crate) async fn delete_backend(
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
     let force = force(&query)?;
-    apply_write(&s, &headers, move |t| {
+    apply_write(&s, &headers, crate::history::Source::Api, move |t| {
         let etag = backend_etag(t, &id)?;
         Ok((
             Command::DeleteBackend {
@@ -871,6 +880,216 @@ pub(crate) async fn reload_config(
     State(s): AppState,
 ) -> Result<Json<crate::ReloadReport>, ApiError> {
     crate::reload::run(&s).await.map(Json)
+}
+
+/// `?limit=N` of the history (1-1000, default 100).
+fn history_limit(query: &Option<String>) -> Result<usize, ApiError> {
+    let mut limit = 100;
+    for pair in query.as_deref().unwrap_or("").split('&') {
+        let Some(value) = pair.strip_prefix("limit=") else {
+            continue;
+        };
+        limit = value
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=crate::history::MAX_REVISIONS).contains(n))
+            .ok_or_else(|| ApiError::InvalidField {
+                field: "limit".into(),
+                message: format!(
+                    "query parameter limit={value:?} must be a number from 1 to {}",
+                    crate::history::MAX_REVISIONS
+                ),
+            })?;
+    }
+    Ok(limit)
+}
+
+/// The newest configuration revisions, newest first.
+#[utoipa::path(get, path = "/api/v1/config/history", tag = "config",
+    params(("limit" = Option<u16>, Query, minimum = 1, maximum = 1000, description = "How many (default 100)")),
+    responses(
+        (status = 200, description = "Revisions, newest first", body = [crate::history::Revision]),
+        (status = 400, description = "Invalid limit", body = crate::ErrorBody)))]
+pub(crate) async fn config_history(
+    State(s): AppState,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<crate::history::Revision>>, ApiError> {
+    let limit = history_limit(&query)?;
+    let this = Arc::clone(&s);
+    tokio::task::spawn_blocking(move || Ok(Json(this.writer.blocking_lock().history.list(limit))))
+        .await
+        .unwrap_or_else(|source| {
+            Err(ApiError::TaskFailed {
+                what: "history",
+                source,
+            })
+        })
+}
+
+fn history_error(e: crate::history::HistoryError) -> ApiError {
+    match e {
+        crate::history::HistoryError::Unknown(_) => ApiError::NotFound {
+            message: e.to_string(),
+        },
+        crate::history::HistoryError::Damaged { .. } => ApiError::Conflict {
+            code: "history_damaged",
+            message: e.to_string(),
+            field: Some("revision".into()),
+        },
+    }
+}
+
+/// The whole configuration (virtual hosts and backends) at a revision.
+#[utoipa::path(get, path = "/api/v1/config/revisions/{revision}", tag = "config",
+    params(("revision" = u64, Path, minimum = 1, description = "A revision number")),
+    responses(
+        (status = 200, description = "The configuration at that revision", body = crate::history::Snapshot),
+        (status = 400, description = "Not a revision number", body = crate::ErrorBody),
+        (status = 404, description = "Unknown revision, or older than the kept window", body = crate::ErrorBody),
+        (status = 409, description = "The history cannot rebuild it (damaged file)", body = crate::ErrorBody)))]
+pub(crate) async fn config_revision(
+    State(s): AppState,
+    Path(revision): Path<String>,
+) -> Result<Json<crate::history::Snapshot>, ApiError> {
+    let revision: u64 = revision.parse().map_err(|_| ApiError::InvalidField {
+        field: "revision".into(),
+        message: format!("{revision:?} is not a revision number"),
+    })?;
+    let this = Arc::clone(&s);
+    tokio::task::spawn_blocking(move || {
+        this.writer
+            .blocking_lock()
+            .history
+            .snapshot_at(revision)
+            .map(Json)
+            .map_err(history_error)
+    })
+    .await
+    .unwrap_or_else(|source| {
+        Err(ApiError::TaskFailed {
+            what: "history",
+            source,
+        })
+    })
+}
+
+/// Body of `POST /api/v1/config/rollback`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The revision whose configuration to apply again.
+    #[schema(minimum = 1)]
+    #[serde(deserialize_with = "vhost_routing::whole_u64")]
+    pub revision: u64,
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RollbackReport {
+    /// The revision rolled back to.
+    pub to: u64,
+    /// The new revision the rollback made (the current one if nothing changed).
+    pub revision: u64,
+    /// Whether anything changed.
+    pub changed: bool,
+}
+
+/// Applies the configuration of an earlier revision as a new revision: validated (certificates
+/// must load), written to the config file in one replacement and published, like any write.
+#[utoipa::path(post, path = "/api/v1/config/rollback", tag = "config", request_body = RollbackRequest,
+    responses(
+        (status = 200, description = "Rolled back (or already there)", body = RollbackReport),
+        (status = 400, description = "Invalid body", body = crate::ErrorBody),
+        (status = 404, description = "Unknown revision, or older than the kept window", body = crate::ErrorBody),
+        (status = 409, description = "The history cannot rebuild it (damaged file)", body = crate::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::ErrorBody),
+        (status = 415, description = "Not JSON", body = crate::ErrorBody),
+        (status = 422, description = "That configuration cannot be served now (a certificate does not load)", body = crate::ErrorBody)))]
+pub(crate) async fn config_rollback(
+    State(s): AppState,
+    ApiJson(request): ApiJson<RollbackRequest>,
+) -> Result<Json<RollbackReport>, ApiError> {
+    let client = crate::middleware::CLIENT
+        .try_with(|c| *c)
+        .ok()
+        .flatten()
+        .map(|c| c.to_string());
+    let this = Arc::clone(&s);
+    let result = tokio::task::spawn_blocking(move || {
+        let mut guard = this.writer.blocking_lock();
+        let writer = &mut *guard;
+        let target = writer
+            .history
+            .state_at(request.revision)
+            .map_err(history_error)?;
+        let current = writer.routes.current();
+        if target == **current.state() {
+            return Ok(RollbackReport {
+                to: request.revision,
+                revision: writer.history.latest(),
+                changed: false,
+            });
+        }
+        let commit = this.hook.prepare(&target)?;
+        let changes = changes_between(current.state(), &target);
+        if let Some(file) = writer.file.as_mut() {
+            file.persist_all(&changes)?;
+        }
+        let table = writer.routes.publish(target);
+        commit();
+        let revision = writer
+            .history
+            .record(
+                current.state(),
+                table.state(),
+                crate::history::Source::Rollback,
+                client,
+            )
+            .unwrap_or_else(|| writer.history.latest());
+        tracing::info!(to = request.revision, revision, "configuration rolled back");
+        Ok(RollbackReport {
+            to: request.revision,
+            revision,
+            changed: true,
+        })
+    })
+    .await
+    .unwrap_or_else(|source| {
+        Err(ApiError::TaskFailed {
+            what: "rollback",
+            source,
+        })
+    });
+    let outcome = if result.is_ok() {
+        "applied"
+    } else {
+        "rejected"
+    };
+    metrics::counter!("config_changes_total", "result" => outcome).increment(1);
+    result.map(Json)
+}
+
+/// The record changes that turn `before` into `after`, for the config file.
+fn changes_between(before: &vhost_routing::State, after: &vhost_routing::State) -> Vec<Change> {
+    let (domains, backends) = crate::history::diff(before, after);
+    let mut changes = Vec::new();
+    for c in domains {
+        changes.push(match (c.before, c.after) {
+            (None, Some(v)) => Change::DomainAdded(v),
+            (Some(v), None) => Change::DomainDeleted(v),
+            (Some(before), Some(after)) => Change::DomainUpdated { before, after },
+            (None, None) => continue,
+        });
+    }
+    for c in backends {
+        changes.push(match (c.before, c.after) {
+            (None, Some(b)) => Change::BackendAdded(b),
+            (Some(b), None) => Change::BackendDeleted(b),
+            (Some(before), Some(after)) => Change::BackendUpdated { before, after },
+            (None, None) => continue,
+        });
+    }
+    changes
 }
 
 pub(crate) async fn not_found() -> ApiError {

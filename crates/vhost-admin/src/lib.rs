@@ -27,6 +27,7 @@
 pub mod error;
 pub mod extract;
 mod handlers;
+pub mod history;
 mod middleware;
 pub mod openapi;
 mod reload;
@@ -43,7 +44,9 @@ use vhost_config::ConfigWriter;
 use vhost_routing::{DomainName, RouteStore, RouteWriter, State, Verdict, Window};
 
 pub use error::{ApiError, ErrorBody, ErrorDetail, Refusal};
-pub use handlers::{BackendView, CanaryView, Health, SwitchRequest};
+pub use handlers::{
+    BackendView, CanaryView, Health, RollbackReport, RollbackRequest, SwitchRequest,
+};
 pub use reload::{Diff, PreparedReload, ReloadError, ReloadHook, ReloadReport};
 
 /// Largest accepted request body, in bytes.
@@ -110,6 +113,7 @@ pub struct RolloutReport {
 struct Writer {
     routes: RouteWriter,
     file: Option<ConfigWriter>,
+    history: history::History,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -126,9 +130,14 @@ impl AdminState {
     /// in memory only). `token`: required bearer token, if any.
     pub fn new(routes: RouteWriter, file: Option<ConfigWriter>, token: Option<String>) -> Self {
         let config_path = file.as_ref().map(|f| f.path().to_owned());
+        let history = history::History::open(config_path.as_deref(), routes.current().state());
         Self {
             store: Arc::clone(routes.store()),
-            writer: Mutex::new(Writer { routes, file }),
+            writer: Mutex::new(Writer {
+                routes,
+                file,
+                history,
+            }),
             hook: Box::new(NoHook),
             reload: None,
             token: ArcSwapOption::new(token.map(|t| Arc::new(t.into_bytes()))),
@@ -197,9 +206,12 @@ impl AdminState {
             + Send
             + 'static,
     ) -> Result<Arc<vhost_routing::RoutingTable>, ApiError> {
-        handlers::apply_write(self, &axum::http::HeaderMap::new(), move |t| {
-            Ok((build(t)?, None))
-        })
+        handlers::apply_write(
+            self,
+            &axum::http::HeaderMap::new(),
+            history::Source::Rollout,
+            move |t| Ok((build(t)?, None)),
+        )
         .await
         .map(|(table, _)| table)
     }
@@ -306,6 +318,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/api/v1/metrics", get(metrics_text))
         .route("/api/v1/config/reload", post(reload_config))
+        .route("/api/v1/config/history", get(config_history))
+        .route("/api/v1/config/revisions/{revision}", get(config_revision))
+        .route("/api/v1/config/rollback", post(config_rollback))
         .route("/api/v1/openapi.json", get(openapi::serve))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

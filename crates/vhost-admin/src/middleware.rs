@@ -127,6 +127,11 @@ fn is_own_authority(authority: &str, listen: Option<SocketAddr>) -> bool {
     }
 }
 
+tokio::task_local! {
+    /// The client address of the API request being handled (for the history of changes).
+    pub(crate) static CLIENT: Option<SocketAddr>;
+}
+
 /// Records `api_requests_total{method,route,status}` and `api_latency_seconds{method,route}`;
 /// `route` is the matched pattern (e.g. `/api/v1/domains/{domain}`), never the raw path. Every
 /// write is also logged with who sent it (client address) and its outcome. A write runs in a
@@ -145,7 +150,7 @@ pub(crate) async fn record_metrics(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let start = Instant::now();
-    let handled = async move {
+    let handled = CLIENT.scope(peer, async move {
         let response = next.run(req).await;
         if let Some(path) = path {
             tracing::info!(
@@ -162,7 +167,7 @@ pub(crate) async fn record_metrics(req: Request, next: Next) -> Response {
         metrics::histogram!("api_latency_seconds", "method" => method, "route" => route)
             .record(start.elapsed().as_secs_f64());
         response
-    };
+    });
     if !write {
         return handled.await;
     }

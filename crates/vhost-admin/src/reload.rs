@@ -230,6 +230,12 @@ impl AdminState {
             }
             let table = writer.routes.publish(config.state);
             (prepared.commit)();
+            writer.history.record(
+                before.state(),
+                table.state(),
+                crate::history::Source::Reload,
+                None,
+            );
             self.set_token(prepared.token);
             drop(writer);
             let (domains, backends) = diff_states(before.state(), table.state());

@@ -905,6 +905,9 @@ async fn openapi_document_lists_every_route_and_resolves() {
         ("/api/v1/backends/{id}", vec!["get", "put", "delete"]),
         ("/api/v1/metrics", vec!["get"]),
         // No reload hook here: `/api/v1/config/reload` answers 404 and is not listed.
+        ("/api/v1/config/history", vec!["get"]),
+        ("/api/v1/config/revisions/{revision}", vec!["get"]),
+        ("/api/v1/config/rollback", vec!["post"]),
         ("/api/v1/openapi.json", vec!["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
@@ -938,7 +941,8 @@ async fn openapi_document_lists_every_route_and_resolves() {
         // Every route in the document really exists (it is not a 404 from the fallback).
         let concrete = path
             .replace("{domain}", "example.com")
-            .replace("{id}", "web-v1");
+            .replace("{id}", "web-v1")
+            .replace("{revision}", "1");
         let r = get(&api, &concrete).await;
         assert!(
             !r.text.contains("no such API route"),
@@ -1331,4 +1335,115 @@ async fn rollout_plans_are_validated_and_paused_resumed_aborted() {
     )
     .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn every_change_gets_a_revision_and_rollback_applies_an_old_one_as_a_new_one() {
+    let api = api();
+    let r = get(&api, "/api/v1/config/history").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let start = r.json()[0]["revision"].as_u64().unwrap();
+    assert_eq!(r.json()[0]["source"], "start");
+
+    // Two API changes: two revisions, newest first, with the records they changed.
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/backends",
+        Some(r#"{"id":"web-v2","address":"127.0.0.1:3002","tags":["b"]}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains/example.com/switch",
+        Some(r#"{"new_tag":"b"}"#),
+        &[("x-ignored", "1")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let history = get(&api, "/api/v1/config/history?limit=2").await.json();
+    let list = history.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["revision"].as_u64(), Some(start + 2));
+    assert_eq!(list[0]["source"], "api");
+    assert_eq!(list[0]["domains"][0]["before"]["enabled_backends_tag"], "a");
+    assert_eq!(list[0]["domains"][0]["after"]["enabled_backends_tag"], "b");
+    assert_eq!(list[1]["backends"][0]["after"]["id"], "web-v2");
+    assert!(list[1]["backends"][0].get("before").is_none());
+    for bad in ["limit=0", "limit=1001", "limit=x"] {
+        let r = get(&api, &format!("/api/v1/config/history?{bad}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+
+    // The whole configuration at the start revision; then roll back to it.
+    let old = get(&api, &format!("/api/v1/config/revisions/{start}")).await;
+    assert_eq!(old.status, StatusCode::OK, "{}", old.text);
+    assert_eq!(old.json()["virtual_hosts"][0]["enabled_backends_tag"], "a");
+    assert_eq!(old.json()["backends"].as_array().unwrap().len(), 1);
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/config/rollback",
+        Some(&format!(r#"{{"revision":{start}}}"#)),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["revision"].as_u64(), Some(start + 3));
+    assert_eq!(r.json()["changed"], true);
+    // Applied, written to the file, and recorded as a rollback.
+    let table = api.store.load();
+    assert_eq!(
+        table
+            .state()
+            .vhosts()
+            .next()
+            .unwrap()
+            .enabled_backends_tag
+            .as_str(),
+        "a"
+    );
+    assert_eq!(table.state().backends().count(), 1);
+    assert_eq!(
+        &vhost_config::load(&api.path).unwrap().state,
+        table.state().as_ref()
+    );
+    let newest = &get(&api, "/api/v1/config/history?limit=1").await.json()[0];
+    assert_eq!(newest["source"], "rollback");
+    // Again: nothing to change.
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/config/rollback",
+        Some(&format!(r#"{{"revision":{start}}}"#)),
+        &[],
+    )
+    .await;
+    assert_eq!(r.json()["changed"], false, "{}", r.text);
+    // Unknown revisions.
+    assert_eq!(
+        get(&api, "/api/v1/config/revisions/999").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&api, "/api/v1/config/revisions/x").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/config/rollback",
+        Some(r#"{"revision":999}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // The history is a file next to the config, and a new process continues it.
+    let mut name = api.path.as_os_str().to_owned();
+    name.push(".history.jsonl");
+    let lines = std::fs::read_to_string(std::path::PathBuf::from(name)).unwrap();
+    assert_eq!(lines.lines().count() as u64, start + 3);
 }

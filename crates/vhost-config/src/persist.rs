@@ -107,6 +107,20 @@ impl ConfigWriter {
         })
     }
 
+    /// Writes several changes to the file in one atomic replacement (all or none).
+    pub fn persist_all(&mut self, changes: &[Change]) -> Result<(), PersistError> {
+        let mut doc = self.read()?;
+        for change in changes {
+            self.edit(&mut doc, change)?;
+        }
+        write_atomically(&self.path, doc.to_string().as_bytes()).map_err(|source| {
+            PersistError::Write {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+
     fn edit(&self, doc: &mut DocumentMut, change: &Change) -> Result<(), PersistError> {
         match change {
             Change::DomainAdded(v) => self

@@ -44,6 +44,11 @@ pub use model::{
     check_probe_fields, Backend, BackendUpdate, ProbeKind, ProbeOverride, VirtualHost,
     VirtualHostUpdate, MAX_WEIGHT,
 };
+/// Deserialises a `u64` written as an integer or a whole float (`2.0`), as JSON Schema counts
+/// integers; for API types outside this crate.
+pub fn whole_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    model::whole::u64(d)
+}
 pub use names::{
     AddressError, BackendAddress, BackendId, BackendIdError, DomainName, DomainNameError, Host,
     Tag, TagError, MAX_DOMAIN_LEN,

@@ -71,7 +71,8 @@ pub struct Analysis {
     #[cfg_attr(feature = "openapi", schema(value_type = Option<f64>, minimum = 0, maximum = 1))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_error_rate: Option<Threshold>,
-    /// Largest canary p99 latency, in milliseconds.
+    /// Largest canary p99 latency, in milliseconds (1–3600000).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3600000))]
     #[serde(
         default,
         deserialize_with = "crate::model::whole::option_u64",
@@ -200,6 +201,13 @@ pub fn check_plan(
         }
         if a.max_p99_ratio.is_some_and(|r| r.get() < 1.0) {
             return Err(RolloutError::Analysis("max_p99_ratio must be at least 1"));
+        }
+        if a.max_p99_ms
+            .is_some_and(|ms| !(1..=3_600_000).contains(&ms))
+        {
+            return Err(RolloutError::Analysis(
+                "max_p99_ms must be from 1 to 3600000",
+            ));
         }
         if !(1..=1_000_000_000).contains(&a.min_requests) {
             return Err(RolloutError::Analysis(
