@@ -30,6 +30,40 @@ fn get_json(c: &reqwest::Client, rt: &tokio::runtime::Runtime, url: String) -> (
     })
 }
 
+/// Reads server-sent events from `r` until one satisfies `want` (deadline-bound); returns every
+/// event seen, as (event, data).
+fn read_events_until(
+    rt: &tokio::runtime::Runtime,
+    r: &mut reqwest::Response,
+    want: impl Fn(&str, &Value) -> bool,
+) -> Vec<(String, Value)> {
+    rt.block_on(async {
+        let mut text = String::new();
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let chunk = r.chunk().await.unwrap().expect("the stream ended");
+                text.push_str(std::str::from_utf8(&chunk).unwrap());
+                while let Some(end) = text.find("\n\n") {
+                    let block: String = text.drain(..end + 2).collect();
+                    let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name));
+                    if let (Some(kind), Some(data)) = (field("event: "), field("data: ")) {
+                        let data: Value = serde_json::from_str(data).unwrap();
+                        let done = want(kind, &data);
+                        seen.push((kind.to_owned(), data));
+                        if done {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the awaited event before the deadline");
+        seen
+    })
+}
+
 fn post(c: &reqwest::Client, rt: &tokio::runtime::Runtime, url: String) -> u16 {
     rt.block_on(async { c.post(url).send().await.unwrap().status().as_u16() })
 }
@@ -100,6 +134,11 @@ fn a_canary_failing_half_its_requests_is_aborted_then_every_request_succeeds() {
     );
     let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
     let c = client(&[], true);
+    let events_url = proxy.admin_url("/api/v1/events");
+    let mut events = rt
+        .block_on(async { c.get(events_url).send().await })
+        .unwrap();
+    assert_eq!(events.status(), 200);
     let started = Instant::now();
     let load = Load::start(&rt, &proxy);
     let mut canary = Value::Null;
@@ -109,6 +148,16 @@ fn a_canary_failing_half_its_requests_is_aborted_then_every_request_succeeds() {
     });
     let took = started.elapsed();
     load.stop(&rt);
+    // The live events told it: the abort, after the configuration change that carried it out.
+    let seen = read_events_until(&rt, &mut events, |kind, data| {
+        kind == "rollout" && data["action"] == "abort"
+    });
+    let config = seen
+        .iter()
+        .position(|(k, d)| k == "config" && d["source"] == "rollout")
+        .expect("a config event for the abort");
+    assert_eq!(config, seen.len() - 2, "{seen:?}");
+    assert_eq!(seen.last().unwrap().1["domain"], "app.test");
     assert!(took < Duration::from_secs(10), "aborted after {took:?}");
     assert_eq!(canary["weight"], 0.0, "{canary}");
     let reason = canary["abort_reason"].as_str().unwrap();

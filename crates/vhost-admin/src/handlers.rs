@@ -1092,6 +1092,34 @@ fn changes_between(before: &vhost_routing::State, after: &vhost_routing::State) 
     changes
 }
 
+/// Live events as Server-Sent Events: `config` (a new revision: its number, source, and the
+/// domains and backends it changed), `health` (a backend went up or down), `rollout` (a step,
+/// abort or promotion). Send `Last-Event-ID` to resume after an event still in the buffer (the
+/// last 1,024); a client that falls further behind gets an `overflow` event and is dropped.
+#[utoipa::path(get, path = "/api/v1/events", tag = "events",
+    params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id")),
+    responses(
+        (status = 200, description = "An endless `text/event-stream`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Last-Event-ID is not a number", body = crate::ErrorBody)))]
+pub(crate) async fn events_stream(
+    State(s): AppState,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::InvalidField {
+                    field: "Last-Event-ID".into(),
+                    message: "Last-Event-ID must be an event id (a number)".into(),
+                })?,
+        ),
+    };
+    Ok(s.events().stream(after).into_response())
+}
+
 pub(crate) async fn not_found() -> ApiError {
     ApiError::NotFound {
         message: "no such API route; see /api/v1/openapi.json".into(),

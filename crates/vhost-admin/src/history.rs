@@ -126,6 +126,7 @@ pub enum HistoryError {
 /// The history (see the module docs).
 #[derive(Debug)]
 pub struct History {
+    events: Arc<crate::events::Events>,
     file: Option<PathBuf>,
     entries: VecDeque<Stored>,
     /// Newest first, for readers.
@@ -209,7 +210,11 @@ impl History {
     /// The history of the config file at `config` (`None`: in memory only), continued with a
     /// `start` revision holding `current`. A missing file starts an empty history; unreadable
     /// lines are skipped with a warning.
-    pub fn open(config: Option<&std::path::Path>, current: &State) -> Self {
+    pub fn open(
+        config: Option<&std::path::Path>,
+        current: &State,
+        events: Arc<crate::events::Events>,
+    ) -> Self {
         let file = config.map(|p| {
             let mut name = p.as_os_str().to_owned();
             name.push(".history.jsonl");
@@ -238,6 +243,7 @@ impl History {
             }
         }
         let mut history = Self {
+            events,
             file,
             entries,
             published: ArcSwap::default(),
@@ -283,6 +289,12 @@ impl History {
             return None;
         }
         let revision = self.next_revision();
+        let event = serde_json::json!({
+            "revision": revision,
+            "source": source,
+            "domains": domains.iter().map(|c| c.domain.as_str()).collect::<Vec<_>>(),
+            "backends": backends.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        });
         self.push(
             Stored {
                 revision: Revision {
@@ -297,6 +309,7 @@ impl History {
             },
             false,
         );
+        self.events.publish("config", event);
         Some(revision)
     }
 
@@ -466,7 +479,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         let s1 = state(&[("a.test", "a")]);
-        let mut h = History::open(Some(&config), &s1);
+        let mut h = History::open(Some(&config), &s1, Arc::default());
         assert_eq!(h.latest(), 1);
         let (s2, _) = s1
             .apply(Command::SwitchTag {
@@ -505,13 +518,13 @@ mod tests {
         );
 
         // A new process continues the numbering and can still rebuild the old revisions.
-        let h = History::open(Some(&config), &s3);
+        let h = History::open(Some(&config), &s3, Arc::default());
         assert_eq!(h.latest(), 4);
         assert_eq!(h.state_at(2).unwrap(), s2);
         assert_eq!(h.list(1)[0].source, Source::Start);
 
         // Past the window the oldest go, and what is kept still rebuilds.
-        let mut h = History::open(None, &s1);
+        let mut h = History::open(None, &s1, Arc::default());
         let (mut prev, mut next) = (s1.clone(), s2.clone());
         for _ in 0..MAX_REVISIONS + 5 {
             h.record(&prev, &next, Source::Api, None);

@@ -25,6 +25,7 @@
 //! cross-site page can drive the API. There is no CORS.
 
 pub mod error;
+pub mod events;
 pub mod extract;
 mod handlers;
 pub mod history;
@@ -88,6 +89,8 @@ pub struct AdminState {
     /// The config file (re-read by a reload).
     config_path: Option<std::path::PathBuf>,
     metrics: Option<MetricsRender>,
+    /// Live events (`GET /api/v1/events`).
+    events: Arc<events::Events>,
     /// What the rollout controller last measured, by domain (shown by `GET .../canary`).
     rollouts: arc_swap::ArcSwap<std::collections::BTreeMap<DomainName, RolloutReport>>,
 }
@@ -130,7 +133,12 @@ impl AdminState {
     /// in memory only). `token`: required bearer token, if any.
     pub fn new(routes: RouteWriter, file: Option<ConfigWriter>, token: Option<String>) -> Self {
         let config_path = file.as_ref().map(|f| f.path().to_owned());
-        let history = history::History::open(config_path.as_deref(), routes.current().state());
+        let events = Arc::new(events::Events::default());
+        let history = history::History::open(
+            config_path.as_deref(),
+            routes.current().state(),
+            Arc::clone(&events),
+        );
         Self {
             store: Arc::clone(routes.store()),
             writer: Mutex::new(Writer {
@@ -145,6 +153,7 @@ impl AdminState {
             config_path,
             metrics: None,
             rollouts: arc_swap::ArcSwap::default(),
+            events,
         }
     }
 
@@ -181,6 +190,12 @@ impl AdminState {
     pub fn with_metrics(mut self, render: MetricsRender) -> Self {
         self.metrics = Some(render);
         self
+    }
+
+    /// The live event bus (`GET /api/v1/events`): other parts of the process publish health
+    /// transitions and rollout decisions to it.
+    pub fn events(&self) -> &Arc<events::Events> {
+        &self.events
     }
 
     /// The rollout controller's latest reports (it replaces the whole map after each round).
@@ -319,6 +334,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/v1/metrics", get(metrics_text))
         .route("/api/v1/config/reload", post(reload_config))
         .route("/api/v1/config/history", get(config_history))
+        .route("/api/v1/events", get(events_stream))
         .route("/api/v1/config/revisions/{revision}", get(config_revision))
         .route("/api/v1/config/rollback", post(config_rollback))
         .route("/api/v1/openapi.json", get(openapi::serve))

@@ -36,6 +36,7 @@ use crate::{handlers, AdminState};
         handlers::config_history,
         handlers::config_revision,
         handlers::config_rollback,
+        handlers::events_stream,
         serve,
     ),
     components(schemas(

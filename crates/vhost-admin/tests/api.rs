@@ -908,6 +908,7 @@ async fn openapi_document_lists_every_route_and_resolves() {
         ("/api/v1/config/history", vec!["get"]),
         ("/api/v1/config/revisions/{revision}", vec!["get"]),
         ("/api/v1/config/rollback", vec!["post"]),
+        ("/api/v1/events", vec!["get"]),
         ("/api/v1/openapi.json", vec!["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
@@ -943,6 +944,11 @@ async fn openapi_document_lists_every_route_and_resolves() {
             .replace("{domain}", "example.com")
             .replace("{id}", "web-v1")
             .replace("{revision}", "1");
+        if concrete == "/api/v1/events" {
+            // An endless stream: it exists if it opens as one.
+            drop(open_events(&api, None).await);
+            continue;
+        }
         let r = get(&api, &concrete).await;
         assert!(
             !r.text.contains("no such API route"),
@@ -1446,4 +1452,110 @@ async fn every_change_gets_a_revision_and_rollback_applies_an_old_one_as_a_new_o
     name.push(".history.jsonl");
     let lines = std::fs::read_to_string(std::path::PathBuf::from(name)).unwrap();
     assert_eq!(lines.lines().count() as u64, start + 3);
+}
+
+/// Opens `GET /api/v1/events` (with `Last-Event-ID: after`) and returns its body.
+async fn open_events(api: &Api, after: Option<u64>) -> Body {
+    let mut req = Request::builder()
+        .uri("/api/v1/events")
+        .header("host", "127.0.0.1:8080");
+    if let Some(id) = after {
+        req = req.header("last-event-id", id.to_string());
+    }
+    let resp = api
+        .router
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    resp.into_body()
+}
+
+/// The next `n` events of an SSE body: (id, event, data).
+async fn next_events(body: &mut Body, n: usize) -> Vec<(u64, String, Value)> {
+    let mut text = String::new();
+    let mut events = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while events.len() < n {
+            let frame = body.frame().await.unwrap().unwrap();
+            if let Ok(data) = frame.into_data() {
+                text.push_str(std::str::from_utf8(&data).unwrap());
+            }
+            while let Some(end) = text.find("\n\n") {
+                let block: String = text.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(str::to_owned)
+                };
+                if let (Some(id), Some(kind), Some(data)) =
+                    (field("id: "), field("event: "), field("data: "))
+                {
+                    events.push((
+                        id.parse().unwrap(),
+                        kind,
+                        serde_json::from_str(&data).unwrap(),
+                    ));
+                }
+            }
+        }
+    })
+    .await
+    .expect("events before the deadline");
+    events
+}
+
+#[tokio::test]
+async fn live_events_arrive_in_order_and_resume_with_last_event_id() {
+    let api = api();
+    let mut live = open_events(&api, None).await;
+    for (tag, force) in [("b", "?force=true"), ("a", "")] {
+        let r = send(
+            &api,
+            Method::POST,
+            &format!("/api/v1/domains/example.com/switch{force}"),
+            Some(&format!(r#"{{"new_tag":"{tag}"}}"#)),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    let got = next_events(&mut live, 2).await;
+    assert_eq!(got[0].1, "config");
+    assert_eq!(got[0].2["domains"], json!(["example.com"]));
+    assert_eq!(got[0].2["source"], "api");
+    assert_eq!(got[1].0, got[0].0 + 1, "in order, no gap");
+    let (r1, r2) = (
+        got[0].2["revision"].as_u64().unwrap(),
+        got[1].2["revision"].as_u64().unwrap(),
+    );
+    assert_eq!(r2, r1 + 1);
+    // Reconnecting after the first event replays the second, then goes on live.
+    let mut resumed = open_events(&api, Some(got[0].0)).await;
+    let replay = next_events(&mut resumed, 1).await;
+    assert_eq!(replay[0], got[1]);
+    send(
+        &api,
+        Method::DELETE,
+        "/api/v1/domains/example.com",
+        None,
+        &[],
+    )
+    .await;
+    let next = next_events(&mut resumed, 1).await;
+    assert_eq!(next[0].0, got[1].0 + 1);
+    assert_eq!(next[0].2["domains"], json!(["example.com"]));
+    // A bad Last-Event-ID is a 400.
+    let r = send(
+        &api,
+        Method::GET,
+        "/api/v1/events",
+        None,
+        &[("last-event-id", "x")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }

@@ -209,6 +209,24 @@ async fn carry_out(
         })
         .await;
     let domain_label = domain.to_string();
+    if result.is_ok() {
+        let event = match &action {
+            Action::Advance { step } => serde_json::json!({
+                "domain": domain.as_str(), "action": "step", "step": step,
+                "weight": decided_on.steps.get(*step).map(|w| w.percent()),
+            }),
+            Action::Promote => serde_json::json!({
+                "domain": domain.as_str(), "action": "promote", "tag": decided_on.tag.as_str(),
+            }),
+            Action::Abort { reason } => serde_json::json!({
+                "domain": domain.as_str(), "action": "abort", "reason": reason,
+            }),
+            Action::Hold => serde_json::Value::Null,
+        };
+        if !event.is_null() {
+            admin.events().publish("rollout", event);
+        }
+    }
     match (&action, result) {
         (Action::Advance { step }, Ok(_)) => {
             let weight = decided_on.steps.get(*step).copied().unwrap_or_default();
@@ -225,6 +243,37 @@ async fn carry_out(
         }
         (_, Ok(_)) => {}
         (_, Err(e)) => tracing::warn!(domain = %domain, error = %e, "rollout: change not applied"),
+    }
+}
+
+/// Publishes a `health` event each time a probe changes a backend's health.
+pub(crate) async fn health_events(
+    admin: Arc<AdminState>,
+    mut probes: tokio::sync::mpsc::UnboundedReceiver<vhost_health::ProbeEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last: BTreeMap<vhost_routing::BackendId, bool> = BTreeMap::new();
+    loop {
+        let probe = tokio::select! {
+            p = probes.recv() => match p { Some(p) => p, None => return },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let before = last.insert(probe.backend.clone(), probe.healthy);
+        if before.is_some_and(|b| b != probe.healthy) {
+            admin.events().publish(
+                "health",
+                serde_json::json!({
+                    "backend": probe.backend.as_str(),
+                    "healthy": probe.healthy,
+                    "error": probe.error,
+                }),
+            );
+        }
+        // Forget backends that are gone (bounded by the configuration).
+        if last.len() > 2 * admin.store().load().backend_count() + 16 {
+            let table = admin.store().load();
+            last.retain(|id, _| table.backend(id).is_some());
+        }
     }
 }
 

@@ -162,10 +162,13 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
     let proxy = VhostProxy::new(&mut writer, crate::proxy_options(&config));
     let inflight = proxy.inflight();
     let proxy_metrics = proxy.metrics();
+    // Probe results, for the health events of `GET /api/v1/events`.
+    let (probe_tx, probe_rx) = tokio::sync::mpsc::unbounded_channel();
     let checker = HealthChecker::new(
         Arc::clone(writer.store()),
         check_settings(&config.health_check),
-    );
+    )
+    .with_events(probe_tx);
     let hook = PublishHook {
         certs: Arc::clone(&certs),
         health: checker.waker(),
@@ -285,6 +288,11 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
                 admin_stop_rx.clone(),
             ));
         }
+        tokio::spawn(crate::rollout::health_events(
+            Arc::clone(&admin),
+            probe_rx,
+            admin_stop_rx.clone(),
+        ));
         tokio::spawn(crate::rollout::run(
             Arc::clone(&admin),
             proxy_metrics,
