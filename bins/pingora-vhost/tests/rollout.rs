@@ -13,8 +13,12 @@ use common::*;
 use serde_json::Value;
 
 fn config(a: &TestBackend, b: &TestBackend, canary: &str) -> String {
+    config_with(a, b, canary, "")
+}
+
+fn config_with(a: &TestBackend, b: &TestBackend, canary: &str, head: &str) -> String {
     format!(
-        "[[virtual_hosts]]\ndomain = \"app.test\"\nenabled_backends_tag = \"a\"\ncanary = {canary}\n\n\
+        "{head}\n[[virtual_hosts]]\ndomain = \"app.test\"\nenabled_backends_tag = \"a\"\ncanary = {canary}\n\n\
          [[backends]]\nid = \"a1\"\naddress = \"{}\"\ntags = [\"a\"]\n\n\
          [[backends]]\nid = \"b1\"\naddress = \"{}\"\ntags = [\"b\"]\n",
         a.addr, b.addr
@@ -127,10 +131,13 @@ fn a_canary_failing_half_its_requests_is_aborted_then_every_request_succeeds() {
     let a = TestBackend::start(&rt, "a1");
     let b = TestBackend::start(&rt, "b1");
     b.fail_every.store(2, Ordering::SeqCst);
-    let body = config(
+    // The webhook refuses the first delivery: the notification is retried.
+    let webhook = WebhookReceiver::start(&rt, 1);
+    let body = config_with(
         &a,
         &b,
         "{ tag = \"b\", weight = 30.0, sticky_key = \"none\", analysis = { max_error_rate = 0.05, min_requests = 10, interval_secs = 2, failure_limit = 2 } }",
+        &format!("[notifications]\nwebhook_url = \"http://{}/hooks/rollout\"\n", webhook.addr),
     );
     let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
     let c = client(&[], true);
@@ -189,6 +196,14 @@ fn a_canary_failing_half_its_requests_is_aborted_then_every_request_succeeds() {
         ),
         409
     );
+    // The webhook got the abort, on the second attempt.
+    wait_until("the webhook delivery", || webhook.bodies().len() >= 2);
+    let bodies = webhook.bodies();
+    assert_eq!(bodies[0], bodies[1], "the retry sends the same event");
+    let delivered: Value = serde_json::from_str(&bodies[1]).unwrap();
+    assert_eq!(delivered["event"], "rollout");
+    assert_eq!(delivered["data"]["action"], "abort");
+    assert_eq!(delivered["data"]["domain"], "app.test");
 }
 
 #[test]

@@ -88,6 +88,11 @@ impl Events {
         Some(buffer.iter().filter(|e| e.id > after).cloned().collect())
     }
 
+    /// A receiver woken at each new event (its value: the newest id).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.latest.subscribe()
+    }
+
     /// The newest id (0 before any event).
     pub fn latest(&self) -> u64 {
         *self.latest.borrow()

@@ -17,5 +17,5 @@ pub use load::{load, locate, locate_vhost_key, parse, Config, ConfigError, Locat
 pub use persist::{write_atomically, ConfigWriter, PersistError};
 pub use schema::{
     ConfigFile, HealthCheckConfig, LetsEncryptConfig, LogFormat, LogLevel, LogOutput,
-    LoggingConfig, MetricsConfig, ProxyConfig,
+    LoggingConfig, MetricsConfig, NotificationsConfig, ProxyConfig,
 };

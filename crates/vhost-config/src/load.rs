@@ -48,6 +48,8 @@ pub struct Config {
     pub health_check: HealthCheckConfig,
     /// `[lets_encrypt]`.
     pub lets_encrypt: Option<LetsEncryptConfig>,
+    /// `[notifications]`.
+    pub notifications: crate::schema::NotificationsConfig,
     /// Virtual hosts and backends.
     pub state: State,
 }
@@ -174,6 +176,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         metrics,
         health_check,
         lets_encrypt,
+        notifications,
         virtual_hosts,
         backends,
     } = file;
@@ -187,6 +190,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         metrics,
         health_check,
         lets_encrypt,
+        notifications,
         state,
     })
 }
@@ -343,6 +347,18 @@ fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
             &format!("health_check.{}", reason.key()),
             &reason.to_string(),
         );
+    }
+    if let Some(url) = &file.notifications.webhook_url {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+        if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+            return fail(
+                "notifications.webhook_url",
+                "must be an http:// or https:// URL with a host",
+            );
+        }
     }
     if let Some(le) = &file.lets_encrypt {
         if !le.email.contains('@') {

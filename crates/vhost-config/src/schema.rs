@@ -29,6 +29,9 @@ pub struct ConfigFile {
     /// Let's Encrypt (ACME) settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lets_encrypt: Option<LetsEncryptConfig>,
+    /// Where rollout decisions are sent.
+    #[serde(default)]
+    pub notifications: NotificationsConfig,
     /// Domains served.
     #[serde(default)]
     pub virtual_hosts: Vec<VirtualHost>,
@@ -209,6 +212,16 @@ impl Default for LoggingConfig {
             access_log: true,
         }
     }
+}
+
+/// `[notifications]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsConfig {
+    /// `http://` or `https://` URL that receives each rollout event (step, abort, promotion)
+    /// as a JSON `POST`; none by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
 }
 
 /// `[metrics]`.

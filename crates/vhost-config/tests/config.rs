@@ -160,6 +160,15 @@ fn section_rules() {
     ));
     assert_eq!(key, "backends[0].health_check.path");
     assert!(msg.contains("must start with '/'"), "{msg}");
+    for bad in ["ftp://x", "http://", "hooks.example.com", "https:// x"] {
+        let (_, _, key, _) = invalid(&format!("[notifications]\nwebhook_url = \"{bad}\"\n"));
+        assert_eq!(key, "notifications.webhook_url", "{bad}");
+    }
+    assert!(parse(
+        "[notifications]\nwebhook_url = \"https://hooks.example.com/x?y=1\"\n",
+        "t"
+    )
+    .is_ok());
     let (_, _, key, _) = invalid("[proxy]\ncanary_cookie = \"a b\"\n");
     assert_eq!(key, "proxy.canary_cookie");
     let (_, _, key, _) = invalid("[proxy]\ncanary_override_cookie = \"vhost_bucket\"\n");

@@ -18,6 +18,7 @@ pub mod demo;
 mod error;
 pub mod memory;
 pub mod metrics;
+mod notify;
 mod publish;
 mod reload;
 mod rollout;

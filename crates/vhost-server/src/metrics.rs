@@ -52,6 +52,7 @@ pub fn install(config: &MetricsConfig) -> Result<Option<Metrics>, ServerError> {
     vhost_pingora::describe();
     vhost_admin::describe();
     crate::rollout::describe();
+    crate::notify::describe();
     Ok(Some(Metrics {
         handle,
         listener,

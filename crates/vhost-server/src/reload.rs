@@ -60,6 +60,9 @@ fn restart_required(running: &Config, next: &Config) -> Vec<String> {
     if running.lets_encrypt != next.lets_encrypt {
         keys.push("lets_encrypt".to_owned());
     }
+    if running.notifications != next.notifications {
+        keys.push("notifications.webhook_url".to_owned());
+    }
     keys
 }
 

@@ -210,6 +210,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
     let admin = Arc::new(admin);
     let admin_router = vhost_admin::router(Arc::clone(&admin));
     let dns_refresh = Duration::from_secs(proxy_conf.dns_refresh_secs);
+    let webhook = config.notifications.webhook_url.clone();
     let conns = Connections::new(checked.limits);
     let service = proxy_service(
         &server.configuration,
@@ -285,6 +286,13 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
                 Arc::clone(&admin),
                 after_publish,
                 dns_refresh,
+                admin_stop_rx.clone(),
+            ));
+        }
+        if let Some(url) = webhook {
+            tokio::spawn(crate::notify::run(
+                Arc::clone(admin.events()),
+                url,
                 admin_stop_rx.clone(),
             ));
         }

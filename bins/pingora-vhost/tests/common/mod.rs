@@ -588,3 +588,62 @@ pub mod plain_http {
             .unwrap_or_default()
     }
 }
+
+/// A loopback webhook receiver: answers 500 to the first `fail_first` requests, then 200, and
+/// keeps the bodies of all of them (in arrival order).
+pub struct WebhookReceiver {
+    pub addr: SocketAddr,
+    pub bodies: Arc<tokio::sync::Mutex<Vec<String>>>,
+}
+
+impl WebhookReceiver {
+    pub fn start(rt: &Arc<tokio::runtime::Runtime>, fail_first: usize) -> Self {
+        use http_body_util::BodyExt;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies: Arc<tokio::sync::Mutex<Vec<String>>> = Arc::default();
+        let seen = Arc::clone(&bodies);
+        rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let seen = Arc::clone(&seen);
+                        async move {
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let n = {
+                                let mut all = seen.lock().await;
+                                all.push(String::from_utf8_lossy(&body).into_owned());
+                                all.len()
+                            };
+                            let mut r = Response::new(Full::new(Bytes::new()));
+                            if n <= fail_first {
+                                *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                            }
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, bodies }
+    }
+
+    /// The bodies received so far (call from outside the runtime).
+    pub fn bodies(&self) -> Vec<String> {
+        self.bodies.blocking_lock().clone()
+    }
+}
