@@ -207,9 +207,11 @@ fn snapshot_of(revision: u64, state: &State) -> Snapshot {
 }
 
 impl History {
-    /// The history of the config file at `config` (`None`: in memory only), continued with a
-    /// `start` revision holding `current`. A missing file starts an empty history; unreadable
-    /// lines are skipped with a warning.
+    /// The history of the config file at `config` (`None`: in memory only). If its newest
+    /// revision is not `current` (a first start, or the file was edited while the proxy was
+    /// down), a `start` revision holding the whole of `current` is added; otherwise the history
+    /// simply continues. A missing file starts an empty history; unreadable lines are skipped
+    /// with a warning.
     pub fn open(
         config: Option<&std::path::Path>,
         current: &State,
@@ -248,6 +250,21 @@ impl History {
             entries,
             published: ArcSwap::default(),
         };
+        if !history.entries.is_empty()
+            && history
+                .state_at(history.latest())
+                .is_ok_and(|s| s == *current)
+        {
+            history.published.store(Arc::new(
+                history
+                    .entries
+                    .iter()
+                    .rev()
+                    .map(|e| e.revision.clone())
+                    .collect(),
+            ));
+            return history;
+        }
         let revision = history.next_revision();
         history.push(
             Stored {
@@ -517,11 +534,16 @@ mod tests {
             "b"
         );
 
-        // A new process continues the numbering and can still rebuild the old revisions.
+        // A new process on the same configuration continues the history as it is...
         let h = History::open(Some(&config), &s3, Arc::default());
-        assert_eq!(h.latest(), 4);
+        assert_eq!(h.latest(), 3);
         assert_eq!(h.state_at(2).unwrap(), s2);
+        // ...and one on a configuration edited meanwhile records it as a start revision.
+        let h = History::open(Some(&config), &s1, Arc::default());
+        assert_eq!(h.latest(), 4);
         assert_eq!(h.list(1)[0].source, Source::Start);
+        assert_eq!(h.state_at(4).unwrap(), s1);
+        assert_eq!(h.state_at(3).unwrap(), s3);
 
         // Past the window the oldest go, and what is kept still rebuilds.
         let mut h = History::open(None, &s1, Arc::default());
