@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::*;
@@ -290,27 +289,7 @@ fn a_canary_without_healthy_backends_and_changes_under_load_fail_no_request() {
     });
 
     // Load from 4 clients while the canary is changed, promoted, set again and deleted.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load: Vec<_> = (0..4)
-        .map(|_| {
-            let (proxy, stop, ok, failed) = (
-                Arc::clone(&proxy),
-                Arc::clone(&stop),
-                Arc::clone(&ok),
-                Arc::clone(&failed),
-            );
-            let c = c.clone();
-            rt.spawn(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    match proxy.get(&c, "app.test", "/").await.0 {
-                        200 => ok.fetch_add(1, Ordering::SeqCst),
-                        _ => failed.fetch_add(1, Ordering::SeqCst),
-                    };
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&rt, &proxy, "app.test");
     let admin = |method: reqwest::Method, path: &'static str, body: Option<&'static str>| {
         let (c, proxy) = (c.clone(), Arc::clone(&proxy));
         rt.block_on(async move {
@@ -324,10 +303,8 @@ fn a_canary_without_healthy_backends_and_changes_under_load_fail_no_request() {
         })
     };
     let wait_traffic = |n: usize| {
-        let start = ok.load(Ordering::SeqCst);
-        wait_until("requests between changes", || {
-            ok.load(Ordering::SeqCst) >= start + n
-        });
+        let start = load.ok();
+        wait_until("requests between changes", || load.ok() >= start + n);
     };
     wait_traffic(50);
     for (method, path, body, want) in [
@@ -360,16 +337,9 @@ fn a_canary_without_healthy_backends_and_changes_under_load_fail_no_request() {
         assert_eq!(status, want, "{method} {path}: {text}");
         wait_traffic(50);
     }
-    stop.store(true, Ordering::SeqCst);
-    for task in load {
-        rt.block_on(task).unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::SeqCst),
-        0,
-        "failed requests during the changes"
-    );
-    assert!(ok.load(Ordering::SeqCst) >= 250);
+    let (ok, failed) = load.stop(&rt);
+    assert_eq!(failed, 0, "failed requests during the changes");
+    assert!(ok >= 250);
     let domain = rt.block_on(async {
         c.get(proxy.admin_url("/api/v1/domains/app.test"))
             .send()

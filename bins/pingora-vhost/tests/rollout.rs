@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -72,59 +71,6 @@ fn post(c: &reqwest::Client, rt: &tokio::runtime::Runtime, url: String) -> u16 {
     rt.block_on(async { c.post(url).send().await.unwrap().status().as_u16() })
 }
 
-/// Requests `app.test` from 4 clients until dropped; counts answers by status.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(rt: &tokio::runtime::Runtime, proxy: &ProxyProcess) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let url = proxy.http_url("/");
-        let tasks = (0..4)
-            .map(|_| {
-                let (stop, ok, failed, url) = (
-                    Arc::clone(&stop),
-                    Arc::clone(&ok),
-                    Arc::clone(&failed),
-                    url.clone(),
-                );
-                let c = client(&[], true);
-                rt.spawn(async move {
-                    while !stop.load(Ordering::SeqCst) {
-                        let r = c.get(&url).header("host", "app.test").send().await;
-                        match r.map(|r| r.status().as_u16()) {
-                            Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
-                            _ => failed.fetch_add(1, Ordering::SeqCst),
-                        };
-                    }
-                })
-            })
-            .collect();
-        Self {
-            stop,
-            ok,
-            failed,
-            tasks,
-        }
-    }
-
-    fn stop(self, rt: &tokio::runtime::Runtime) -> (usize, usize) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
-            rt.block_on(t).unwrap();
-        }
-        (
-            self.ok.load(Ordering::SeqCst),
-            self.failed.load(Ordering::SeqCst),
-        )
-    }
-}
-
 #[test]
 fn a_canary_failing_half_its_requests_is_aborted_then_every_request_succeeds() {
     let rt = runtime();
@@ -147,7 +93,7 @@ fn a_canary_failing_half_its_requests_is_aborted_then_every_request_succeeds() {
         .unwrap();
     assert_eq!(events.status(), 200);
     let started = Instant::now();
-    let load = Load::start(&rt, &proxy);
+    let load = Load::start(&rt, &proxy, "app.test");
     let mut canary = Value::Null;
     wait_until("the analysis to abort the rollout", || {
         canary = get_json(&c, &rt, proxy.admin_url("/api/v1/domains/app.test/canary")).1;
@@ -218,7 +164,7 @@ fn a_healthy_canary_walks_every_step_and_is_promoted() {
     );
     let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
     let c = client(&[], true);
-    let load = Load::start(&rt, &proxy);
+    let load = Load::start(&rt, &proxy, "app.test");
     let mut weights = Vec::new();
     let mut domain = Value::Null;
     wait_until("the promotion", || {
@@ -298,7 +244,7 @@ fn without_traffic_a_step_holds_and_a_restart_resumes_at_the_same_step() {
     );
 
     // With traffic it moves on; pause it at the second step.
-    let load = Load::start(&rt, &proxy);
+    let load = Load::start(&rt, &proxy, "app.test");
     wait_until("the second step", || {
         get_json(&c, &rt, url.clone()).1["step"] == 1
     });
@@ -341,7 +287,7 @@ fn without_traffic_a_step_holds_and_a_restart_resumes_at_the_same_step() {
         ),
         200
     );
-    let load = Load::start(&rt, &proxy);
+    let load = Load::start(&rt, &proxy, "app.test");
     wait_until("the promotion after the restart", || {
         get_json(&c, &rt, proxy.admin_url("/api/v1/domains/app.test")).1["enabled_backends_tag"]
             == "b"

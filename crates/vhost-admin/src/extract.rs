@@ -48,10 +48,29 @@ where
     }
 }
 
-/// The only request fields whose values are arrays (`tags`, `expected_status`, `steps`). serde would
-/// also read a record from an array of its field values (`[]` as an empty update); the API
-/// document says objects, so anywhere else an array is refused.
-const ARRAY_FIELDS: [&str; 3] = ["tags", "expected_status", "steps"];
+/// The fields whose values are arrays, read from the API document's schemas (so a new array
+/// field needs no edit here). serde would also read a record from an array of its field values
+/// (`[]` as an empty update); the document says objects, so anywhere else an array is refused.
+fn array_fields() -> &'static std::collections::BTreeSet<String> {
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    static FIELDS: std::sync::OnceLock<std::collections::BTreeSet<String>> =
+        std::sync::OnceLock::new();
+    FIELDS.get_or_init(|| {
+        let doc = <crate::openapi::ApiDoc as utoipa::OpenApi>::openapi();
+        doc.components
+            .iter()
+            .flat_map(|c| c.schemas.values())
+            .filter_map(|schema| match schema {
+                RefOr::T(Schema::Object(object)) => Some(&object.properties),
+                _ => None,
+            })
+            .flatten()
+            .filter(|(_, field)| matches!(field, RefOr::T(Schema::Array(_))))
+            .map(|(name, _)| name.clone())
+            .collect()
+    })
+}
 
 /// The path of the first array that stands where the API expects an object, if any.
 fn misplaced_array(value: &serde_json::Value, path: &str) -> Option<String> {
@@ -64,7 +83,7 @@ fn misplaced_array(value: &serde_json::Value, path: &str) -> Option<String> {
                 format!("{path}.{key}")
             };
             match v {
-                serde_json::Value::Array(_) if ARRAY_FIELDS.contains(&key.as_str()) => None,
+                serde_json::Value::Array(_) if array_fields().contains(key) => None,
                 _ => misplaced_array(v, &here),
             }
         }),
@@ -162,6 +181,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse::<vhost_routing::BackendUpdate>(br#"{"tags":["a"]}"#).is_ok());
+        for field in ["tags", "expected_status", "steps"] {
+            assert!(
+                array_fields().contains(field),
+                "{field}: {:?}",
+                array_fields()
+            );
+        }
         assert!(matches!(
             err(r#"{"id":"x","address":"h:1","tags":["a"]} trailing"#),
             ApiError::MalformedJson { .. }

@@ -915,15 +915,7 @@ pub(crate) async fn config_history(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<crate::history::Revision>>, ApiError> {
     let limit = history_limit(&query)?;
-    let this = Arc::clone(&s);
-    tokio::task::spawn_blocking(move || Ok(Json(this.writer.blocking_lock().history.list(limit))))
-        .await
-        .unwrap_or_else(|source| {
-            Err(ApiError::TaskFailed {
-                what: "history",
-                source,
-            })
-        })
+    Ok(Json(s.history.list(limit)))
 }
 
 fn history_error(e: crate::history::HistoryError) -> ApiError {
@@ -955,22 +947,10 @@ pub(crate) async fn config_revision(
         field: "revision".into(),
         message: format!("{revision:?} is not a revision number"),
     })?;
-    let this = Arc::clone(&s);
-    tokio::task::spawn_blocking(move || {
-        this.writer
-            .blocking_lock()
-            .history
-            .snapshot_at(revision)
-            .map(Json)
-            .map_err(history_error)
-    })
-    .await
-    .unwrap_or_else(|source| {
-        Err(ApiError::TaskFailed {
-            what: "history",
-            source,
-        })
-    })
+    s.history
+        .snapshot_at(revision)
+        .map(Json)
+        .map_err(history_error)
 }
 
 /// Body of `POST /api/v1/config/rollback`.
@@ -1020,13 +1000,14 @@ pub(crate) async fn config_rollback(
         let writer = &mut *guard;
         let target = writer
             .history
+            .reader
             .state_at(request.revision)
             .map_err(history_error)?;
         let current = writer.routes.current();
         if target == **current.state() {
             return Ok(RollbackReport {
                 to: request.revision,
-                revision: writer.history.latest(),
+                revision: writer.history.reader.latest(),
                 changed: false,
             });
         }
@@ -1045,7 +1026,7 @@ pub(crate) async fn config_rollback(
                 crate::history::Source::Rollback,
                 client,
             )
-            .unwrap_or_else(|| writer.history.latest());
+            .unwrap_or_else(|| writer.history.reader.latest());
         tracing::info!(to = request.revision, revision, "configuration rolled back");
         Ok(RollbackReport {
             to: request.revision,

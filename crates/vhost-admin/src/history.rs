@@ -4,7 +4,8 @@
 //! Lines file next to the config file (`<config>.history.jsonl`).
 //!
 //! Where it sits: owned by the admin API's single writer; [`History::record`] runs right after a
-//! change is published, under the writer lock, so revisions follow publication order. The
+//! change is published, under the writer lock, so revisions follow publication order. Readers
+//! (the history endpoints) use a [`HistoryReader`] and never wait for a write. The
 //! configuration at any kept revision is rebuilt by replaying the recorded changes forward from
 //! the nearest earlier full snapshot (one is stored when the process starts, and at the oldest
 //! kept entry), so the file holds mostly small diffs.
@@ -123,14 +124,49 @@ pub enum HistoryError {
     },
 }
 
-/// The history (see the module docs).
+/// The kept entries, oldest first.
+type Entries = VecDeque<Arc<Stored>>;
+
+/// The read side of the history: lock-free (an `ArcSwap` of the kept entries, replaced whole by
+/// the single writer), so reading it never waits for a write.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryReader(Arc<ArcSwap<Entries>>);
+
+impl HistoryReader {
+    /// The newest revision number.
+    pub fn latest(&self) -> u64 {
+        self.0.load().back().map_or(0, |e| e.revision.revision)
+    }
+
+    /// Up to `limit` revisions, newest first.
+    pub fn list(&self, limit: usize) -> Vec<Revision> {
+        self.0
+            .load()
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|e| e.revision.clone())
+            .collect()
+    }
+
+    /// The configuration at `revision`.
+    pub fn state_at(&self, revision: u64) -> Result<State, HistoryError> {
+        state_at(&self.0.load(), revision)
+    }
+
+    /// [`HistoryReader::state_at`] as the API returns it.
+    pub fn snapshot_at(&self, revision: u64) -> Result<Snapshot, HistoryError> {
+        self.state_at(revision).map(|s| snapshot_of(revision, &s))
+    }
+}
+
+/// The history (see the module docs): the writer side.
 #[derive(Debug)]
 pub struct History {
     events: Arc<crate::events::Events>,
     file: Option<PathBuf>,
-    entries: VecDeque<Stored>,
-    /// Newest first, for readers.
-    published: ArcSwap<Vec<Revision>>,
+    /// The kept entries, published for readers.
+    pub(crate) reader: HistoryReader,
 }
 
 /// The changes between two states.
@@ -171,11 +207,11 @@ pub fn diff(before: &State, after: &State) -> (Vec<DomainChange>, Vec<BackendCha
 }
 
 fn now_rfc3339() -> String {
-    httpdate_rfc3339(std::time::SystemTime::now())
+    rfc3339_utc(std::time::SystemTime::now())
 }
 
 /// RFC 3339 UTC with seconds, from a system time (no calendar crate needed).
-fn httpdate_rfc3339(t: std::time::SystemTime) -> String {
+fn rfc3339_utc(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -228,7 +264,7 @@ impl History {
                 Ok(text) => {
                     for (i, line) in text.lines().enumerate() {
                         match serde_json::from_str::<Stored>(line) {
-                            Ok(entry) => entries.push_back(entry),
+                            Ok(entry) => entries.push_back(Arc::new(entry)),
                             Err(e) => tracing::warn!(
                                 file = %path.display(),
                                 line = i + 1,
@@ -244,25 +280,17 @@ impl History {
                 }
             }
         }
+        let reader = HistoryReader(Arc::new(ArcSwap::from_pointee(entries)));
+        let continues = reader.latest() > 0
+            && reader
+                .state_at(reader.latest())
+                .is_ok_and(|s| s == *current);
         let mut history = Self {
             events,
             file,
-            entries,
-            published: ArcSwap::default(),
+            reader,
         };
-        if !history.entries.is_empty()
-            && history
-                .state_at(history.latest())
-                .is_ok_and(|s| s == *current)
-        {
-            history.published.store(Arc::new(
-                history
-                    .entries
-                    .iter()
-                    .rev()
-                    .map(|e| e.revision.clone())
-                    .collect(),
-            ));
+        if continues {
             return history;
         }
         let revision = history.next_revision();
@@ -284,12 +312,7 @@ impl History {
     }
 
     fn next_revision(&self) -> u64 {
-        self.entries.back().map_or(1, |e| e.revision.revision + 1)
-    }
-
-    /// The newest revision number.
-    pub fn latest(&self) -> u64 {
-        self.entries.back().map_or(0, |e| e.revision.revision)
+        self.reader.latest() + 1
     }
 
     /// Records the change from `before` to `after` (nothing if they are equal); returns its
@@ -331,33 +354,32 @@ impl History {
     }
 
     fn push(&mut self, entry: Stored, rewrite: bool) {
-        self.entries.push_back(entry);
+        let mut entries = Entries::clone(&self.reader.0.load());
+        entries.push_back(Arc::new(entry));
         let mut rewrite = rewrite;
-        while self.entries.len() > MAX_REVISIONS {
+        while entries.len() > MAX_REVISIONS {
             // Keep the new oldest entry rebuildable: give it the whole configuration.
-            let Some(second) = self.entries.get(1).map(|e| e.revision.revision) else {
+            let Some(second) = entries.get(1).map(|e| e.revision.revision) else {
                 break;
             };
-            let needs_snapshot = self.entries.get(1).is_some_and(|e| e.snapshot.is_none());
-            let snapshot = needs_snapshot.then(|| self.state_at(second).ok()).flatten();
-            self.entries.pop_front();
-            if let (Some(state), Some(front)) = (snapshot, self.entries.front_mut()) {
-                front.snapshot = Some(snapshot_of(second, &state));
+            let needs_snapshot = entries.get(1).is_some_and(|e| e.snapshot.is_none());
+            let snapshot = needs_snapshot
+                .then(|| state_at(&entries, second).ok())
+                .flatten();
+            entries.pop_front();
+            if let (Some(state), Some(front)) = (snapshot, entries.front_mut()) {
+                let mut with_snapshot = Stored::clone(front);
+                with_snapshot.snapshot = Some(snapshot_of(second, &state));
+                *front = Arc::new(with_snapshot);
             }
             rewrite = true;
         }
-        self.save(rewrite);
-        self.published.store(Arc::new(
-            self.entries
-                .iter()
-                .rev()
-                .map(|e| e.revision.clone())
-                .collect(),
-        ));
+        self.save(&entries, rewrite);
+        self.reader.0.store(Arc::new(entries));
     }
 
     /// Appends the newest entry to the file, or rewrites it whole.
-    fn save(&self, rewrite: bool) {
+    fn save(&self, entries: &Entries, rewrite: bool) {
         let Some(path) = &self.file else { return };
         let line = |e: &Stored| {
             serde_json::to_string(e).map(|mut s| {
@@ -367,7 +389,7 @@ impl History {
         };
         let result = if rewrite {
             let mut text = String::new();
-            for e in &self.entries {
+            for e in entries {
                 match line(e) {
                     Ok(l) => text.push_str(&l),
                     Err(e) => {
@@ -377,7 +399,7 @@ impl History {
             }
             vhost_config::write_atomically(path, text.as_bytes())
         } else {
-            match self.entries.back().map(line) {
+            match entries.back().map(|e| line(e)) {
                 Some(Ok(l)) => std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
@@ -394,79 +416,55 @@ impl History {
             tracing::warn!(file = %path.display(), error = %e, "history: cannot write (the change itself is applied and saved in the config file)");
         }
     }
+}
 
-    /// Up to `limit` revisions, newest first.
-    pub fn list(&self, limit: usize) -> Vec<Revision> {
-        self.published.load().iter().take(limit).cloned().collect()
+/// The configuration at `revision`: the nearest earlier full snapshot, with the recorded
+/// changes after it replayed in order (no entry between it and `revision` has a snapshot).
+fn state_at(entries: &Entries, revision: u64) -> Result<State, HistoryError> {
+    if revision > entries.back().map_or(0, |e| e.revision.revision) {
+        return Err(HistoryError::Unknown(revision));
     }
-
-    /// The configuration at `revision`.
-    pub fn state_at(&self, revision: u64) -> Result<State, HistoryError> {
-        let newest = self.latest();
-        if revision > newest {
-            return Err(HistoryError::Unknown(revision));
+    let base = entries
+        .iter()
+        .rposition(|e| e.revision.revision <= revision && e.snapshot.is_some())
+        .ok_or(HistoryError::Unknown(revision))?;
+    let damaged = |reason: String| HistoryError::Damaged { revision, reason };
+    let snapshot = entries[base]
+        .snapshot
+        .as_ref()
+        .ok_or_else(|| damaged("no snapshot".into()))?;
+    let mut vhosts: BTreeMap<DomainName, VirtualHost> = snapshot
+        .virtual_hosts
+        .iter()
+        .map(|v| (v.domain.clone(), v.clone()))
+        .collect();
+    let mut backends: BTreeMap<BackendId, Backend> = snapshot
+        .backends
+        .iter()
+        .map(|b| (b.id.clone(), b.clone()))
+        .collect();
+    for entry in entries.iter().skip(base + 1) {
+        if entry.revision.revision > revision {
+            break;
         }
-        let base = self
-            .entries
-            .iter()
-            .rposition(|e| e.revision.revision <= revision && e.snapshot.is_some())
-            .ok_or(HistoryError::Unknown(revision))?;
-        let damaged = |reason: String| HistoryError::Damaged { revision, reason };
-        let snapshot = self.entries[base]
-            .snapshot
-            .as_ref()
-            .ok_or_else(|| damaged("no snapshot".into()))?;
-        let mut vhosts: BTreeMap<DomainName, VirtualHost> = snapshot
-            .virtual_hosts
-            .iter()
-            .map(|v| (v.domain.clone(), v.clone()))
-            .collect();
-        let mut backends: BTreeMap<BackendId, Backend> = snapshot
-            .backends
-            .iter()
-            .map(|b| (b.id.clone(), b.clone()))
-            .collect();
-        for entry in self.entries.iter().skip(base + 1) {
-            if entry.revision.revision > revision {
-                break;
-            }
-            if let Some(s) = &entry.snapshot {
-                vhosts = s
-                    .virtual_hosts
-                    .iter()
-                    .map(|v| (v.domain.clone(), v.clone()))
-                    .collect();
-                backends = s
-                    .backends
-                    .iter()
-                    .map(|b| (b.id.clone(), b.clone()))
-                    .collect();
-                continue;
-            }
-            for c in &entry.revision.domains {
-                match &c.after {
-                    Some(v) => vhosts.insert(c.domain.clone(), v.clone()),
-                    None => vhosts.remove(&c.domain),
-                };
-            }
-            for c in &entry.revision.backends {
-                match &c.after {
-                    Some(b) => backends.insert(c.id.clone(), b.clone()),
-                    None => backends.remove(&c.id),
-                };
-            }
+        for c in &entry.revision.domains {
+            match &c.after {
+                Some(v) => vhosts.insert(c.domain.clone(), v.clone()),
+                None => vhosts.remove(&c.domain),
+            };
         }
-        State::new(
-            vhosts.into_values().collect(),
-            backends.into_values().collect(),
-        )
-        .map_err(|e| damaged(e.to_string()))
+        for c in &entry.revision.backends {
+            match &c.after {
+                Some(b) => backends.insert(c.id.clone(), b.clone()),
+                None => backends.remove(&c.id),
+            };
+        }
     }
-
-    /// [`History::state_at`] as the API returns it.
-    pub fn snapshot_at(&self, revision: u64) -> Result<Snapshot, HistoryError> {
-        self.state_at(revision).map(|s| snapshot_of(revision, &s))
-    }
+    State::new(
+        vhosts.into_values().collect(),
+        backends.into_values().collect(),
+    )
+    .map_err(|e| damaged(e.to_string()))
 }
 
 #[cfg(test)]
@@ -497,7 +495,7 @@ mod tests {
         let config = dir.path().join("config.toml");
         let s1 = state(&[("a.test", "a")]);
         let mut h = History::open(Some(&config), &s1, Arc::default());
-        assert_eq!(h.latest(), 1);
+        assert_eq!(h.reader.latest(), 1);
         let (s2, _) = s1
             .apply(Command::SwitchTag {
                 domain: DomainName::parse("a.test").unwrap(),
@@ -515,10 +513,10 @@ mod tests {
         );
         let s3 = state(&[("a.test", "b"), ("b.test", "a")]);
         assert_eq!(h.record(&s2, &s3, Source::Reload, None), Some(3));
-        assert_eq!(h.state_at(1).unwrap(), s1);
-        assert_eq!(h.state_at(2).unwrap(), s2);
-        assert_eq!(h.state_at(3).unwrap(), s3);
-        let list = h.list(10);
+        assert_eq!(h.reader.state_at(1).unwrap(), s1);
+        assert_eq!(h.reader.state_at(2).unwrap(), s2);
+        assert_eq!(h.reader.state_at(3).unwrap(), s3);
+        let list = h.reader.list(10);
         assert_eq!(
             list.iter().map(|r| r.revision).collect::<Vec<_>>(),
             [3, 2, 1]
@@ -536,14 +534,14 @@ mod tests {
 
         // A new process on the same configuration continues the history as it is...
         let h = History::open(Some(&config), &s3, Arc::default());
-        assert_eq!(h.latest(), 3);
-        assert_eq!(h.state_at(2).unwrap(), s2);
+        assert_eq!(h.reader.latest(), 3);
+        assert_eq!(h.reader.state_at(2).unwrap(), s2);
         // ...and one on a configuration edited meanwhile records it as a start revision.
         let h = History::open(Some(&config), &s1, Arc::default());
-        assert_eq!(h.latest(), 4);
-        assert_eq!(h.list(1)[0].source, Source::Start);
-        assert_eq!(h.state_at(4).unwrap(), s1);
-        assert_eq!(h.state_at(3).unwrap(), s3);
+        assert_eq!(h.reader.latest(), 4);
+        assert_eq!(h.reader.list(1)[0].source, Source::Start);
+        assert_eq!(h.reader.state_at(4).unwrap(), s1);
+        assert_eq!(h.reader.state_at(3).unwrap(), s3);
 
         // Past the window the oldest go, and what is kept still rebuilds.
         let mut h = History::open(None, &s1, Arc::default());
@@ -552,23 +550,20 @@ mod tests {
             h.record(&prev, &next, Source::Api, None);
             std::mem::swap(&mut prev, &mut next);
         }
-        assert_eq!(h.list(usize::MAX).len(), MAX_REVISIONS);
-        let oldest = h.list(usize::MAX).last().unwrap().revision;
-        assert!(h.state_at(oldest).is_ok());
+        assert_eq!(h.reader.list(usize::MAX).len(), MAX_REVISIONS);
+        let oldest = h.reader.list(usize::MAX).last().unwrap().revision;
+        assert!(h.reader.state_at(oldest).is_ok());
         assert!(matches!(
-            h.state_at(oldest - 1),
+            h.reader.state_at(oldest - 1),
             Err(HistoryError::Unknown(_))
         ));
-        assert_eq!(h.state_at(h.latest()).unwrap(), prev);
+        assert_eq!(h.reader.state_at(h.reader.latest()).unwrap(), prev);
     }
 
     #[test]
     fn rfc3339() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
-        assert_eq!(httpdate_rfc3339(t), "2026-11-18T11:06:40Z");
-        assert_eq!(
-            httpdate_rfc3339(std::time::UNIX_EPOCH),
-            "1970-01-01T00:00:00Z"
-        );
+        assert_eq!(rfc3339_utc(t), "2026-11-18T11:06:40Z");
+        assert_eq!(rfc3339_utc(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
     }
 }

@@ -89,6 +89,8 @@ pub struct AdminState {
     /// The config file (re-read by a reload).
     config_path: Option<std::path::PathBuf>,
     metrics: Option<MetricsRender>,
+    /// The history's read side (lock-free).
+    history: history::HistoryReader,
     /// Live events (`GET /api/v1/events`).
     events: Arc<events::Events>,
     /// What the rollout controller last measured, by domain (shown by `GET .../canary`).
@@ -139,8 +141,10 @@ impl AdminState {
             routes.current().state(),
             Arc::clone(&events),
         );
+        let history_reader = history.reader.clone();
         Self {
             store: Arc::clone(routes.store()),
+            history: history_reader,
             writer: Mutex::new(Writer {
                 routes,
                 file,

@@ -64,8 +64,8 @@ pub struct ProxyOptions {
 pub struct CanaryOptions {
     /// Cookie holding a client's bucket (`sticky_key = "cookie"`).
     pub bucket_cookie: String,
-    /// Request header forcing a side (`always` / `never`), lowercase.
-    pub override_header: String,
+    /// Request header forcing a side (`always` / `never`); parsed once, not per request.
+    pub override_header: http::HeaderName,
     /// Cookie forcing a side (`always` / `never`).
     pub override_cookie: String,
     /// Add `X-Served-Tag` to responses of domains with a canary.
@@ -76,7 +76,7 @@ impl Default for CanaryOptions {
     fn default() -> Self {
         Self {
             bucket_cookie: "vhost_bucket".to_owned(),
-            override_header: "x-canary".to_owned(),
+            override_header: http::HeaderName::from_static("x-canary"),
             override_cookie: "canary".to_owned(),
             expose_served_tag: false,
         }
@@ -419,7 +419,7 @@ impl VhostProxy {
         let names = &self.options.canary;
         let headers = &session.req_header().headers;
         let forced = headers
-            .get(names.override_header.as_str())
+            .get(&names.override_header)
             .and_then(|v| Override::parse(v.as_bytes()))
             .or_else(|| cookie_value(headers, &names.override_cookie).and_then(Override::parse));
         let keyed = match &canary.canary().sticky_key {

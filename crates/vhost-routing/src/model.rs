@@ -25,104 +25,89 @@ pub(crate) mod whole {
     use serde::Deserialize;
     use std::fmt;
 
-    /// A `u16` written as an integer or a whole float.
-    pub(super) struct Whole(pub(super) u16);
+    /// 2^53: the largest range where every whole float is an exact integer.
+    const EXACT: u64 = 1 << 53;
 
-    impl<'de> Deserialize<'de> for Whole {
+    /// An integer from 0 to `MAX` written as an integer or a whole float.
+    pub(crate) struct Whole<const MAX: u64>(pub(crate) u64);
+
+    impl<'de, const MAX: u64> Deserialize<'de> for Whole<MAX> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl Visitor<'_> for V {
-                type Value = Whole;
+            struct V<const MAX: u64>;
+            impl<const MAX: u64> Visitor<'_> for V<MAX> {
+                type Value = Whole<MAX>;
                 fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("an integer from 0 to 65535")
+                    write!(f, "an integer from 0 to {MAX}")
                 }
-                fn visit_u64<E: Error>(self, v: u64) -> Result<Whole, E> {
-                    u16::try_from(v)
-                        .map(Whole)
-                        .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+                fn visit_u64<E: Error>(self, v: u64) -> Result<Whole<MAX>, E> {
+                    if v <= MAX {
+                        Ok(Whole(v))
+                    } else {
+                        Err(E::invalid_value(Unexpected::Unsigned(v), &self))
+                    }
                 }
-                fn visit_i64<E: Error>(self, v: i64) -> Result<Whole, E> {
-                    u16::try_from(v)
-                        .map(Whole)
-                        .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+                fn visit_i64<E: Error>(self, v: i64) -> Result<Whole<MAX>, E> {
+                    match u64::try_from(v) {
+                        Ok(v) if v <= MAX => Ok(Whole(v)),
+                        _ => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+                    }
                 }
-                fn visit_f64<E: Error>(self, v: f64) -> Result<Whole, E> {
-                    if v.fract() == 0.0 && (0.0..=f64::from(u16::MAX)).contains(&v) {
-                        // Whole and in range: the conversion is exact.
+                fn visit_f64<E: Error>(self, v: f64) -> Result<Whole<MAX>, E> {
+                    // Bounded by 2^53 (and MAX): the conversion is exact.
+                    #[allow(clippy::cast_precision_loss)]
+                    let limit = MAX.min(EXACT) as f64;
+                    if v.fract() == 0.0 && (0.0..=limit).contains(&v) {
                         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                        Ok(Whole(v as u16))
+                        Ok(Whole(v as u64))
                     } else {
                         Err(E::invalid_value(Unexpected::Float(v), &self))
                     }
                 }
             }
-            d.deserialize_any(V)
+            d.deserialize_any(V::<MAX>)
         }
     }
 
-    /// A `u64` written as an integer or a whole float.
-    pub(crate) struct WholeU64(pub(crate) u64);
+    type U16 = Whole<{ u16::MAX as u64 }>;
+    type U32 = Whole<{ u32::MAX as u64 }>;
+    type U64 = Whole<{ u64::MAX }>;
 
-    impl<'de> Deserialize<'de> for WholeU64 {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl Visitor<'_> for V {
-                type Value = WholeU64;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a non-negative integer")
-                }
-                fn visit_u64<E: Error>(self, v: u64) -> Result<WholeU64, E> {
-                    Ok(WholeU64(v))
-                }
-                fn visit_i64<E: Error>(self, v: i64) -> Result<WholeU64, E> {
-                    u64::try_from(v)
-                        .map(WholeU64)
-                        .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
-                }
-                fn visit_f64<E: Error>(self, v: f64) -> Result<WholeU64, E> {
-                    // 2^53: the largest range where every whole float is exact.
-                    if v.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(&v) {
-                        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                        Ok(WholeU64(v as u64))
-                    } else {
-                        Err(E::invalid_value(Unexpected::Float(v), &self))
-                    }
-                }
-            }
-            d.deserialize_any(V)
-        }
+    /// The bound makes the narrowing exact.
+    #[allow(clippy::cast_possible_truncation)]
+    fn narrow16(w: U16) -> u16 {
+        w.0 as u16
     }
 
     pub(crate) fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        WholeU64::deserialize(d).map(|w| w.0)
+        U64::deserialize(d).map(|w| w.0)
     }
 
     pub(crate) fn option_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-        Option::<WholeU64>::deserialize(d).map(|o| o.map(|w| w.0))
+        Option::<U64>::deserialize(d).map(|o| o.map(|w| w.0))
     }
 
     pub(crate) fn usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-        let v = WholeU64::deserialize(d)?.0;
+        let v = U64::deserialize(d)?.0;
         usize::try_from(v).map_err(|_| D::Error::custom(format!("{v} is too large")))
     }
 
     pub(crate) fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-        let v = WholeU64::deserialize(d)?.0;
-        u32::try_from(v).map_err(|_| D::Error::custom(format!("{v} is too large")))
+        #[allow(clippy::cast_possible_truncation)] // bounded by u32::MAX
+        U32::deserialize(d).map(|w| w.0 as u32)
     }
 
     pub(super) fn u16<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
-        Whole::deserialize(d).map(|w| w.0)
+        U16::deserialize(d).map(narrow16)
     }
 
     pub(super) fn option_u16<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
-        Option::<Whole>::deserialize(d).map(|o| o.map(|w| w.0))
+        Option::<U16>::deserialize(d).map(|o| o.map(narrow16))
     }
 
     pub(super) fn option_pair<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<[u16; 2]>, D::Error> {
-        Option::<[Whole; 2]>::deserialize(d).map(|o| o.map(|[a, b]| [a.0, b.0]))
+        Option::<[U16; 2]>::deserialize(d).map(|o| o.map(|[a, b]| [narrow16(a), narrow16(b)]))
     }
 }
 

@@ -45,7 +45,9 @@ pub fn proxy_options(config: &vhost_config::Config) -> vhost_pingora::ProxyOptio
         client_keepalive: proxy.client_keepalive_timeout_ms > 0,
         canary: vhost_pingora::CanaryOptions {
             bucket_cookie: proxy.canary_cookie.clone(),
-            override_header: proxy.canary_override_header.to_ascii_lowercase(),
+            // Validated as an HTTP token at load time, so the default is never used.
+            override_header: http::HeaderName::from_bytes(proxy.canary_override_header.as_bytes())
+                .unwrap_or_else(|_| http::HeaderName::from_static("x-canary")),
             override_cookie: proxy.canary_override_cookie.clone(),
             expose_served_tag: proxy.expose_served_tag,
         },

@@ -162,87 +162,87 @@ async fn carry_out(
     decided_on: &Canary,
     action: Action,
 ) {
-    let target = domain.clone();
-    let expected = decided_on.clone();
-    let what = action.clone();
+    let with = |change: &dyn Fn(&mut Canary)| {
+        let mut next = decided_on.clone();
+        change(&mut next);
+        Command::SetCanary {
+            domain: domain.clone(),
+            canary: next,
+        }
+    };
+    let (command, event) = match &action {
+        Action::Hold => return,
+        Action::Advance { step } => {
+            let weight = decided_on
+                .steps
+                .get(*step)
+                .copied()
+                .unwrap_or(decided_on.weight);
+            (
+                with(&|c| {
+                    c.step = *step;
+                    c.weight = weight;
+                }),
+                serde_json::json!({
+                    "domain": domain.as_str(), "action": "step", "step": step,
+                    "weight": weight.percent(),
+                }),
+            )
+        }
+        Action::Promote => (
+            Command::PromoteCanary(domain.clone()),
+            serde_json::json!({
+                "domain": domain.as_str(), "action": "promote", "tag": decided_on.tag.as_str(),
+            }),
+        ),
+        Action::Abort { reason } => (
+            with(&|c| {
+                c.state = RolloutState::Aborted;
+                c.weight = vhost_routing::CanaryWeight::ZERO;
+                c.abort_reason = Some(reason.clone());
+            }),
+            serde_json::json!({
+                "domain": domain.as_str(), "action": "abort", "reason": reason,
+            }),
+        ),
+    };
+    // Applied only to the canary it was decided on (a change by hand meanwhile wins).
+    let (target, expected) = (domain.clone(), decided_on.clone());
     let result = admin
         .apply_internal(move |table| {
-            let current = table
+            let unchanged = table
                 .state()
                 .vhost(&target)
-                .and_then(|v| v.canary.as_ref())
-                .filter(|c| ***c == expected)
-                .ok_or_else(|| ApiError::Conflict {
+                .and_then(|v| v.canary.as_deref())
+                .is_some_and(|c| *c == expected);
+            if !unchanged {
+                return Err(ApiError::Conflict {
                     code: "rollout_changed",
                     message: format!("the canary of {target} changed before the rollout step"),
                     field: None,
-                })?;
-            Ok(match &what {
-                Action::Promote => Command::PromoteCanary(target.clone()),
-                Action::Advance { step } => {
-                    let mut next = current.clone();
-                    next.step = *step;
-                    next.weight = current.steps.get(*step).copied().unwrap_or(current.weight);
-                    Command::SetCanary {
-                        domain: target.clone(),
-                        canary: *next,
-                    }
-                }
-                Action::Abort { reason } => {
-                    let mut next = current.clone();
-                    next.state = RolloutState::Aborted;
-                    next.weight = vhost_routing::CanaryWeight::ZERO;
-                    next.abort_reason = Some(reason.clone());
-                    Command::SetCanary {
-                        domain: target.clone(),
-                        canary: *next,
-                    }
-                }
-                Action::Hold => {
-                    return Err(ApiError::Conflict {
-                        code: "rollout_hold",
-                        message: "nothing to do".into(),
-                        field: None,
-                    })
-                }
-            })
+                });
+            }
+            Ok(command.clone())
         })
         .await;
-    let domain_label = domain.to_string();
-    if result.is_ok() {
-        let event = match &action {
-            Action::Advance { step } => serde_json::json!({
-                "domain": domain.as_str(), "action": "step", "step": step,
-                "weight": decided_on.steps.get(*step).map(|w| w.percent()),
-            }),
-            Action::Promote => serde_json::json!({
-                "domain": domain.as_str(), "action": "promote", "tag": decided_on.tag.as_str(),
-            }),
-            Action::Abort { reason } => serde_json::json!({
-                "domain": domain.as_str(), "action": "abort", "reason": reason,
-            }),
-            Action::Hold => serde_json::Value::Null,
-        };
-        if !event.is_null() {
-            admin.events().publish("rollout", event);
-        }
+    if let Err(e) = result {
+        tracing::warn!(domain = %domain, error = %e, "rollout: change not applied");
+        return;
     }
-    match (&action, result) {
-        (Action::Advance { step }, Ok(_)) => {
-            let weight = decided_on.steps.get(*step).copied().unwrap_or_default();
-            tracing::info!(domain = %domain, step, weight = %weight, "rollout: next step");
-        }
-        (Action::Promote, Ok(_)) => {
+    admin.events().publish("rollout", event);
+    let domain_label = domain.to_string();
+    match &action {
+        Action::Advance { step } => tracing::info!(domain = %domain, step, "rollout: next step"),
+        Action::Promote => {
             metrics::counter!("rollout_promotions_total", "domain" => domain_label).increment(1);
             tracing::info!(domain = %domain, tag = %decided_on.tag, "rollout: promoted");
         }
-        (Action::Abort { reason }, Ok(_)) => {
+        Action::Abort { reason } => {
             metrics::counter!("rollout_aborts_total", "domain" => domain_label, "reason" => "analysis")
                 .increment(1);
             tracing::warn!(domain = %domain, reason, "rollout: aborted");
         }
-        (_, Ok(_)) => {}
-        (_, Err(e)) => tracing::warn!(domain = %domain, error = %e, "rollout: change not applied"),
+        Action::Hold => {}
     }
 }
 

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -645,5 +645,65 @@ impl WebhookReceiver {
     /// The bodies received so far (call from outside the runtime).
     pub fn bodies(&self) -> Vec<String> {
         self.bodies.blocking_lock().clone()
+    }
+}
+
+/// Requests `host` on the proxy from 4 clients until stopped; counts answers by status (a
+/// transport error is a failure).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(rt: &tokio::runtime::Runtime, proxy: &ProxyProcess, host: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let url = proxy.http_url("/");
+        let tasks = (0..4)
+            .map(|_| {
+                let (stop, ok, failed, url) = (
+                    Arc::clone(&stop),
+                    Arc::clone(&ok),
+                    Arc::clone(&failed),
+                    url.clone(),
+                );
+                let c = client(&[], true);
+                rt.spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let r = c.get(&url).header("host", host).send().await;
+                        match r.map(|r| r.status().as_u16()) {
+                            Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
+                            _ => failed.fetch_add(1, Ordering::SeqCst),
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Requests answered 200 so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Stops and returns (answered 200, failed).
+    pub fn stop(self, rt: &tokio::runtime::Runtime) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            rt.block_on(t).unwrap();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
     }
 }
