@@ -4,12 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
-# promtool (Debian package `prometheus`) lints the metrics exposition in the observability test.
-if ! command -v promtool >/dev/null 2>&1; then
+# Test peers from Debian: promtool (package `prometheus`) lints the metrics exposition in the
+# observability test; pebble + pebble-challtestsrv (package `pebble`) are the ACME CA the
+# certificate tests order from.
+tools=()
+command -v promtool >/dev/null 2>&1 || tools+=(prometheus)
+command -v pebble >/dev/null 2>&1 || tools+=(pebble)
+if ((${#tools[@]})); then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-    || { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null \
+    || { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null; }
 fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

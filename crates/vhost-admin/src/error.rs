@@ -122,6 +122,16 @@ pub enum ApiError {
         /// The panic or cancellation.
         source: tokio::task::JoinError,
     },
+    /// Too many requests of this kind for now; try again after `retry_after_secs`.
+    #[error("{message}")]
+    TooManyRequests {
+        /// Machine-readable reason.
+        code: &'static str,
+        /// Explanation.
+        message: String,
+        /// Seconds until a retry can succeed (sent as `Retry-After`).
+        retry_after_secs: u64,
+    },
     /// The configuration file to reload is invalid; the running configuration is unchanged.
     #[error("{message}")]
     InvalidConfig {
@@ -147,6 +157,7 @@ impl ApiError {
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Persist(_) | Self::TaskFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -160,7 +171,7 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::Forbidden { .. } => "forbidden",
             Self::NotFound { .. } => "not_found",
-            Self::Conflict { code, .. } => code,
+            Self::Conflict { code, .. } | Self::TooManyRequests { code, .. } => code,
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::Inconsistent { .. } => "inconsistent",
             Self::Unservable(_) => "unservable",
@@ -245,7 +256,10 @@ impl From<CommandError> for ApiError {
 fn is_cross_field(error: &ValidationError) -> bool {
     let status = 100..=599;
     match error {
-        ValidationError::IncompleteTlsPair { .. } | ValidationError::CanaryIsPrimary { .. } => true,
+        ValidationError::IncompleteTlsPair { .. }
+        | ValidationError::CanaryIsPrimary { .. }
+        | ValidationError::AcmeWildcard { .. }
+        | ValidationError::AcmeWithOwnCertificate { .. } => true,
         ValidationError::InvalidRollout { reason, .. } => matches!(
             reason,
             RolloutError::Steps
@@ -278,6 +292,14 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::TooManyRequests {
+            retry_after_secs, ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         response
     }

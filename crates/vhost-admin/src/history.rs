@@ -215,6 +215,13 @@ fn rfc3339_utc(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    rfc3339_unix(i64::try_from(secs).unwrap_or(i64::MAX))
+}
+
+/// RFC 3339 UTC with seconds, from seconds since the Unix epoch (times before it show as the
+/// epoch).
+pub fn rfc3339_unix(secs: i64) -> String {
+    let secs = u64::try_from(secs).unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil from days (Howard Hinnant's algorithm).
     let z = i64::try_from(days).unwrap_or(0) + 719_468;

@@ -24,6 +24,7 @@
 //! address, or that carry a foreign `Origin`, are refused (403), so neither DNS rebinding nor a
 //! cross-site page can drive the API. There is no CORS.
 
+pub mod certificates;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -44,6 +45,7 @@ use tokio::sync::Mutex;
 use vhost_config::ConfigWriter;
 use vhost_routing::{DomainName, RouteStore, RouteWriter, State, Verdict, Window};
 
+pub use certificates::{CertificateOrigin, CertificateSource, CertificateView, RenewRefusal};
 pub use error::{ApiError, ErrorBody, ErrorDetail, Refusal};
 pub use handlers::{
     BackendView, CanaryView, Health, RollbackReport, RollbackRequest, SwitchRequest,
@@ -95,6 +97,8 @@ pub struct AdminState {
     events: Arc<events::Events>,
     /// What the rollout controller last measured, by domain (shown by `GET .../canary`).
     rollouts: arc_swap::ArcSwap<std::collections::BTreeMap<DomainName, RolloutReport>>,
+    /// Certificates and renewals (`/api/v1/certificates`).
+    certificates: Option<Arc<dyn CertificateSource>>,
 }
 
 /// The latest analysis of a running rollout, as `GET /api/v1/domains/{domain}/canary` shows it.
@@ -158,6 +162,7 @@ impl AdminState {
             metrics: None,
             rollouts: arc_swap::ArcSwap::default(),
             events,
+            certificates: None,
         }
     }
 
@@ -187,6 +192,12 @@ impl AdminState {
     /// Sets the hook run before each change is persisted.
     pub fn with_hook(mut self, hook: impl ApplyHook) -> Self {
         self.hook = Box::new(hook);
+        self
+    }
+
+    /// Serves `/api/v1/certificates` from `source`.
+    pub fn with_certificates(mut self, source: Arc<dyn CertificateSource>) -> Self {
+        self.certificates = Some(source);
         self
     }
 
@@ -341,6 +352,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/v1/events", get(events_stream))
         .route("/api/v1/config/revisions/{revision}", get(config_revision))
         .route("/api/v1/config/rollback", post(config_rollback))
+        .route("/api/v1/certificates", get(certificates::list_certificates))
+        .route(
+            "/api/v1/certificates/{domain}/renew",
+            post(certificates::renew_certificate),
+        )
         .route("/api/v1/openapi.json", get(openapi::serve))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

@@ -37,6 +37,8 @@ use crate::{handlers, AdminState};
         handlers::config_revision,
         handlers::config_rollback,
         handlers::events_stream,
+        crate::certificates::list_certificates,
+        crate::certificates::renew_certificate,
         serve,
     ),
     components(schemas(
@@ -56,6 +58,8 @@ use crate::{handlers, AdminState};
         handlers::RollbackRequest,
         handlers::RollbackReport,
         crate::reload::Diff,
+        crate::certificates::CertificateView,
+        crate::certificates::CertificateOrigin,
         crate::ErrorBody,
         crate::ErrorDetail,
     )),

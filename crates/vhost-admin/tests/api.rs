@@ -909,6 +909,8 @@ async fn openapi_document_lists_every_route_and_resolves() {
         ("/api/v1/config/revisions/{revision}", vec!["get"]),
         ("/api/v1/config/rollback", vec!["post"]),
         ("/api/v1/events", vec!["get"]),
+        ("/api/v1/certificates", vec!["get"]),
+        ("/api/v1/certificates/{domain}/renew", vec!["post"]),
         ("/api/v1/openapi.json", vec!["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
@@ -1558,4 +1560,67 @@ async fn live_events_arrive_in_order_and_resume_with_last_event_id() {
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn certificates_without_a_source_list_nothing_and_refuse_renewals() {
+    let api = api();
+    let r = get(&api, "/api/v1/certificates").await;
+    assert_eq!((r.status, r.text.as_str()), (StatusCode::OK, "[]"));
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/certificates/example.com/renew",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.error().0, "acme_disabled");
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/certificates/nope.example/renew",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/certificates/a..b/renew",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error().1.as_deref()),
+        (StatusCode::BAD_REQUEST, Some("domain"))
+    );
+    // acme = true contradicts a wildcard or an own certificate: 422, nothing changed.
+    let r = send(
+        &api,
+        Method::POST,
+        "/api/v1/domains",
+        Some(r#"{"domain": "*.wild.example", "enabled_backends_tag": "a", "acme": true}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error().1.as_deref()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("acme"))
+    );
+    let r = send(
+        &api,
+        Method::PUT,
+        "/api/v1/domains/example.com",
+        Some(r#"{"acme": false}"#),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(std::fs::read_to_string(&api.path)
+        .unwrap()
+        .contains("acme = false"));
 }

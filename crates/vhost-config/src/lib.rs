@@ -16,6 +16,6 @@ pub mod schema;
 pub use load::{load, locate, locate_vhost_key, parse, Config, ConfigError, Location};
 pub use persist::{write_atomically, ConfigWriter, PersistError};
 pub use schema::{
-    ConfigFile, HealthCheckConfig, LetsEncryptConfig, LogFormat, LogLevel, LogOutput,
-    LoggingConfig, MetricsConfig, NotificationsConfig, ProxyConfig,
+    AcmeChallenge, ConfigFile, HealthCheckConfig, LetsEncryptConfig, LogFormat, LogLevel,
+    LogOutput, LoggingConfig, MetricsConfig, NotificationsConfig, ProxyConfig,
 };

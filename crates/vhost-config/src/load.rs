@@ -361,8 +361,28 @@ fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
         }
     }
     if let Some(le) = &file.lets_encrypt {
-        if !le.email.contains('@') {
+        if !le.email.contains('@') || le.email.contains(char::is_whitespace) {
             return fail("lets_encrypt.email", "must be an e-mail address");
+        }
+        if let Some(url) = &le.directory_url {
+            let host = url
+                .strip_prefix("https://")
+                .map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+            if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+                return fail(
+                    "lets_encrypt.directory_url",
+                    "must be an https:// URL with a host (ACME requires HTTPS)",
+                );
+            }
+        }
+        if !(1..=180).contains(&le.renew_before_days) {
+            return fail(
+                "lets_encrypt.renew_before_days",
+                "must be between 1 and 180",
+            );
+        }
+        if le.cache_dir.as_os_str().is_empty() {
+            return fail("lets_encrypt.cache_dir", "must not be empty");
         }
     }
     Ok(())
@@ -384,6 +404,8 @@ fn validation_key<'a>(
             ValidationError::DuplicateDomain { domain }
             | ValidationError::IncompleteTlsPair { domain }
             | ValidationError::EmptyTlsPath { domain }
+            | ValidationError::AcmeWildcard { domain }
+            | ValidationError::AcmeWithOwnCertificate { domain }
             | ValidationError::CanaryIsPrimary { domain, .. }
             | ValidationError::InvalidRollout { domain, .. } => {
                 ("virtual_hosts", vhost_index(domain))

@@ -276,6 +276,7 @@ fn vhost_table(v: &VirtualHost, mut t: Table) -> Table {
         v.tls_key_path.as_deref().map(str_value),
     );
     set_opt(&mut t, "canary", v.canary.as_deref().map(canary_value));
+    set_opt(&mut t, "acme", v.acme.map(Value::from));
     t
 }
 

@@ -290,18 +290,70 @@ impl Default for HealthCheckConfig {
     }
 }
 
-/// `[lets_encrypt]` (planned in the seed: parsed and validated; certificates are not yet issued
-/// automatically, and the binary says so at start-up).
+/// `[lets_encrypt]`: automatic certificates from an ACME CA (see docs/acme.md). Every domain
+/// without `tls_cert_path` (and without `acme = false`) gets one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LetsEncryptConfig {
     /// ACME account e-mail.
     pub email: String,
-    /// Use the staging directory (default true).
+    /// Use Let's Encrypt's staging directory instead of production (default true; ignored
+    /// when `directory_url` is set).
     #[serde(default = "default_true")]
     pub staging: bool,
-    /// Where certificates are cached.
+    /// Where the account, certificates and keys are kept (default
+    /// `/var/lib/pingora-vhost/acme`; created 0700, files 0600).
+    #[serde(default = "default_acme_cache_dir")]
     pub cache_dir: PathBuf,
+    /// Directory URL of any ACME CA (`https://...`); overrides `staging`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_url: Option<String>,
+    /// PEM file of CA certificates trusted for the directory's own HTTPS (private or test CAs);
+    /// the system's roots are trusted too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_ca_path: Option<PathBuf>,
+    /// How domains are validated (default `http-01`).
+    #[serde(default)]
+    pub challenge: AcmeChallenge,
+    /// Renew this many days before expiry (default 30; 1 to 180).
+    #[serde(default = "default_renew_before_days")]
+    pub renew_before_days: u32,
+}
+
+/// The ACME challenge type used to prove control of a domain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AcmeChallenge {
+    /// A token served at `/.well-known/acme-challenge/<token>` on the HTTP listener (port 80).
+    #[default]
+    #[serde(rename = "http-01")]
+    Http01,
+    /// A certificate presented for the `acme-tls/1` ALPN on the HTTPS listener (port 443).
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
+/// Let's Encrypt's production directory.
+pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory.
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+impl LetsEncryptConfig {
+    /// The directory URL in effect: `directory_url`, else Let's Encrypt staging or production.
+    pub fn directory(&self) -> &str {
+        match &self.directory_url {
+            Some(url) => url,
+            None if self.staging => LETS_ENCRYPT_STAGING,
+            None => LETS_ENCRYPT_PRODUCTION,
+        }
+    }
+}
+
+fn default_acme_cache_dir() -> PathBuf {
+    PathBuf::from("/var/lib/pingora-vhost/acme")
+}
+
+fn default_renew_before_days() -> u32 {
+    30
 }
 
 fn default_true() -> bool {

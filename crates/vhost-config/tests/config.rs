@@ -465,3 +465,89 @@ fn symlinked_config_is_written_through() {
         .is_symlink());
     assert_eq!(load(&real).unwrap().state, next);
 }
+
+#[test]
+fn lets_encrypt_settings_have_defaults_and_located_errors() {
+    use vhost_config::AcmeChallenge;
+    let config = parse(
+        &format!("[lets_encrypt]\nemail = \"ops@example.com\"\n{MINIMAL}"),
+        "t",
+    )
+    .unwrap();
+    let le = config.lets_encrypt.unwrap();
+    assert!(le.staging);
+    assert_eq!(
+        le.directory(),
+        "https://acme-staging-v02.api.letsencrypt.org/directory"
+    );
+    assert_eq!(le.cache_dir, PathBuf::from("/var/lib/pingora-vhost/acme"));
+    assert_eq!(le.challenge, AcmeChallenge::Http01);
+    assert_eq!(le.renew_before_days, 30);
+    let config = parse(
+        "[lets_encrypt]\nemail = \"ops@example.com\"\nstaging = false\nchallenge = \"tls-alpn-01\"\n",
+        "t",
+    )
+    .unwrap();
+    let le = config.lets_encrypt.unwrap();
+    assert_eq!(
+        le.directory(),
+        "https://acme-v02.api.letsencrypt.org/directory"
+    );
+    assert_eq!(le.challenge, AcmeChallenge::TlsAlpn01);
+    let le = parse(
+        "[lets_encrypt]\nemail = \"ops@example.com\"\ndirectory_url = \"https://127.0.0.1:14000/dir\"\n",
+        "t",
+    )
+    .unwrap()
+    .lets_encrypt
+    .unwrap();
+    assert_eq!(le.directory(), "https://127.0.0.1:14000/dir");
+
+    let base = "[lets_encrypt]\nemail = \"ops@example.com\"\n";
+    for (extra, expected) in [
+        (
+            "directory_url = \"http://ca.example/dir\"\n",
+            "lets_encrypt.directory_url",
+        ),
+        ("renew_before_days = 0\n", "lets_encrypt.renew_before_days"),
+        (
+            "renew_before_days = 181\n",
+            "lets_encrypt.renew_before_days",
+        ),
+        ("challenge = \"dns-01\"\n", "lets_encrypt.challenge"),
+        ("cache_dir = \"\"\n", "lets_encrypt.cache_dir"),
+    ] {
+        let (line, _, key, msg) = invalid(&format!("{base}{extra}"));
+        assert_eq!(key, expected, "{extra}: {msg}");
+        assert!(line >= 1);
+    }
+    let (_, _, key, _) = invalid("[lets_encrypt]\nemail = \"not an address\"\n");
+    assert_eq!(key, "lets_encrypt.email");
+}
+
+#[test]
+fn acme_opt_in_and_out_per_domain() {
+    let config = parse(
+        &MINIMAL.replacen(
+            "enabled_backends_tag = \"a\"\n",
+            "enabled_backends_tag = \"a\"\nacme = false\n",
+            1,
+        ),
+        "t",
+    )
+    .unwrap();
+    let vhost = config.state.vhosts().next().unwrap();
+    assert_eq!(vhost.acme, Some(false));
+    assert!(!vhost.wants_acme());
+    let wildcard = format!(
+        "{MINIMAL}\n[[virtual_hosts]]\ndomain = \"*.example.org\"\nenabled_backends_tag = \"a\"\nacme = true\n"
+    );
+    let (_, _, key, msg) = invalid(&wildcard);
+    assert_eq!(key, "virtual_hosts[1].acme");
+    assert!(msg.contains("DNS-01"), "{msg}");
+    let own = format!(
+        "{MINIMAL}\n[[virtual_hosts]]\ndomain = \"b.example.org\"\nenabled_backends_tag = \"a\"\nacme = true\ntls_cert_path = \"/c.pem\"\ntls_key_path = \"/k.pem\"\n"
+    );
+    let (_, _, key, _) = invalid(&own);
+    assert_eq!(key, "virtual_hosts[1].acme");
+}

@@ -29,6 +29,8 @@ use pingora_core::tls::x509::X509;
 use thiserror::Error;
 use vhost_routing::{normalize_host, State, MAX_DOMAIN_LEN};
 
+use crate::acme::AcmeChallenges;
+
 /// Largest certificate or key file read, in bytes.
 pub const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
@@ -135,9 +137,18 @@ impl CertError {
 /// A parsed certificate chain (leaf first) and its private key.
 #[derive(Debug)]
 pub struct CertifiedKey {
-    chain: Vec<X509>,
-    key: PKey<Private>,
+    pub(crate) chain: Vec<X509>,
+    pub(crate) key: PKey<Private>,
+    not_before_unix: Option<i64>,
     not_after_unix: Option<i64>,
+}
+
+/// Seconds since the Unix epoch of an ASN.1 time.
+pub fn asn1_unix(time: &openssl::asn1::Asn1TimeRef) -> Option<i64> {
+    openssl::asn1::Asn1Time::from_unix(0)
+        .ok()
+        .and_then(|epoch| epoch.diff(time).ok())
+        .map(|d| i64::from(d.days) * 86_400 + i64::from(d.secs))
 }
 
 /// What a non-regular file is, for error messages.
@@ -248,15 +259,18 @@ impl CertifiedKey {
                 key: key_path.to_owned(),
             });
         }
-        let not_after_unix = openssl::asn1::Asn1Time::from_unix(0)
-            .ok()
-            .and_then(|epoch| epoch.diff(leaf.not_after()).ok())
-            .map(|d| i64::from(d.days) * 86_400 + i64::from(d.secs));
-        Ok(Self {
+        Ok(Self::new(chain, key))
+    }
+
+    /// A chain (leaf first, not empty) and its key, already checked to match.
+    pub(crate) fn new(chain: Vec<X509>, key: PKey<Private>) -> Self {
+        let leaf = chain.first();
+        Self {
+            not_before_unix: leaf.and_then(|l| asn1_unix(l.not_before())),
+            not_after_unix: leaf.and_then(|l| asn1_unix(l.not_after())),
             chain,
             key,
-            not_after_unix,
-        })
+        }
     }
 
     /// The leaf certificate.
@@ -264,9 +278,37 @@ impl CertifiedKey {
         self.chain.first()
     }
 
+    /// Start of the leaf certificate's validity, in seconds since the Unix epoch.
+    pub fn not_before_unix(&self) -> Option<i64> {
+        self.not_before_unix
+    }
+
     /// Expiry of the leaf certificate, in seconds since the Unix epoch.
     pub fn not_after_unix(&self) -> Option<i64> {
         self.not_after_unix
+    }
+
+    /// The leaf's issuer, as its common name (else its organisation; else empty).
+    pub fn issuer(&self) -> String {
+        use openssl::nid::Nid;
+        let Some(leaf) = self.leaf() else {
+            return String::new();
+        };
+        let name = leaf.issuer_name();
+        [Nid::COMMONNAME, Nid::ORGANIZATIONNAME]
+            .iter()
+            .find_map(|nid| name.entries_by_nid(*nid).next())
+            .and_then(|e| e.data().to_string().ok())
+            .unwrap_or_default()
+    }
+
+    /// The leaf's serial number in hexadecimal.
+    pub fn serial_hex(&self) -> String {
+        self.leaf()
+            .and_then(|l| l.serial_number().to_bn().ok())
+            .and_then(|bn| bn.to_hex_str().ok())
+            .map(|s| s.to_ascii_lowercase())
+            .unwrap_or_default()
     }
 }
 
@@ -282,20 +324,46 @@ pub struct CertMap {
     default_paths: Option<(PathBuf, PathBuf)>,
 }
 
+/// ACME certificates by exact domain (see [`CertStore::set_acme`]).
+pub type AcmeCerts = HashMap<Box<str>, Arc<CertifiedKey>, RandomState>;
+
 impl CertMap {
     /// The certificate for a client's SNI (`None`: no SNI or unknown name).
     pub fn resolve(&self, sni: Option<&str>) -> Option<&Arc<CertifiedKey>> {
+        self.resolve_with(sni, None)
+    }
+
+    /// Like [`CertMap::resolve`], looking in `acme` after the domains' own certificates and
+    /// before wildcards and the default.
+    pub fn resolve_with<'a>(
+        &'a self,
+        sni: Option<&str>,
+        acme: Option<&'a AcmeCerts>,
+    ) -> Option<&'a Arc<CertifiedKey>> {
         let by_name = sni.and_then(|name| {
             let mut buf = [0u8; MAX_DOMAIN_LEN];
             let name = normalize_host(name.as_bytes(), &mut buf)?;
-            self.exact.get(name).or_else(|| {
-                let (first, rest) = name.split_once('.')?;
-                (!first.is_empty())
-                    .then(|| self.wildcard.get(rest))
-                    .flatten()
-            })
+            self.exact
+                .get(name)
+                .or_else(|| acme.and_then(|a| a.get(name)))
+                .or_else(|| {
+                    let (first, rest) = name.split_once('.')?;
+                    (!first.is_empty())
+                        .then(|| self.wildcard.get(rest))
+                        .flatten()
+                })
         });
         by_name.or(self.default.as_ref())
+    }
+
+    /// The domain's own certificate (`tls_cert_path`), if it has one.
+    pub fn own(&self, domain: &str) -> Option<&Arc<CertifiedKey>> {
+        self.exact.get(domain)
+    }
+
+    /// The default certificate, if one is configured.
+    pub fn default_certificate(&self) -> Option<&Arc<CertifiedKey>> {
+        self.default.as_ref()
     }
 
     /// The default certificate's files, if one is configured.
@@ -327,10 +395,13 @@ impl CertMap {
     }
 }
 
-/// The runtime-swappable certificate map shared by the HTTPS listener and the config writer.
+/// The runtime-swappable certificate map shared by the HTTPS listener and the config writer,
+/// plus the ACME certificates (their own map, written only by the ACME manager, so a config
+/// change and a renewal never overwrite each other's work).
 #[derive(Debug, Default)]
 pub struct CertStore {
     current: ArcSwap<CertMap>,
+    acme: ArcSwap<AcmeCerts>,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -398,7 +469,34 @@ impl CertStore {
                 default_paths,
                 ..CertMap::default()
             }),
+            acme: ArcSwap::default(),
         }
+    }
+
+    /// Serves `ck` for `domain` (an ACME certificate; the domain's own certificate file, if it
+    /// gets one, takes precedence). New handshakes use it at once; open connections keep theirs.
+    pub fn set_acme(&self, domain: &str, ck: Arc<CertifiedKey>) {
+        self.acme.rcu(|current| {
+            let mut next = AcmeCerts::clone(current);
+            next.insert(domain.into(), Arc::clone(&ck));
+            next
+        });
+    }
+
+    /// Stops serving the ACME certificate of `domain`.
+    pub fn remove_acme(&self, domain: &str) {
+        if self.acme.load().contains_key(domain) {
+            self.acme.rcu(|current| {
+                let mut next = AcmeCerts::clone(current);
+                next.remove(domain);
+                next
+            });
+        }
+    }
+
+    /// The ACME certificates served now.
+    pub fn acme(&self) -> Arc<AcmeCerts> {
+        self.acme.load_full()
     }
 
     /// Loads every certificate `state` references plus the current default certificate, reusing
@@ -492,39 +590,61 @@ impl CertStore {
 pub struct ClientSni(pub Box<str>);
 
 /// The HTTPS listener's handshake callbacks: pick the certificate for the SNI, and remember the
-/// SNI for the request logic (SNI/Host mismatch → 421).
+/// SNI for the request logic (SNI/Host mismatch → 421). With ACME's TLS-ALPN-01 challenge on,
+/// a client that negotiated `acme-tls/1` gets the challenge certificate of its SNI instead.
 #[derive(Debug, Clone)]
 pub struct SniCertResolver {
     store: Arc<CertStore>,
+    challenges: Option<Arc<AcmeChallenges>>,
 }
 
 impl SniCertResolver {
     /// Resolves from `store`.
     pub fn new(store: Arc<CertStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            challenges: None,
+        }
+    }
+
+    /// Also answers TLS-ALPN-01 challenges from `challenges`.
+    pub fn with_challenges(mut self, challenges: Option<Arc<AcmeChallenges>>) -> Self {
+        self.challenges = challenges;
+        self
+    }
+
+    /// Whether `acme-tls/1` is offered (TLS-ALPN-01 challenges are answered).
+    pub(crate) fn answers_tls_alpn(&self) -> bool {
+        self.challenges.is_some()
     }
 }
 
 #[async_trait]
 impl TlsAccept for SniCertResolver {
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
-        let map = self.store.current.load();
         let sni = ssl.servername(NameType::HOST_NAME).map(str::to_owned);
-        let Some(ck) = map.resolve(sni.as_deref()) else {
+        if ssl.selected_alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+            let cert = self
+                .challenges
+                .as_ref()
+                .zip(sni.as_deref())
+                .and_then(|(c, sni)| c.tls_alpn_certificate(sni));
+            match cert {
+                Some(ck) => install(ssl, &ck, sni.as_deref()),
+                None => tracing::debug!(
+                    sni = sni.as_deref().unwrap_or(""),
+                    "acme-tls/1 handshake without a pending challenge"
+                ),
+            }
+            return;
+        }
+        let map = self.store.current.load();
+        let acme = self.store.acme.load();
+        let Some(ck) = map.resolve_with(sni.as_deref(), Some(&acme)) else {
             tracing::debug!(sni = sni.as_deref().unwrap_or(""), "no certificate for SNI");
             return;
         };
-        let Some(leaf) = ck.leaf() else { return };
-        let result = ext::ssl_use_certificate(ssl, leaf)
-            .and_then(|()| {
-                ck.chain[1..]
-                    .iter()
-                    .try_for_each(|c| ext::ssl_add_chain_cert(ssl, c))
-            })
-            .and_then(|()| ext::ssl_use_private_key(ssl, &ck.key));
-        if let Err(e) = result {
-            tracing::warn!(sni = sni.as_deref().unwrap_or(""), error = %e, "failed to install certificate");
-        }
+        install(ssl, ck, sni.as_deref());
     }
 
     async fn handshake_complete_callback(
@@ -533,6 +653,21 @@ impl TlsAccept for SniCertResolver {
     ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         let sni = ssl.servername(NameType::HOST_NAME)?;
         Some(Arc::new(ClientSni(sni.into())))
+    }
+}
+
+/// Installs `ck` (leaf, chain, key) on the handshake.
+fn install(ssl: &mut TlsRef, ck: &CertifiedKey, sni: Option<&str>) {
+    let Some(leaf) = ck.leaf() else { return };
+    let result = ext::ssl_use_certificate(ssl, leaf)
+        .and_then(|()| {
+            ck.chain[1..]
+                .iter()
+                .try_for_each(|c| ext::ssl_add_chain_cert(ssl, c))
+        })
+        .and_then(|()| ext::ssl_use_private_key(ssl, &ck.key));
+    if let Err(e) = result {
+        tracing::warn!(sni = sni.unwrap_or(""), error = %e, "failed to install certificate");
     }
 }
 

@@ -248,16 +248,21 @@ impl std::fmt::Debug for VhostApp {
 }
 
 /// The TLS acceptor of the HTTPS listener: Mozilla "intermediate" (TLS 1.2 and 1.3), ALPN `h2`
-/// preferred over `http/1.1`, and OpenSSL's buffers released while a connection is idle.
-fn tls_acceptor() -> pingora_error::Result<SslAcceptor> {
+/// preferred over `http/1.1`, and OpenSSL's buffers released while a connection is idle. With
+/// `acme_tls_alpn`, a client offering `acme-tls/1` (a CA validating TLS-ALPN-01, which offers
+/// nothing else) gets that protocol.
+fn tls_acceptor(acme_tls_alpn: bool) -> pingora_error::Result<SslAcceptor> {
     use pingora_error::{ErrorType, OrErr};
     let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())
         .or_err(ErrorType::InternalError, "creating the TLS acceptor")?;
     builder.set_mode(SslMode::RELEASE_BUFFERS);
     builder.set_read_ahead(true);
     builder.set_session_cache_mode(SslSessionCacheMode::OFF);
-    builder.set_alpn_select_callback(|_, offered| {
-        select_next_proto(b"\x02h2\x08http/1.1", offered).ok_or(AlpnError::NOACK)
+    builder.set_alpn_select_callback(move |_, offered| {
+        let acme = acme_tls_alpn.then(|| select_next_proto(b"\x0aacme-tls/1", offered));
+        acme.flatten()
+            .or_else(|| select_next_proto(b"\x02h2\x08http/1.1", offered))
+            .ok_or(AlpnError::NOACK)
     });
     Ok(builder.build())
 }
@@ -273,7 +278,7 @@ impl VhostApp {
         let tls = match https {
             Some((addr, certs)) => Some(TlsEndpoint {
                 addr,
-                acceptor: tls_acceptor()?,
+                acceptor: tls_acceptor(certs.answers_tls_alpn())?,
                 certs,
             }),
             None => None,
@@ -921,7 +926,17 @@ impl ServerApp for VhostApp {
                     &tls.certs,
                 );
                 match tokio::time::timeout_at(deadline.into(), handshake).await {
-                    Ok(Ok(tls_stream)) => Box::new(tls_stream) as Stream,
+                    Ok(Ok(mut tls_stream)) => {
+                        if tls_stream.ssl().selected_alpn_protocol()
+                            == Some(crate::acme::ACME_TLS_ALPN)
+                        {
+                            // A TLS-ALPN-01 validation: the handshake was the answer.
+                            tracing::debug!(client = ?peer, "acme-tls/1 handshake answered");
+                            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls_stream).await;
+                            return None;
+                        }
+                        Box::new(tls_stream) as Stream
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, client = ?peer, "TLS handshake failed");
                         self.conns.closed(CloseReason::HandshakeFailed, peer);

@@ -13,6 +13,7 @@
 //! [`VhostProxy::request_filter`](pingora_proxy::ProxyHttp::request_filter) (snapshot load, host
 //! lookup) → `upstream_peer` (backend) → Pingora forwards the request.
 
+pub mod acme;
 pub mod certs;
 pub mod conn;
 pub mod metrics;
@@ -27,8 +28,9 @@ use pingora_core::protocols::http::v2::server::default_h2_options;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::services::listening::Service;
 
+pub use acme::{AcmeChallenges, ChallengeCertError, ACME_TLS_ALPN, HTTP01_PREFIX};
 pub use certs::{
-    CertError, CertMap, CertStore, CertifiedKey, ClientSni, FileRole, SniCertResolver,
+    AcmeCerts, CertError, CertMap, CertStore, CertifiedKey, ClientSni, FileRole, SniCertResolver,
     CERT_READ_TIMEOUT, MAX_PEM_BYTES,
 };
 pub use conn::{CloseReason, ConnLimits, Connections, VhostApp};
@@ -52,6 +54,7 @@ pub fn proxy_service(
     conns: Arc<Connections>,
 ) -> pingora_error::Result<Service<VhostApp>> {
     let limits = conns.limits();
+    let challenges = proxy.acme_challenges();
     let mut http = pingora_proxy::http_proxy(conf, proxy);
     let mut server_options = HttpServerOptions::default();
     // HTTP/2 connections with no open stream are closed like idle HTTP/1.1 ones.
@@ -63,7 +66,12 @@ pub fn proxy_service(
     let https_addr = https.as_ref().map(|(addr, _)| *addr);
     let app = VhostApp::new(
         http,
-        https.map(|(addr, certs)| (addr, SniCertResolver::new(certs))),
+        https.map(|(addr, certs)| {
+            (
+                addr,
+                SniCertResolver::new(certs).with_challenges(challenges),
+            )
+        }),
         conns,
     )?;
     let mut service = Service::new("pingora-vhost".to_owned(), app);

@@ -103,7 +103,7 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge};
     describe_counter!(
         "proxy_local_responses_total",
-        "Responses the proxy gave itself, by reason: unknown_host (404), misdirected (421), no_backend (503), redirect (308), upstream_timeout (504), upstream_error (502), overloaded (503: out of descriptors or ports)"
+        "Responses the proxy gave itself, by reason: unknown_host (404), misdirected (421), no_backend (503), redirect (308), upstream_timeout (504), upstream_error (502), overloaded (503: out of descriptors or ports), acme_challenge (ACME HTTP-01 answers)"
     );
     describe_counter!(
         "proxy_client_errors_total",
@@ -118,7 +118,7 @@ struct Fixed {
     client_errors: FacadeCounter,
 }
 
-const LOCAL_REASONS: [LocalReason; 7] = [
+const LOCAL_REASONS: [LocalReason; 8] = [
     LocalReason::Redirect,
     LocalReason::UnknownHost,
     LocalReason::Misdirected,
@@ -126,6 +126,7 @@ const LOCAL_REASONS: [LocalReason; 7] = [
     LocalReason::UpstreamTimeout,
     LocalReason::UpstreamError,
     LocalReason::Overloaded,
+    LocalReason::AcmeChallenge,
 ];
 
 /// The proxy's metrics (see the module docs). Attach it to the route writer

@@ -27,6 +27,7 @@ use vhost_routing::{
     RouteStore, RouteWriter, RoutingTable, Side, StickyKey, BUCKETS, MAX_DOMAIN_LEN,
 };
 
+use crate::acme::{AcmeChallenges, HTTP01_PREFIX};
 use crate::certs::ClientSni;
 use crate::metrics::{Finished, ProxyMetrics};
 
@@ -57,6 +58,9 @@ pub struct ProxyOptions {
     pub client_keepalive: bool,
     /// Names used by canaries.
     pub canary: CanaryOptions,
+    /// Pending ACME challenges to answer (`None`: ACME is off, and
+    /// `/.well-known/acme-challenge/` requests are routed like any other).
+    pub acme: Option<Arc<AcmeChallenges>>,
 }
 
 /// Cookie and header names of canaries (see docs/canary.md).
@@ -97,6 +101,7 @@ impl Default for ProxyOptions {
             access_log: true,
             client_keepalive: true,
             canary: CanaryOptions::default(),
+            acme: None,
         }
     }
 }
@@ -118,6 +123,8 @@ pub enum LocalReason {
     UpstreamError,
     /// 503: this host ran out of a resource (file descriptors, ports) to reach the backend.
     Overloaded,
+    /// An ACME HTTP-01 challenge answered (200) or an unknown token (404).
+    AcmeChallenge,
 }
 
 impl LocalReason {
@@ -131,6 +138,7 @@ impl LocalReason {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamError => "upstream_error",
             Self::Overloaded => "overloaded",
+            Self::AcmeChallenge => "acme_challenge",
         }
     }
 
@@ -138,7 +146,11 @@ impl LocalReason {
     pub fn before_backend(self) -> bool {
         matches!(
             self,
-            Self::Redirect | Self::UnknownHost | Self::Misdirected | Self::NoBackend
+            Self::Redirect
+                | Self::UnknownHost
+                | Self::Misdirected
+                | Self::NoBackend
+                | Self::AcmeChallenge
         )
     }
 }
@@ -407,6 +419,11 @@ impl VhostProxy {
         Arc::clone(&self.metrics)
     }
 
+    /// The ACME challenges this proxy answers, if ACME is on.
+    pub fn acme_challenges(&self) -> Option<Arc<AcmeChallenges>> {
+        self.options.acme.clone()
+    }
+
     /// The counter of requests in progress (shared by every clone of this proxy).
     pub fn inflight(&self) -> Arc<Inflight> {
         Arc::clone(&self.inflight)
@@ -490,6 +507,15 @@ async fn respond(
     extra: &[(header::HeaderName, &str)],
     body: &'static str,
 ) -> Result<()> {
+    respond_bytes(session, status, extra, Bytes::from_static(body.as_bytes())).await
+}
+
+async fn respond_bytes(
+    session: &mut Session,
+    status: u16,
+    extra: &[(header::HeaderName, &str)],
+    body: Bytes,
+) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len())?;
@@ -501,14 +527,10 @@ async fn respond(
         .write_response_header(Box::new(resp), head_only || body.is_empty())
         .await?;
     if !head_only && !body.is_empty() {
-        session
-            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-            .await?;
+        session.write_response_body(Some(body), true).await?;
     }
     Ok(())
 }
-
-const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
 #[async_trait]
 impl ProxyHttp for VhostProxy {
@@ -539,6 +561,22 @@ impl ProxyHttp for VhostProxy {
         let table = self.store.load_full();
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let route = request_host(session).and_then(|h| table.lookup(h)).cloned();
+        if let Some(challenges) = &self.options.acme {
+            if let Some(token) = session.req_header().uri.path().strip_prefix(HTTP01_PREFIX) {
+                let answer = challenges.http01(token);
+                ctx.table = Some(table);
+                ctx.route = route;
+                ctx.local = Some(LocalReason::AcmeChallenge);
+                match answer {
+                    Some(key_authorization) => {
+                        let body = Bytes::copy_from_slice(key_authorization.as_bytes());
+                        respond_bytes(session, 200, &[], body).await?;
+                    }
+                    None => respond(session, 404, &[], "unknown ACME challenge token\n").await?,
+                }
+                return Ok(true);
+            }
+        }
         let Some(route) = route else {
             ctx.table = Some(table);
             ctx.local = Some(LocalReason::UnknownHost);
@@ -564,11 +602,8 @@ impl ProxyHttp for VhostProxy {
                 }
             }
         } else if route.vhost().http_to_https
-            && !session
-                .req_header()
-                .uri
-                .path()
-                .starts_with(ACME_CHALLENGE_PREFIX)
+            && (self.options.acme.is_some()
+                || !session.req_header().uri.path().starts_with(HTTP01_PREFIX))
         {
             let location = redirect_location(session, self.options.https_port);
             ctx.table = Some(table);

@@ -82,6 +82,18 @@ pub enum ValidationError {
         /// The domain.
         domain: DomainName,
     },
+    /// `acme = true` on a wildcard domain.
+    #[error("domain {domain}: wildcard domains cannot get ACME certificates (HTTP-01 and TLS-ALPN-01 cannot validate them; DNS-01 is not supported); set tls_cert_path/tls_key_path")]
+    AcmeWildcard {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// `acme = true` together with `tls_cert_path`.
+    #[error("domain {domain}: acme = true and tls_cert_path are exclusive; remove one")]
+    AcmeWithOwnCertificate {
+        /// The domain.
+        domain: DomainName,
+    },
 }
 
 /// A probe setting (global `[health_check]` or a backend's override) is invalid.
@@ -125,6 +137,7 @@ impl ValidationError {
                 ProbeFieldError::ExpectedStatus(..) => "health_check.expected_status",
             },
             Self::IncompleteTlsPair { .. } | Self::EmptyTlsPath { .. } => "tls_cert_path",
+            Self::AcmeWildcard { .. } | Self::AcmeWithOwnCertificate { .. } => "acme",
             Self::CanaryIsPrimary { .. } => "canary.tag",
             Self::InvalidRollout { reason, .. } => match reason {
                 crate::rollout::RolloutError::Steps => "canary.steps",

@@ -140,6 +140,11 @@ pub struct VirtualHost {
     /// `PUT /api/v1/domains/{domain}/canary`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<Box<Canary>>,
+    /// Automatic (ACME) certificate: absent → one is obtained when `[lets_encrypt]` is
+    /// configured and the domain has no `tls_cert_path`; `false` opts out; `true` insists (an
+    /// error for wildcard domains and domains with their own certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<bool>,
 }
 
 impl VirtualHost {
@@ -152,7 +157,16 @@ impl VirtualHost {
             tls_cert_path: None,
             tls_key_path: None,
             canary: None,
+            acme: None,
         }
+    }
+
+    /// Whether this domain gets an ACME certificate when ACME is configured: no own
+    /// certificate, not a wildcard, not opted out.
+    pub fn wants_acme(&self) -> bool {
+        self.acme != Some(false)
+            && self.tls_cert_path.is_none()
+            && self.domain.wildcard_suffix().is_none()
     }
 
     /// Checks the cross-field rules.
@@ -170,6 +184,18 @@ impl VirtualHost {
                     domain: self.domain.clone(),
                     reason,
                 })?;
+        }
+        if self.acme == Some(true) {
+            if self.domain.wildcard_suffix().is_some() {
+                return Err(ValidationError::AcmeWildcard {
+                    domain: self.domain.clone(),
+                });
+            }
+            if self.tls_cert_path.is_some() {
+                return Err(ValidationError::AcmeWithOwnCertificate {
+                    domain: self.domain.clone(),
+                });
+            }
         }
         match (&self.tls_cert_path, &self.tls_key_path) {
             (Some(c), Some(k)) if c.is_empty() || k.is_empty() => {
@@ -400,6 +426,9 @@ pub struct VirtualHostUpdate {
     /// New key path (`""` clears it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key_path: Option<String>,
+    /// New automatic-certificate setting (see [`VirtualHost::acme`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<bool>,
 }
 
 impl VirtualHostUpdate {
@@ -421,6 +450,9 @@ impl VirtualHostUpdate {
         }
         if let Some(key) = &self.tls_key_path {
             next.tls_key_path = (!key.is_empty()).then(|| key.clone());
+        }
+        if let Some(acme) = self.acme {
+            next.acme = Some(acme);
         }
         next
     }

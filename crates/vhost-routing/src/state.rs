@@ -176,7 +176,8 @@ impl State {
                 next.vhosts.insert(domain, after.clone());
                 let only_tag = update.http_to_https.is_none()
                     && update.tls_cert_path.is_none()
-                    && update.tls_key_path.is_none();
+                    && update.tls_key_path.is_none()
+                    && update.acme.is_none();
                 if only_tag && before.enabled_backends_tag != after.enabled_backends_tag {
                     Change::TagSwitched {
                         from: before.enabled_backends_tag.clone(),

@@ -121,7 +121,7 @@ pub fn check(
         .map_err(|e| LocatedCertError::new(path, e))?;
 
     let mut warnings = Vec::new();
-    if certs.is_empty() {
+    if certs.is_empty() && config.lets_encrypt.is_none() {
         let redirecting: Vec<&str> = config
             .state
             .vhosts()
@@ -145,8 +145,44 @@ pub fn check(
             config.metrics.listen_addr
         ));
     }
-    if config.lets_encrypt.is_some() {
-        warnings.push("[lets_encrypt] is configured but automatic certificates are not implemented yet; configure tls_cert_path/tls_key_path instead".to_owned());
+    if let Some(le) = &config.lets_encrypt {
+        let wildcards: Vec<&str> = config
+            .state
+            .vhosts()
+            .filter(|v| {
+                v.domain.wildcard_suffix().is_some()
+                    && v.tls_cert_path.is_none()
+                    && v.acme != Some(false)
+            })
+            .map(|v| v.domain.as_str())
+            .collect();
+        if !wildcards.is_empty() {
+            warnings.push(format!(
+                "{} cannot get ACME certificates (wildcards need DNS-01, which is not supported): set tls_cert_path/tls_key_path, or acme = false",
+                wildcards.join(", ")
+            ));
+        }
+        if let Some(ca) = &le.directory_ca_path {
+            let usable = std::fs::read(ca)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| {
+                    openssl::x509::X509::stack_from_pem(&pem)
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| {
+                            if c.is_empty() {
+                                Err("no PEM certificate in it".to_owned())
+                            } else {
+                                Ok(())
+                            }
+                        })
+                });
+            if let Err(reason) = usable {
+                return Err(ServerError::Acme(format!(
+                    "lets_encrypt.directory_ca_path {}: {reason}",
+                    ca.display()
+                )));
+            }
+        }
     }
     let budget = connection_budget(nofile, proxy.upstream_keepalive_pool_size);
     let max_connections = match proxy.max_connections {

@@ -21,6 +21,9 @@ pub enum ServerError {
     /// The config file cannot be opened for write-back.
     #[error(transparent)]
     Persist(#[from] PersistError),
+    /// The `[lets_encrypt]` settings cannot be used (e.g. an unreadable `directory_ca_path`).
+    #[error("{0}")]
+    Acme(String),
     /// The admin API would be exposed without authentication.
     #[error(transparent)]
     Exposure(#[from] vhost_admin::ExposureError),

@@ -13,6 +13,7 @@
 //! (recorder, listener, configuration gauges), [`memory`] (giving memory back after connection
 //! waves), [`demo`] (the self-contained demo), `run` (start-up, control loop, shutdown).
 
+pub mod acme;
 pub mod checks;
 pub mod demo;
 mod error;

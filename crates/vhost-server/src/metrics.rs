@@ -16,7 +16,7 @@ use vhost_admin::{MetricsRender, RolloutReport};
 use vhost_config::MetricsConfig;
 use vhost_health::HealthMetrics;
 use vhost_metrics::{Exposition, Kind};
-use vhost_pingora::{CertMap, CertStore, Inflight, ProxyMetrics};
+use vhost_pingora::{CertStore, Inflight, ProxyMetrics};
 use vhost_routing::{DomainName, RolloutState, RoutingTable, Window};
 
 use crate::error::ServerError;
@@ -53,6 +53,7 @@ pub fn install(config: &MetricsConfig) -> Result<Option<Metrics>, ServerError> {
     vhost_admin::describe();
     crate::rollout::describe();
     crate::notify::describe();
+    crate::acme::describe();
     Ok(Some(Metrics {
         handle,
         listener,
@@ -84,6 +85,8 @@ pub struct Sources {
     pub certs: Arc<CertStore>,
     /// Requests in flight.
     pub inflight: Arc<Inflight>,
+    /// The ACME manager, when `[lets_encrypt]` is on.
+    pub acme: Option<Arc<crate::acme::AcmeManager>>,
 }
 
 /// The exposition: the recorder's series, then the configuration-labelled ones.
@@ -94,7 +97,22 @@ pub fn render(handle: PrometheusHandle, sources: Sources) -> MetricsRender {
         let mut out = handle.render();
         sources.proxy.render(&mut out);
         sources.health.render(&mut out);
-        sources.config.render(&mut out, &sources.certs.current());
+        sources.config.render(&mut out, &sources.certs);
+        if let Some(acme) = &sources.acme {
+            let mut e = Exposition::new(&mut out);
+            e.family(
+                "acme_consecutive_failures",
+                Kind::Gauge,
+                "Failed ACME orders in a row, by domain (0 after a success)",
+            );
+            for (domain, failures) in acme.failure_counts() {
+                e.sample(
+                    "acme_consecutive_failures",
+                    &[("domain", &domain)],
+                    failures,
+                );
+            }
+        }
         out
     })
 }
@@ -214,7 +232,8 @@ impl ConfigGauges {
     }
 
     /// Appends the gauges to a Prometheus text exposition.
-    pub fn render(&self, out: &mut String, certs: &CertMap) {
+    pub fn render(&self, out: &mut String, store: &CertStore) {
+        let certs = store.current();
         let mut e = Exposition::new(out);
         e.family(
             "proxy_domain_active_tag",
@@ -296,11 +315,17 @@ impl ConfigGauges {
             Kind::Gauge,
             "Expiry (Unix time) of each configured certificate, by domain (default: the default certificate)",
         );
-        let mut expiries: Vec<(String, i64)> = certs
-            .expiries()
-            .filter_map(|(domain, t)| Some((domain, t?)))
+        // A domain's own file wins over an ACME certificate left from before it had one.
+        let mut expiries: BTreeMap<String, i64> = store
+            .acme()
+            .iter()
+            .filter_map(|(domain, ck)| Some((domain.to_string(), ck.not_after_unix()?)))
             .collect();
-        expiries.sort();
+        expiries.extend(
+            certs
+                .expiries()
+                .filter_map(|(domain, t)| Some((domain, t?))),
+        );
         for (domain, t) in expiries {
             e.sample(
                 "tls_certificate_expiry_timestamp_seconds",

@@ -51,6 +51,8 @@ pub(crate) struct PublishHook {
     pub(crate) health: Arc<tokio::sync::Notify>,
     pub(crate) store: Arc<RouteStore>,
     pub(crate) gauges: Arc<ConfigGauges>,
+    /// Wakes the ACME manager (domains may want certificates), when ACME is on.
+    pub(crate) acme: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl PublishHook {
@@ -58,6 +60,9 @@ impl PublishHook {
     pub(crate) fn published(&self) {
         self.gauges.observe(&self.store.load());
         self.health.notify_one();
+        if let Some(acme) = &self.acme {
+            acme.notify_one();
+        }
     }
 }
 

@@ -24,9 +24,10 @@ use tokio::sync::{mpsc, watch};
 use vhost_admin::AdminState;
 use vhost_config::{Config, ConfigWriter};
 use vhost_health::HealthChecker;
-use vhost_pingora::{proxy_service, CertStore, Connections, VhostProxy};
+use vhost_pingora::{proxy_service, AcmeChallenges, CertStore, Connections, VhostProxy};
 use vhost_routing::{BuildOptions, RouteWriter};
 
+use crate::acme::{AcmeManager, Certificates};
 use crate::checks;
 use crate::error::ServerError;
 use crate::publish::{check_settings, PublishHook, SystemResolver};
@@ -68,10 +69,10 @@ pub fn check(path: &Path) -> Result<CheckReport, ServerError> {
         "{} domains, {} backends, {}, max {} client connections",
         config.state.vhosts().len(),
         config.state.backends().len(),
-        if checked.certs.is_empty() {
-            "no certificates (HTTPS listener off)"
-        } else {
-            "certificates loaded"
+        match (checked.certs.is_empty(), config.lets_encrypt.is_some()) {
+            (_, true) => "certificates loaded, ACME on",
+            (true, false) => "no certificates (HTTPS listener off)",
+            (false, false) => "certificates loaded",
         },
         checked.limits.max_connections,
     );
@@ -123,7 +124,8 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
     for warning in &checked.warnings {
         tracing::warn!("{warning}");
     }
-    let https_enabled = !checked.certs.is_empty();
+    // With ACME the HTTPS listener starts even before the first certificate arrives.
+    let https_enabled = !checked.certs.is_empty() || config.lets_encrypt.is_some();
     certs.publish(checked.certs);
     if !https_enabled {
         tracing::warn!("no certificate configured: HTTPS listener not started");
@@ -159,7 +161,32 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
-    let proxy = VhostProxy::new(&mut writer, crate::proxy_options(&config));
+    let challenges = config
+        .lets_encrypt
+        .as_ref()
+        .map(|_| Arc::new(AcmeChallenges::default()));
+    let proxy = VhostProxy::new(
+        &mut writer,
+        vhost_pingora::ProxyOptions {
+            acme: challenges.clone(),
+            ..crate::proxy_options(&config)
+        },
+    );
+    let acme = config
+        .lets_encrypt
+        .as_ref()
+        .zip(challenges)
+        .map(|(le, challenges)| {
+            AcmeManager::new(
+                le,
+                Arc::clone(writer.store()),
+                Arc::clone(&certs),
+                challenges,
+            )
+        });
+    if let Some(acme) = &acme {
+        acme.load_cached();
+    }
     let inflight = proxy.inflight();
     let proxy_metrics = proxy.metrics();
     // Probe results, for the health events of `GET /api/v1/events`.
@@ -174,6 +201,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         health: checker.waker(),
         store: Arc::clone(writer.store()),
         gauges: Arc::default(),
+        acme: acme.as_ref().map(|a| a.waker()),
     };
     hook.published();
     let gauges = Arc::clone(&hook.gauges);
@@ -192,7 +220,11 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
     let mut admin = AdminState::new(writer, Some(ConfigWriter::open(path)?), checked.api_token)
         .with_hook(hook)
         .with_listen_addr(proxy_conf.management_api_addr)
-        .with_reload(reload);
+        .with_reload(reload)
+        .with_certificates(Arc::new(Certificates {
+            certs: Arc::clone(&certs),
+            acme: acme.clone(),
+        }));
     let metrics = metrics.map(|m| {
         let sources = crate::metrics::Sources {
             proxy: proxy.metrics(),
@@ -200,6 +232,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
             config: gauges,
             certs: Arc::clone(&certs),
             inflight: proxy.inflight(),
+            acme: acme.clone(),
         };
         let render = crate::metrics::render(m.handle.clone(), sources);
         (m, render)
@@ -257,6 +290,12 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         "vhost-health",
         checker.run(admin_stop_rx.clone()),
     )?];
+    if let Some(acme) = acme {
+        helpers.push(spawn_runtime(
+            "vhost-acme",
+            acme.run(admin_stop_rx.clone()),
+        )?);
+    }
     if let Some((m, render)) = metrics {
         let router = crate::metrics::router(render, checked.metrics_token);
         let stop = admin_stop_rx.clone();
