@@ -16,6 +16,8 @@ if ((${#tools[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null \
     || { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null; }
 fi
+# Python's websockets and grpcio: the independent peers of the protocol tests (target/pytools).
+./scripts/pytools.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log="$(mktemp)"

@@ -259,7 +259,9 @@ fn is_cross_field(error: &ValidationError) -> bool {
         ValidationError::IncompleteTlsPair { .. }
         | ValidationError::CanaryIsPrimary { .. }
         | ValidationError::AcmeWildcard { .. }
-        | ValidationError::AcmeWithOwnCertificate { .. } => true,
+        | ValidationError::AcmeWithOwnCertificate { .. }
+        | ValidationError::TlsSettingWithoutTls { .. }
+        | ValidationError::TlsSniRequired { .. } => true,
         ValidationError::InvalidRollout { reason, .. } => matches!(
             reason,
             RolloutError::Steps

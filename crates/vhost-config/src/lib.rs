@@ -13,7 +13,9 @@ pub mod load;
 pub mod persist;
 pub mod schema;
 
-pub use load::{load, locate, locate_vhost_key, parse, Config, ConfigError, Location};
+pub use load::{
+    load, locate, locate_backend_key, locate_vhost_key, parse, Config, ConfigError, Location,
+};
 pub use persist::{write_atomically, ConfigWriter, PersistError};
 pub use schema::{
     AcmeChallenge, ConfigFile, HealthCheckConfig, LetsEncryptConfig, LogFormat, LogLevel,

@@ -157,6 +157,25 @@ pub fn locate_vhost_key(path: &Path, domain: &str, field: &str) -> Option<Locati
     )
 }
 
+/// Where `field` of the `[[backends]]` entry with `id` is in the file at `path`.
+pub fn locate_backend_key(path: &Path, id: &str, field: &str) -> Option<Location> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let doc = Document::parse(text.as_str()).ok()?;
+    let index = doc
+        .get("backends")?
+        .as_array_of_tables()?
+        .iter()
+        .position(|t| t.get("id").and_then(Item::as_str) == Some(id))?;
+    let origin = path.display().to_string();
+    Some(
+        Locator {
+            text: &text,
+            origin: &origin,
+        }
+        .location(&format!("backends[{index}].{field}")),
+    )
+}
+
 /// Validates configuration text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let locator = Locator { text, origin };
@@ -198,7 +217,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
 /// Every numeric key of the settings sections with its value and its accepted range (the
 /// ranges docs/configuration.md lists). Bounds keep derived durations and counts far from
 /// overflow.
-fn numeric_keys(file: &ConfigFile) -> [(&'static str, u64, RangeInclusive<u64>); 18] {
+fn numeric_keys(file: &ConfigFile) -> [(&'static str, u64, RangeInclusive<u64>); 20] {
     let (p, h) = (&file.proxy, &file.health_check);
     [
         ("proxy.threads", p.threads as u64, 0..=MAX_THREADS),
@@ -210,6 +229,16 @@ fn numeric_keys(file: &ConfigFile) -> [(&'static str, u64, RangeInclusive<u64>);
         ("proxy.read_timeout_ms", p.read_timeout_ms, 1..=ONE_DAY_MS),
         ("proxy.write_timeout_ms", p.write_timeout_ms, 1..=ONE_DAY_MS),
         ("proxy.idle_timeout_ms", p.idle_timeout_ms, 1..=ONE_DAY_MS),
+        (
+            "proxy.upstream_h2_streams",
+            p.upstream_h2_streams as u64,
+            1..=1000,
+        ),
+        (
+            "proxy.websocket_idle_timeout_secs",
+            p.websocket_idle_timeout_secs,
+            1..=7 * 86_400,
+        ),
         ("proxy.max_retries", p.max_retries as u64, 0..=MAX_RETRIES),
         (
             "proxy.upstream_keepalive_pool_size",
@@ -414,7 +443,11 @@ fn validation_key<'a>(
             | ValidationError::EmptyTagList { id }
             | ValidationError::DuplicateTag { id, .. }
             | ValidationError::InvalidWeight { id, .. }
-            | ValidationError::InvalidProbe { id, .. } => ("backends", backend_index(id)),
+            | ValidationError::InvalidProbe { id, .. }
+            | ValidationError::WildcardSni { id }
+            | ValidationError::TlsSniRequired { id }
+            | ValidationError::EmptyCaPath { id }
+            | ValidationError::TlsSettingWithoutTls { id, .. } => ("backends", backend_index(id)),
         };
         match index {
             Some(i) => format!("{section}[{i}].{}", e.field()),

@@ -341,6 +341,21 @@ fn backend_table(b: &Backend, mut t: Table) -> Table {
         "health_check",
         b.health_check.as_ref().map(probe_value),
     );
+    let protocol = (!b.protocol.is_default() || t.contains_key("protocol"))
+        .then(|| str_value(b.protocol.as_str()));
+    set_opt(&mut t, "protocol", protocol);
+    let verify = (!b.tls_verify || t.contains_key("tls_verify")).then(|| Value::from(b.tls_verify));
+    set_opt(&mut t, "tls_verify", verify);
+    set_opt(
+        &mut t,
+        "tls_sni",
+        b.tls_sni.as_ref().map(|n| str_value(n.as_str())),
+    );
+    set_opt(
+        &mut t,
+        "tls_ca_path",
+        b.tls_ca_path.as_deref().map(str_value),
+    );
     t
 }
 
@@ -350,6 +365,7 @@ fn probe_value(p: &ProbeOverride) -> Value {
         let kind = match kind {
             ProbeKind::Tcp => "tcp",
             ProbeKind::Http => "http",
+            ProbeKind::Grpc => "grpc",
         };
         t.insert("kind", Value::from(kind));
     }

@@ -101,6 +101,13 @@ pub struct ProxyConfig {
     /// Add `X-Served-Tag: <tag>` to responses of domains with a canary, naming the tag that
     /// served (default false).
     pub expose_served_tag: bool,
+    /// Concurrent streams per HTTP/2 connection to an `h2`/`h2c` backend (default 100).
+    pub upstream_h2_streams: usize,
+    /// Longest silence on an upgraded (WebSocket) connection, in seconds (default 3600).
+    pub websocket_idle_timeout_secs: u64,
+    /// Serve HTTP/2 with prior knowledge (h2c, gRPC without TLS) on the plain-HTTP listener
+    /// (default true).
+    pub h2c: bool,
 }
 
 impl Default for ProxyConfig {
@@ -129,6 +136,9 @@ impl Default for ProxyConfig {
             canary_override_header: "X-Canary".to_owned(),
             canary_override_cookie: "canary".to_owned(),
             expose_served_tag: false,
+            upstream_h2_streams: 100,
+            websocket_idle_timeout_secs: 3600,
+            h2c: true,
         }
     }
 }

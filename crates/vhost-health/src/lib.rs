@@ -134,6 +134,10 @@ pub struct ProbePlan {
     pub host: String,
     /// Healthy status range (inclusive).
     pub expected_status: [u16; 2],
+    /// The backend's protocol: HTTP/1.1 or HTTP/2, with or without TLS.
+    pub protocol: vhost_routing::BackendProtocol,
+    /// Server name for TLS probes (empty: none).
+    pub sni: String,
 }
 
 impl CheckSettings {
@@ -150,6 +154,12 @@ impl CheckSettings {
             path: o.path.unwrap_or_else(|| self.path.clone()),
             host: o.host.or_else(|| self.host.clone()).unwrap_or(default_host),
             expected_status: o.expected_status.unwrap_or(self.expected_status),
+            protocol: backend.protocol,
+            sni: if backend.protocol.tls() {
+                backend.sni()
+            } else {
+                String::new()
+            },
         }
     }
 }

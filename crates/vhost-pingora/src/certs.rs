@@ -41,6 +41,8 @@ pub enum FileRole {
     Certificate,
     /// The private key file.
     Key,
+    /// A backend's CA certificates (`tls_ca_path`).
+    CaBundle,
 }
 
 impl std::fmt::Display for FileRole {
@@ -48,6 +50,7 @@ impl std::fmt::Display for FileRole {
         f.write_str(match self {
             Self::Certificate => "certificate",
             Self::Key => "private key",
+            Self::CaBundle => "CA bundle",
         })
     }
 }
@@ -322,6 +325,8 @@ pub struct CertMap {
     files: HashMap<(PathBuf, PathBuf), (Option<SystemTime>, Arc<CertifiedKey>)>,
     /// The default certificate's files (`[proxy] default_cert_path` / `default_key_path`).
     default_paths: Option<(PathBuf, PathBuf)>,
+    /// CA certificates of TLS backends, by `tls_ca_path`.
+    upstream_cas: HashMap<String, Arc<Box<[X509]>>>,
 }
 
 /// ACME certificates by exact domain (see [`CertStore::set_acme`]).
@@ -354,6 +359,11 @@ impl CertMap {
                 })
         });
         by_name.or(self.default.as_ref())
+    }
+
+    /// The CA certificates loaded from a backend's `tls_ca_path`.
+    pub fn upstream_ca(&self, path: &str) -> Option<&Arc<Box<[X509]>>> {
+        self.upstream_cas.get(path)
     }
 
     /// The domain's own certificate (`tls_cert_path`), if it has one.
@@ -425,16 +435,43 @@ struct Wanted {
     slot: Slot,
 }
 
-/// Loads `wanted` into a new map, reusing the pairs of `previous` whose files did not change.
+/// Loads `wanted` into a new map, reusing the pairs of `previous` whose files did not change,
+/// and the CA bundles of TLS backends (`cas`: owner, path).
 fn load_all(
     previous: &CertMap,
     wanted: Vec<Wanted>,
+    cas: Vec<(String, String)>,
     default_paths: Option<(PathBuf, PathBuf)>,
 ) -> Result<CertMap, CertError> {
     let mut next = CertMap {
         default_paths,
         ..CertMap::default()
     };
+    for (owner, path) in cas {
+        if next.upstream_cas.contains_key(&path) {
+            continue;
+        }
+        let file = Path::new(&path);
+        let certs =
+            X509::stack_from_pem(&read_pem(&owner, FileRole::CaBundle, file)?).map_err(|e| {
+                CertError::Parse {
+                    owner: owner.clone(),
+                    role: FileRole::CaBundle,
+                    path: file.to_owned(),
+                    message: reasons(&e),
+                }
+            })?;
+        if certs.is_empty() {
+            return Err(CertError::Parse {
+                owner,
+                role: FileRole::CaBundle,
+                path: file.to_owned(),
+                message: "no certificate in file".to_owned(),
+            });
+        }
+        next.upstream_cas
+            .insert(path, Arc::new(certs.into_boxed_slice()));
+    }
     for w in wanted {
         let files = (w.cert, w.key);
         let stamp = mtime(&files.0).max(mtime(&files.1));
@@ -515,6 +552,7 @@ impl CertStore {
         load_all(
             &self.current.load(),
             Self::wanted(state, default_paths.as_ref()),
+            Self::cas(state),
             default_paths,
         )
     }
@@ -529,7 +567,8 @@ impl CertStore {
         timeout: std::time::Duration,
     ) -> Result<CertMap, CertError> {
         let wanted = Self::wanted(state, default_paths.as_ref());
-        if wanted.is_empty() {
+        let cas = Self::cas(state);
+        if wanted.is_empty() && cas.is_empty() {
             return Ok(CertMap {
                 default_paths,
                 ..CertMap::default()
@@ -540,13 +579,24 @@ impl CertStore {
         let spawned = std::thread::Builder::new()
             .name("cert-load".into())
             .spawn(move || {
-                let _ = tx.send(load_all(&previous, wanted, default_paths));
+                let _ = tx.send(load_all(&previous, wanted, cas, default_paths));
             });
         if let Err(e) = spawned {
             return Err(CertError::Thread(e));
         }
         rx.recv_timeout(timeout)
             .unwrap_or(Err(CertError::Timeout(timeout)))
+    }
+
+    /// The CA bundles TLS backends name: (`backend <id>`, path).
+    fn cas(state: &State) -> Vec<(String, String)> {
+        state
+            .backends()
+            .filter_map(|b| {
+                let path = b.tls_ca_path.as_ref()?;
+                Some((format!("backend {}", b.id), path.clone()))
+            })
+            .collect()
     }
 
     fn wanted(state: &State, default_paths: Option<&(PathBuf, PathBuf)>) -> Vec<Wanted> {

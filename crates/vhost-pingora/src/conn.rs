@@ -1,5 +1,7 @@
 //! Downstream connections, the first stage of the data path: accepted TCP connection →
-//! connection limit → TLS handshake (HTTPS listener) → HTTP/1.1 keep-alive loop or HTTP/2 →
+//! connection limit → TLS handshake (HTTPS listener; a client offering only `acme-tls/1` gets
+//! its TLS-ALPN-01 answer and is closed) → HTTP/1.1 keep-alive loop, or HTTP/2 (ALPN `h2`, or
+//! on the plain listener a connection whose first bytes are `PRI`: h2c with prior knowledge) →
 //! Pingora's `HttpProxy` → [`VhostProxy`].
 //!
 //! Pingora's own connection handling trusts the client: the request head has a per-read
@@ -236,6 +238,8 @@ pub struct VhostApp {
     http: Arc<HttpProxy<VhostProxy>>,
     tls: Option<TlsEndpoint>,
     conns: Arc<Connections>,
+    /// Plain connections starting with `PRI` are HTTP/2 with prior knowledge.
+    h2c: bool,
 }
 
 impl std::fmt::Debug for VhostApp {
@@ -283,10 +287,12 @@ impl VhostApp {
             }),
             None => None,
         };
+        let h2c = proxy.server_options.as_ref().is_some_and(|o| o.h2c);
         Ok(Self {
             http: Arc::new(proxy),
             tls,
             conns,
+            h2c,
         })
     }
 
@@ -950,8 +956,26 @@ impl ServerApp for VhostApp {
             }
             None => stream,
         };
+        let mut stream = stream;
+        let mut h2c = false;
+        if self.h2c && stream.get_ssl_digest().is_none() {
+            // Every HTTP/1 request is longer than 3 bytes; the h2 preface starts with "PRI".
+            // The bytes are put back for whoever reads next.
+            let mut start = [0u8; 3];
+            match tokio::time::timeout_at(deadline.into(), stream.try_peek(&mut start)).await {
+                Ok(Ok(peeked)) => h2c = peeked && &start == b"PRI",
+                Ok(Err(_)) => return None,
+                Err(_) => {
+                    let peer = stream
+                        .get_socket_digest()
+                        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+                    self.conns.closed(CloseReason::HeaderTimeout, peer);
+                    return None;
+                }
+            }
+        }
         let max_head = limits.max_header_bytes as u64;
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+        if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let stream = Box::new(ConnStream::new(
                 stream,
                 Some(Arc::clone(&shared)),

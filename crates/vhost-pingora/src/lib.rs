@@ -55,8 +55,12 @@ pub fn proxy_service(
 ) -> pingora_error::Result<Service<VhostApp>> {
     let limits = conns.limits();
     let challenges = proxy.acme_challenges();
+    let h2c = proxy.h2c();
     let mut http = pingora_proxy::http_proxy(conf, proxy);
     let mut server_options = HttpServerOptions::default();
+    // Connections the listener recognises as h2c (see conn.rs) go through Pingora's own
+    // preface check.
+    server_options.h2c = h2c;
     // HTTP/2 connections with no open stream are closed like idle HTTP/1.1 ones.
     server_options.h2_idle_timeout = Some(limits.keepalive_timeout);
     http.server_options = Some(server_options);

@@ -31,7 +31,10 @@ pub const UNKNOWN_DOMAIN: &str = "_unknown";
 pub const NO_BACKEND: &str = "_none";
 
 /// Status classes: index = first digit - 1; "none" when no response was sent (client gone).
-const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+const CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none", "grpc_error"];
+
+/// The class of gRPC calls answered with a non-zero `grpc-status` (HTTP 200 otherwise).
+const GRPC_ERROR: usize = 6;
 
 fn class_index(status: u16) -> usize {
     match status {
@@ -43,7 +46,7 @@ fn class_index(status: u16) -> usize {
 /// `proxy_requests_total` of one (domain, tag, backend), by status class (classes never seen
 /// are not rendered).
 #[derive(Debug, Default)]
-struct StatusCounts([Counter; 6]);
+struct StatusCounts([Counter; 7]);
 
 impl StatusCounts {
     fn increment(&self, class: usize) {
@@ -110,6 +113,10 @@ pub fn describe() {
         "Requests ended by their client: disconnects and resets in the middle of a request, malformed requests"
     );
     describe_gauge!("proxy_requests_in_flight", "Requests being handled now");
+    describe_gauge!(
+        "proxy_upgraded_connections",
+        "Client connections switched to another protocol (WebSocket) and open now"
+    );
 }
 
 /// Handles for the fixed-label series.
@@ -256,7 +263,7 @@ impl ProxyMetrics {
             if &**d == domain && &**t == tag {
                 // "none" (the client left before an answer) is not a request answered.
                 totals.requests += counts.0[..5].iter().map(Counter::get).sum::<u64>();
-                totals.errors += counts.0[4].get();
+                totals.errors += counts.0[4].get() + counts.0[GRPC_ERROR].get();
             }
         }
         let key = (Arc::from(domain), Arc::from(tag));
@@ -288,7 +295,11 @@ impl ProxyMetrics {
                 self.fixed.local[i].increment(1);
             }
         }
-        let class = class_index(done.status);
+        let class = if done.grpc_error {
+            GRPC_ERROR
+        } else {
+            class_index(done.status)
+        };
         let (Some(table), Some(route)) = (done.table, done.route) else {
             self.unknown_host.increment(class);
             return;
@@ -337,7 +348,7 @@ impl ProxyMetrics {
         e.family(
             "proxy_requests_total",
             Kind::Counter,
-            "Requests by domain, active tag, backend (_none: answered by the proxy) and status class (domain _unknown: no configured domain matched)",
+            "Requests by domain, active tag, backend (_none: answered by the proxy) and status class (1xx-5xx, none: no response, grpc_error: non-zero grpc-status; domain _unknown: no configured domain matched)",
         );
         let unknown = (UNKNOWN_DOMAIN.into(), "".into(), NO_BACKEND.into());
         let all = std::iter::once((&unknown, &self.unknown_host))
@@ -469,6 +480,8 @@ pub(crate) struct Finished<'a> {
     pub(crate) status: u16,
     pub(crate) attempts: usize,
     pub(crate) seconds: f64,
+    /// A gRPC call that ended with a non-zero `grpc-status`.
+    pub(crate) grpc_error: bool,
 }
 
 #[cfg(test)]
@@ -519,6 +532,7 @@ mod tests {
             status: 200,
             attempts: 1,
             seconds: 0.002,
+            grpc_error: false,
         });
     }
 

@@ -17,17 +17,19 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use pingora_core::protocols::Digest;
+use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use vhost_health::LogLimiter;
 use vhost_routing::{
-    bucket_of, normalize_host, parse_bucket, BackendEntry, CanaryRoute, Override, Route,
-    RouteStore, RouteWriter, RoutingTable, Side, StickyKey, BUCKETS, MAX_DOMAIN_LEN,
+    bucket_of, normalize_host, parse_bucket, BackendEntry, BackendProtocol, CanaryRoute, Override,
+    Route, RouteStore, RouteWriter, RoutingTable, Side, StickyKey, BUCKETS, MAX_DOMAIN_LEN,
 };
 
 use crate::acme::{AcmeChallenges, HTTP01_PREFIX};
+use crate::certs::CertStore;
 use crate::certs::ClientSni;
 use crate::metrics::{Finished, ProxyMetrics};
 
@@ -61,6 +63,16 @@ pub struct ProxyOptions {
     /// Pending ACME challenges to answer (`None`: ACME is off, and
     /// `/.well-known/acme-challenge/` requests are routed like any other).
     pub acme: Option<Arc<AcmeChallenges>>,
+    /// Where the CA bundles of TLS backends (`tls_ca_path`) are loaded (`None`: such backends
+    /// fail to connect).
+    pub certs: Option<Arc<CertStore>>,
+    /// Concurrent streams per HTTP/2 connection to an `h2`/`h2c` backend.
+    pub upstream_h2_streams: usize,
+    /// Longest silence on an upgraded (WebSocket) connection, both directions.
+    pub websocket_idle_timeout: Duration,
+    /// Serve HTTP/2 with prior knowledge (h2c, e.g. gRPC without TLS) on the plain-HTTP
+    /// listener, beside HTTP/1.1.
+    pub h2c: bool,
 }
 
 /// Cookie and header names of canaries (see docs/canary.md).
@@ -102,6 +114,10 @@ impl Default for ProxyOptions {
             client_keepalive: true,
             canary: CanaryOptions::default(),
             acme: None,
+            certs: None,
+            upstream_h2_streams: 100,
+            websocket_idle_timeout: Duration::from_secs(3600),
+            h2c: true,
         }
     }
 }
@@ -226,6 +242,10 @@ pub struct RequestCtx {
     access_log: bool,
     /// `logging` ran (the request finished and was logged).
     logged: bool,
+    /// The response switched protocols (101): counted in the upgraded-connections gauge.
+    upgraded: bool,
+    /// A gRPC call answered with a non-zero `grpc-status`.
+    grpc_error: bool,
 }
 
 /// What a request asked for, kept cheaply for the access log of a request that never finishes.
@@ -393,6 +413,8 @@ pub struct VhostProxy {
     inflight: Arc<Inflight>,
     metrics: Arc<ProxyMetrics>,
     log_limits: Arc<LogLimits>,
+    /// `proxy_upgraded_connections`: connections switched to another protocol (WebSocket).
+    upgraded: metrics::Gauge,
 }
 
 impl VhostProxy {
@@ -411,12 +433,18 @@ impl VhostProxy {
                 client: LogLimiter::new(Duration::from_secs(60)),
                 proxy: LogLimiter::new(Duration::from_secs(1)),
             }),
+            upgraded: metrics::gauge!("proxy_upgraded_connections"),
         }
     }
 
     /// The proxy's metrics (render them with [`ProxyMetrics::render`]).
     pub fn metrics(&self) -> Arc<ProxyMetrics> {
         Arc::clone(&self.metrics)
+    }
+
+    /// Whether h2c (prior knowledge) is served on the plain-HTTP listener.
+    pub fn h2c(&self) -> bool {
+        self.options.h2c
     }
 
     /// The ACME challenges this proxy answers, if ACME is on.
@@ -460,18 +488,86 @@ impl VhostProxy {
         canary.side_for(bucket, forced)
     }
 
-    fn peer_for(&self, backend: &BackendEntry) -> Result<Box<HttpPeer>> {
+    /// The peer of `backend` for `session`: its protocol and TLS settings, the proxy's
+    /// timeouts, stretched for upgraded connections and to a gRPC call's own deadline.
+    fn peer_for(&self, session: &Session, backend: &BackendEntry) -> Result<Box<HttpPeer>> {
         let addr = backend.socket_addr().ok_or_else(|| {
             Error::explain(ErrorType::ConnectNoRoute, "backend address did not resolve")
         })?;
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let b = backend.backend();
+        let tls = b.protocol.tls();
+        let mut peer = HttpPeer::new(addr, tls, if tls { b.sni() } else { String::new() });
+        // Pingora pools by address and SNI only: keep backends with other protocols or trust
+        // settings on connections of their own.
+        peer.group_key = backend.connection_key();
         let o = &mut peer.options;
         o.connection_timeout = Some(self.options.connect_timeout);
         o.read_timeout = Some(self.options.read_timeout);
         o.write_timeout = Some(self.options.write_timeout);
         o.idle_timeout = Some(self.options.idle_timeout);
+        match b.protocol {
+            BackendProtocol::Http | BackendProtocol::Https => {}
+            // Prior knowledge: HTTP/2 only, no upgrade dance.
+            BackendProtocol::H2c => o.set_http_version(2, 2),
+            // ALPN h2 only: a backend that cannot speak HTTP/2 fails instead of silently
+            // downgrading (gRPC needs HTTP/2).
+            BackendProtocol::H2 => o.alpn = ALPN::H2,
+        }
+        if b.protocol.h2() {
+            o.max_h2_streams = self.options.upstream_h2_streams;
+        }
+        if tls {
+            o.verify_cert = b.tls_verify;
+            o.verify_hostname = b.tls_verify;
+            if let Some(path) = &b.tls_ca_path {
+                let ca = self
+                    .options
+                    .certs
+                    .as_ref()
+                    .and_then(|c| c.current().upstream_ca(path).cloned())
+                    .ok_or_else(|| {
+                        Error::explain(ErrorType::ConnectError, "backend CA bundle not loaded")
+                    })?;
+                o.ca = Some(ca);
+            }
+        }
+        if session.is_upgrade_req() {
+            o.read_timeout = Some(self.options.websocket_idle_timeout);
+            o.write_timeout = Some(self.options.websocket_idle_timeout);
+        } else if let Some(deadline) = grpc_timeout(session.req_header()) {
+            // Never cut a call before its own deadline (the backend ends it then).
+            let bound = deadline + Duration::from_secs(1);
+            o.read_timeout = o.read_timeout.map(|t| t.max(bound));
+        }
         Ok(Box::new(peer))
     }
+}
+
+/// A `grpc-status` other than `0` in `headers` (trailers, or the head of a trailers-only
+/// answer).
+fn grpc_failed(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// The deadline a gRPC client set (`grpc-timeout: <digits><unit>`, units H M S m u n).
+fn grpc_timeout(req: &pingora_http::RequestHeader) -> Option<Duration> {
+    let v = req.headers.get("grpc-timeout")?.as_bytes();
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n.saturating_mul(3600)),
+        b"M" => Duration::from_secs(n.saturating_mul(60)),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers (the first one set).
@@ -654,7 +750,7 @@ impl ProxyHttp for VhostProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         ctx.attempts += 1;
@@ -686,7 +782,7 @@ impl ProxyHttp for VhostProxy {
             .backend
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no backend selected"))?;
-        self.peer_for(backend)
+        self.peer_for(session, backend)
     }
 
     async fn upstream_request_filter(
@@ -747,6 +843,14 @@ impl ProxyHttp for VhostProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.upgraded {
+            ctx.upgraded = true;
+            self.upgraded.increment(1.0);
+        }
+        // A trailers-only gRPC answer carries its status in the head.
+        if grpc_failed(&upstream_response.headers) {
+            ctx.grpc_error = true;
+        }
         if let Some(bucket) = ctx.issue_bucket {
             let cookie = format!(
                 "{}={bucket}; Path=/; Max-Age=86400; HttpOnly; SameSite=Lax",
@@ -762,6 +866,18 @@ impl ProxyHttp for VhostProxy {
                     upstream_response.insert_header("x-served-tag", value)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        upstream_trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if grpc_failed(upstream_trailers) {
+            ctx.grpc_error = true;
         }
         Ok(())
     }
@@ -896,7 +1012,11 @@ impl ProxyHttp for VhostProxy {
             status,
             attempts: ctx.attempts,
             seconds: elapsed.as_secs_f64(),
+            grpc_error: ctx.grpc_error,
         });
+        if std::mem::take(&mut ctx.upgraded) {
+            self.upgraded.decrement(1.0);
+        }
         let domain = domain_label(ctx.route.as_ref());
         let backend = backend_label(ctx.backend.as_deref(), ctx.local);
         if let Some(e) = e {

@@ -82,6 +82,34 @@ pub enum ValidationError {
         /// The domain.
         domain: DomainName,
     },
+    /// A wildcard as a backend's TLS server name.
+    #[error("backend {id}: tls_sni must be a host name, not a wildcard")]
+    WildcardSni {
+        /// The backend.
+        id: BackendId,
+    },
+    /// A TLS backend addressed by IP, verified, without `tls_sni`.
+    #[error("backend {id}: its address is an IP address, so the name to verify its certificate against is unknown: set tls_sni (the name in its certificate), or tls_verify = false")]
+    TlsSniRequired {
+        /// The backend.
+        id: BackendId,
+    },
+    /// An empty `tls_ca_path`.
+    #[error("backend {id}: tls_ca_path is empty; remove the key to trust the system's roots")]
+    EmptyCaPath {
+        /// The backend.
+        id: BackendId,
+    },
+    /// A TLS setting on a backend that does not use TLS.
+    #[error("backend {id}: {field} applies to TLS backends (protocol https or h2), but protocol is {protocol}")]
+    TlsSettingWithoutTls {
+        /// The backend.
+        id: BackendId,
+        /// The setting.
+        field: &'static str,
+        /// The backend's protocol.
+        protocol: &'static str,
+    },
     /// `acme = true` on a wildcard domain.
     #[error("domain {domain}: wildcard domains cannot get ACME certificates (HTTP-01 and TLS-ALPN-01 cannot validate them; DNS-01 is not supported); set tls_cert_path/tls_key_path")]
     AcmeWildcard {
@@ -138,6 +166,9 @@ impl ValidationError {
             },
             Self::IncompleteTlsPair { .. } | Self::EmptyTlsPath { .. } => "tls_cert_path",
             Self::AcmeWildcard { .. } | Self::AcmeWithOwnCertificate { .. } => "acme",
+            Self::WildcardSni { .. } | Self::TlsSniRequired { .. } => "tls_sni",
+            Self::EmptyCaPath { .. } => "tls_ca_path",
+            Self::TlsSettingWithoutTls { field, .. } => field,
             Self::CanaryIsPrimary { .. } => "canary.tag",
             Self::InvalidRollout { reason, .. } => match reason {
                 crate::rollout::RolloutError::Steps => "canary.steps",

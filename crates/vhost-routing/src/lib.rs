@@ -41,8 +41,8 @@ pub use canary::{
 };
 pub use error::{CommandError, ProbeFieldError, ValidationError};
 pub use model::{
-    check_probe_fields, Backend, BackendUpdate, ProbeKind, ProbeOverride, VirtualHost,
-    VirtualHostUpdate, MAX_WEIGHT,
+    check_probe_fields, Backend, BackendProtocol, BackendUpdate, ProbeKind, ProbeOverride,
+    VirtualHost, VirtualHostUpdate, MAX_WEIGHT,
 };
 /// Deserialises a `u64` written as an integer or a whole float (`2.0`), as JSON Schema counts
 /// integers; for API types outside this crate.

@@ -219,8 +219,12 @@ pub enum ProbeKind {
     /// A TCP connect succeeds (default).
     #[default]
     Tcp,
-    /// `GET path` answers a status in the expected range.
+    /// `GET path` answers a status in the expected range (HTTP/1.1, or HTTP/2 for `h2`/`h2c`
+    /// backends; over TLS for `https`/`h2` ones).
     Http,
+    /// The gRPC health service (`grpc.health.v1.Health/Check`, service `""`) answers `SERVING`
+    /// (HTTP/2; over TLS for `https`/`h2` backends).
+    Grpc,
 }
 
 /// `expected_status`: two HTTP status codes (or null).
@@ -265,7 +269,7 @@ fn optional_tags_schema() -> utoipa::openapi::schema::Array {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ProbeOverride {
-    /// `tcp` or `http`.
+    /// `tcp`, `http` or `grpc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<ProbeKind>,
     /// HTTP probe path, starting with `/`, without spaces or control characters.
@@ -356,6 +360,74 @@ pub struct Backend {
     /// Probe settings overriding `[health_check]` for this backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<ProbeOverride>,
+    /// How requests are sent: `http` (HTTP/1.1, default), `https` (HTTP/1.1 over TLS), `h2c`
+    /// (HTTP/2 in clear text, prior knowledge), `h2` (HTTP/2 over TLS).
+    #[serde(default, skip_serializing_if = "BackendProtocol::is_default")]
+    pub protocol: BackendProtocol,
+    /// `https`/`h2`: verify the backend's certificate and name (default true).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub tls_verify: bool,
+    /// `https`/`h2`: the server name sent (SNI) and verified (default: the host of `address`).
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::names::schema::optional_host_name))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_sni: Option<DomainName>,
+    /// `https`/`h2`: PEM file of the CA certificates trusted for this backend (default: the
+    /// system's roots).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_path: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// The protocol spoken to a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    /// HTTP/1.1 in clear text.
+    #[default]
+    Http,
+    /// HTTP/1.1 over TLS.
+    Https,
+    /// HTTP/2 in clear text (prior knowledge), e.g. gRPC servers without TLS.
+    H2c,
+    /// HTTP/2 over TLS (ALPN `h2`).
+    H2,
+}
+
+impl BackendProtocol {
+    /// True for `http`.
+    pub fn is_default(&self) -> bool {
+        *self == Self::Http
+    }
+
+    /// Whether the connection is TLS.
+    pub fn tls(self) -> bool {
+        matches!(self, Self::Https | Self::H2)
+    }
+
+    /// Whether requests go as HTTP/2.
+    pub fn h2(self) -> bool {
+        matches!(self, Self::H2c | Self::H2)
+    }
+
+    /// The name used in the config and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+            Self::H2c => "h2c",
+            Self::H2 => "h2",
+        }
+    }
 }
 
 impl Backend {
@@ -367,6 +439,20 @@ impl Backend {
             tags,
             weight: 1,
             health_check: None,
+            protocol: BackendProtocol::Http,
+            tls_verify: true,
+            tls_sni: None,
+            tls_ca_path: None,
+        }
+    }
+
+    /// The server name sent to a TLS backend: `tls_sni`, else the host of its address (an IP
+    /// address gives no SNI, and the certificate is then verified against the IP).
+    pub fn sni(&self) -> String {
+        match (&self.tls_sni, self.address.host()) {
+            (Some(name), _) => name.as_str().to_owned(),
+            (None, crate::names::Host::Name(name)) => name.to_string(),
+            (None, crate::names::Host::Ip(_)) => String::new(),
         }
     }
 
@@ -398,6 +484,44 @@ impl Backend {
                     id: self.id.clone(),
                     reason,
                 })?;
+        }
+        if self
+            .tls_sni
+            .as_ref()
+            .is_some_and(|n| n.wildcard_suffix().is_some())
+        {
+            return Err(ValidationError::WildcardSni {
+                id: self.id.clone(),
+            });
+        }
+        if self.tls_ca_path.as_deref() == Some("") {
+            return Err(ValidationError::EmptyCaPath {
+                id: self.id.clone(),
+            });
+        }
+        let ip_literal = matches!(self.address.host(), crate::names::Host::Ip(_));
+        if self.protocol.tls() && self.tls_verify && self.tls_sni.is_none() && ip_literal {
+            return Err(ValidationError::TlsSniRequired {
+                id: self.id.clone(),
+            });
+        }
+        if !self.protocol.tls() {
+            let field = if self.tls_sni.is_some() {
+                Some("tls_sni")
+            } else if self.tls_ca_path.is_some() {
+                Some("tls_ca_path")
+            } else if !self.tls_verify {
+                Some("tls_verify")
+            } else {
+                None
+            };
+            if let Some(field) = field {
+                return Err(ValidationError::TlsSettingWithoutTls {
+                    id: self.id.clone(),
+                    field,
+                    protocol: self.protocol.as_str(),
+                });
+            }
         }
         Ok(())
     }
@@ -481,6 +605,19 @@ pub struct BackendUpdate {
     /// New probe overrides (`{}` removes them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<ProbeOverride>,
+    /// New protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<BackendProtocol>,
+    /// New certificate-verification setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_verify: Option<bool>,
+    /// New server name (to go back to the default, set the address's host).
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::names::schema::optional_host_name))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_sni: Option<DomainName>,
+    /// New CA file (`""` clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_path: Option<String>,
 }
 
 impl BackendUpdate {
@@ -498,6 +635,18 @@ impl BackendUpdate {
         }
         if let Some(probe) = &self.health_check {
             next.health_check = (*probe != ProbeOverride::default()).then(|| probe.clone());
+        }
+        if let Some(protocol) = self.protocol {
+            next.protocol = protocol;
+        }
+        if let Some(verify) = self.tls_verify {
+            next.tls_verify = verify;
+        }
+        if let Some(sni) = &self.tls_sni {
+            next.tls_sni = Some(sni.clone());
+        }
+        if let Some(ca) = &self.tls_ca_path {
+            next.tls_ca_path = (!ca.is_empty()).then(|| ca.clone());
         }
         next
     }
@@ -534,13 +683,51 @@ mod tests {
     }
 
     fn backend(tags: &[&str], weight: u16) -> Backend {
-        Backend {
-            id: BackendId::parse("b1").unwrap(),
-            address: BackendAddress::parse("127.0.0.1:1").unwrap(),
-            tags: tags.iter().map(|t| Tag::parse(t).unwrap()).collect(),
-            weight,
-            health_check: None,
-        }
+        let mut b = Backend::new(
+            BackendId::parse("b1").unwrap(),
+            BackendAddress::parse("127.0.0.1:1").unwrap(),
+            tags.iter().map(|t| Tag::parse(t).unwrap()).collect(),
+        );
+        b.weight = weight;
+        b
+    }
+
+    #[test]
+    fn tls_settings_need_a_tls_protocol() {
+        let mut b = backend(&["a"], 1);
+        b.tls_verify = false;
+        let e = b.validate().unwrap_err();
+        assert_eq!(e.field(), "tls_verify");
+        b.protocol = BackendProtocol::H2;
+        b.validate().unwrap();
+        b.tls_sni = Some(DomainName::parse("*.example.com").unwrap());
+        assert_eq!(b.validate().unwrap_err().field(), "tls_sni");
+        b.tls_sni = Some(DomainName::parse("api.internal").unwrap());
+        assert_eq!(b.sni(), "api.internal");
+        b.tls_sni = None;
+        b.tls_verify = true;
+        // An IP address gives no SNI: verification needs the name the certificate carries.
+        assert_eq!(b.validate().unwrap_err().field(), "tls_sni");
+        assert_eq!(b.sni(), "");
+        b.tls_verify = false;
+        b.validate().unwrap();
+        b.tls_verify = true;
+        b.address = BackendAddress::parse("api.internal:443").unwrap();
+        assert_eq!(b.sni(), "api.internal");
+        b.protocol = BackendProtocol::H2c;
+        b.tls_verify = true;
+        b.tls_ca_path = Some("/ca.pem".into());
+        assert_eq!(b.validate().unwrap_err().field(), "tls_ca_path");
+        let parsed: Backend = serde_json::from_str(
+            r#"{"id":"g","address":"127.0.0.1:50051","tags":["a"],"protocol":"h2c"}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.protocol, BackendProtocol::H2c);
+        assert!(parsed.tls_verify);
+        assert_eq!(
+            serde_json::to_string(&parsed).unwrap(),
+            r#"{"id":"g","address":"127.0.0.1:50051","tags":["a"],"protocol":"h2c"}"#
+        );
     }
 
     #[test]

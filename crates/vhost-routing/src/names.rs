@@ -493,6 +493,12 @@ pub fn domain_pattern() -> String {
     format!(r"^(?:\*\.(?:{LABEL}\.)+|(?:{LABEL}\.)*)(?![0-9]+\.?$){LABEL}\.?$")
 }
 
+/// The exact set of texts [`DomainName::parse`] accepts that are not wildcards: host names
+/// (e.g. a TLS server name).
+pub fn host_name_pattern() -> String {
+    format!(r"^(?:{LABEL}\.)*(?![0-9]+\.?$){LABEL}\.?$")
+}
+
 /// The exact set of texts [`Tag::parse`] accepts (see [`domain_pattern`]).
 pub fn tag_pattern() -> String {
     format!("^[A-Za-z0-9._-]{{1,{MAX_TAG_LEN}}}$")
@@ -536,7 +542,7 @@ pub fn address_pattern() -> String {
 }
 
 #[cfg(feature = "openapi")]
-mod schema {
+pub(crate) mod schema {
     //! OpenAPI schemas of the names: strings with the exact pattern and length limits of their
     //! parsers, so that the admin API's document tells clients what is accepted.
     use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
@@ -566,6 +572,19 @@ mod schema {
         }
     }
     impl utoipa::ToSchema for DomainName {}
+
+    /// An optional host name (a [`DomainName`] that is not a wildcard), or null.
+    pub(crate) fn optional_host_name() -> RefOr<Schema> {
+        use utoipa::openapi::schema::SchemaType;
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+            .min_length(Some(1))
+            .max_length(Some(MAX_DOMAIN_LEN))
+            .pattern(Some(host_name_pattern()))
+            .description(Some("A host name (no wildcard)"))
+            .examples(["api.internal"])
+            .into()
+    }
 
     impl utoipa::PartialSchema for Tag {
         fn schema() -> RefOr<Schema> {
@@ -870,6 +889,12 @@ mod tests {
             #[test]
             fn domain(text in prop_oneof![domainish(), "\\*\\.[a-z0-9.*]{0,8}", "[a-zA-Z0-9.*_ -]{0,12}"]) {
                 agree(domain_pattern, MAX_DOMAIN_LEN, &text, DomainName::parse(&text).is_ok())?;
+            }
+
+            #[test]
+            fn host_name(text in prop_oneof![domainish(), "\\*\\.[a-z0-9.*]{0,8}", "[a-zA-Z0-9.*_ -]{0,12}"]) {
+                let accepted = DomainName::parse(&text).is_ok_and(|d| d.wildcard_suffix().is_none());
+                agree(host_name_pattern, MAX_DOMAIN_LEN, &text, accepted)?;
             }
 
             #[test]

@@ -105,9 +105,32 @@ pub struct BackendEntry {
     socket_addr: Option<SocketAddr>,
     health: Arc<HealthCell>,
     index: u32,
+    connection_key: u64,
+}
+
+/// What decides whether two backends may share pooled connections: the same record id, address
+/// and protocol and TLS settings (a connection verified against one CA must not serve a backend
+/// that trusts another).
+fn connection_key(b: &Backend) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same record gives the same key in every snapshot.
+    let mut h = std::hash::DefaultHasher::new();
+    b.id.as_str().hash(&mut h);
+    b.address.as_str().hash(&mut h);
+    b.protocol.hash(&mut h);
+    b.tls_verify.hash(&mut h);
+    b.tls_sni.as_ref().map(|n| n.as_str()).hash(&mut h);
+    b.tls_ca_path.hash(&mut h);
+    h.finish()
 }
 
 impl BackendEntry {
+    /// A key for connection pooling: equal only for backends whose connections are
+    /// interchangeable (see [`connection_key`]).
+    pub fn connection_key(&self) -> u64 {
+        self.connection_key
+    }
+
     /// Position of this backend in its snapshot (0..[`RoutingTable::backend_count`]), for
     /// per-snapshot side tables such as metric handles.
     pub fn index(&self) -> usize {
@@ -551,6 +574,7 @@ impl RoutingTable {
                     socket_addr: resolver.resolve(&b.address),
                     health,
                     index,
+                    connection_key: connection_key(b),
                 };
                 (b.id.clone(), Arc::new(entry))
             })

@@ -46,6 +46,10 @@ impl LocatedCertError {
             let field = match role {
                 FileRole::Certificate => "cert_path",
                 FileRole::Key => "key_path",
+                FileRole::CaBundle => {
+                    let id = owner.strip_prefix("backend ").unwrap_or(owner);
+                    return vhost_config::locate_backend_key(path, id, "tls_ca_path");
+                }
             };
             if owner == "default" {
                 vhost_config::locate(path, &format!("proxy.default_{field}"))

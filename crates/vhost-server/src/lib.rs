@@ -52,6 +52,9 @@ pub fn proxy_options(config: &vhost_config::Config) -> vhost_pingora::ProxyOptio
             override_cookie: proxy.canary_override_cookie.clone(),
             expose_served_tag: proxy.expose_served_tag,
         },
+        upstream_h2_streams: proxy.upstream_h2_streams,
+        websocket_idle_timeout: Duration::from_secs(proxy.websocket_idle_timeout_secs),
+        h2c: proxy.h2c,
         ..vhost_pingora::ProxyOptions::default()
     }
 }

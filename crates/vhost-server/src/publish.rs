@@ -72,6 +72,7 @@ fn cert_field(e: &CertError) -> &'static str {
         Some(("default", FileRole::Certificate)) => "proxy.default_cert_path",
         Some(("default", FileRole::Key)) => "proxy.default_key_path",
         Some((_, FileRole::Key)) => "tls_key_path",
+        Some((_, FileRole::CaBundle)) => "tls_ca_path",
         _ => "tls_cert_path",
     }
 }

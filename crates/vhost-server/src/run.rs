@@ -169,6 +169,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         &mut writer,
         vhost_pingora::ProxyOptions {
             acme: challenges.clone(),
+            certs: Some(Arc::clone(&certs)),
             ..crate::proxy_options(&config)
         },
     );

@@ -180,6 +180,7 @@ impl TestBackend {
                                 "x-forwarded-for": header("x-forwarded-for"),
                                 "x-forwarded-proto": header("x-forwarded-proto"),
                                 "x-forwarded-host": header("x-forwarded-host"),
+                                "version": format!("{:?}", req.version()),
                             });
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
                         }
