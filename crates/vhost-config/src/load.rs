@@ -434,6 +434,7 @@ fn validation_key<'a>(
             | ValidationError::IncompleteTlsPair { domain }
             | ValidationError::EmptyTlsPath { domain }
             | ValidationError::AcmeWildcard { domain }
+            | ValidationError::InvalidPolicy { domain, .. }
             | ValidationError::AcmeWithOwnCertificate { domain }
             | ValidationError::CanaryIsPrimary { domain, .. }
             | ValidationError::InvalidRollout { domain, .. } => {

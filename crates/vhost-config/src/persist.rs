@@ -277,7 +277,66 @@ fn vhost_table(v: &VirtualHost, mut t: Table) -> Table {
     );
     set_opt(&mut t, "canary", v.canary.as_deref().map(canary_value));
     set_opt(&mut t, "acme", v.acme.map(Value::from));
+    set_opt(
+        &mut t,
+        "rate_limit",
+        v.rate_limit.as_deref().map(rate_limit_value),
+    );
+    for (key, list) in [("allow", &v.allow), ("deny", &v.deny)] {
+        let value = (!list.is_empty()).then(|| {
+            let array: Array = list.iter().map(|c| c.to_string()).collect();
+            Value::Array(array)
+        });
+        set_opt(&mut t, key, value);
+    }
+    set_opt(
+        &mut t,
+        "request_headers",
+        v.request_headers.as_deref().map(header_rules_value),
+    );
+    set_opt(
+        &mut t,
+        "response_headers",
+        v.response_headers.as_deref().map(header_rules_value),
+    );
     t
+}
+
+fn rate_limit_value(r: &vhost_routing::RateLimit) -> Value {
+    let mut t = InlineTable::new();
+    t.insert(
+        "requests_per_second",
+        Value::from(i64::from(r.requests_per_second)),
+    );
+    if let Some(burst) = r.burst {
+        t.insert("burst", Value::from(i64::from(burst)));
+    }
+    if r.key != vhost_routing::RateLimitKey::ClientIp {
+        t.insert("key", Value::from(r.key.as_text().as_ref()));
+    }
+    Value::InlineTable(t)
+}
+
+fn header_rules_value(r: &vhost_routing::HeaderRules) -> Value {
+    let map = |m: &std::collections::BTreeMap<String, String>| {
+        let mut t = InlineTable::new();
+        for (k, v) in m {
+            t.insert(k, Value::from(v.as_str()));
+        }
+        Value::InlineTable(t)
+    };
+    let mut t = InlineTable::new();
+    if !r.set.is_empty() {
+        t.insert("set", map(&r.set));
+    }
+    if !r.add.is_empty() {
+        t.insert("add", map(&r.add));
+    }
+    if !r.remove.is_empty() {
+        let names: Array = r.remove.iter().map(String::as_str).collect();
+        t.insert("remove", Value::Array(names));
+    }
+    Value::InlineTable(t)
 }
 
 fn canary_value(c: &vhost_routing::Canary) -> Value {

@@ -108,6 +108,13 @@ pub struct ProxyConfig {
     /// Serve HTTP/2 with prior knowledge (h2c, gRPC without TLS) on the plain-HTTP listener
     /// (default true).
     pub h2c: bool,
+    /// Networks of the proxies and load balancers in front of this one: only their
+    /// `X-Forwarded-For` is believed for the client address (default: none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<vhost_routing::Cidr>,
+    /// Keep or make an `X-Request-Id` per request, send it to the backend and the client, and
+    /// log it (default true).
+    pub request_id: bool,
 }
 
 impl Default for ProxyConfig {
@@ -139,6 +146,8 @@ impl Default for ProxyConfig {
             upstream_h2_streams: 100,
             websocket_idle_timeout_secs: 3600,
             h2c: true,
+            trusted_proxies: Vec::new(),
+            request_id: true,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod acme;
 pub mod certs;
 pub mod conn;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 
 use std::net::SocketAddr;
@@ -35,6 +36,9 @@ pub use certs::{
 };
 pub use conn::{CloseReason, ConnLimits, Connections, VhostApp};
 pub use metrics::{ProxyMetrics, SideTotals};
+pub use policy::{
+    client_behind, expand, new_request_id, sane_request_id, Limiter, Policies, TemplateValues,
+};
 pub use proxy::{CanaryOptions, Inflight, LocalReason, ProxyOptions, RequestCtx, VhostProxy};
 
 /// Registers the descriptions (Prometheus `# HELP`) of every metric of this crate.

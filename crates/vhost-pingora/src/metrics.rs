@@ -106,13 +106,17 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge};
     describe_counter!(
         "proxy_local_responses_total",
-        "Responses the proxy gave itself, by reason: unknown_host (404), misdirected (421), no_backend (503), redirect (308), upstream_timeout (504), upstream_error (502), overloaded (503: out of descriptors or ports), acme_challenge (ACME HTTP-01 answers)"
+        "Responses the proxy gave itself, by reason: unknown_host (404), misdirected (421), no_backend (503), redirect (308), upstream_timeout (504), upstream_error (502), overloaded (503: out of descriptors or ports), acme_challenge (ACME HTTP-01 answers), forbidden (403: access lists), rate_limited (429)"
     );
     describe_counter!(
         "proxy_client_errors_total",
         "Requests ended by their client: disconnects and resets in the middle of a request, malformed requests"
     );
     describe_gauge!("proxy_requests_in_flight", "Requests being handled now");
+    describe_counter!(
+        "proxy_rate_limited_total",
+        "Requests refused with 429 by a domain's rate limit, by domain"
+    );
     describe_gauge!(
         "proxy_upgraded_connections",
         "Client connections switched to another protocol (WebSocket) and open now"
@@ -125,7 +129,7 @@ struct Fixed {
     client_errors: FacadeCounter,
 }
 
-const LOCAL_REASONS: [LocalReason; 8] = [
+const LOCAL_REASONS: [LocalReason; 10] = [
     LocalReason::Redirect,
     LocalReason::UnknownHost,
     LocalReason::Misdirected,
@@ -134,6 +138,8 @@ const LOCAL_REASONS: [LocalReason; 8] = [
     LocalReason::UpstreamError,
     LocalReason::Overloaded,
     LocalReason::AcmeChallenge,
+    LocalReason::Forbidden,
+    LocalReason::RateLimited,
 ];
 
 /// The proxy's metrics (see the module docs). Attach it to the route writer

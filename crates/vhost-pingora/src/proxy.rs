@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use pingora_core::protocols::Digest;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
@@ -24,14 +24,18 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use vhost_health::LogLimiter;
 use vhost_routing::{
-    bucket_of, normalize_host, parse_bucket, BackendEntry, BackendProtocol, CanaryRoute, Override,
-    Route, RouteStore, RouteWriter, RoutingTable, Side, StickyKey, BUCKETS, MAX_DOMAIN_LEN,
+    any_contains, bucket_of, normalize_host, parse_bucket, BackendEntry, BackendProtocol,
+    CanaryRoute, Cidr, HeaderRules, Override, RateLimitKey, Route, RouteStore, RouteWriter,
+    RoutingTable, Side, StickyKey, BUCKETS, MAX_DOMAIN_LEN,
 };
 
 use crate::acme::{AcmeChallenges, HTTP01_PREFIX};
 use crate::certs::CertStore;
 use crate::certs::ClientSni;
 use crate::metrics::{Finished, ProxyMetrics};
+use crate::policy::{
+    client_behind, expand, new_request_id, sane_request_id, Policies, PolicySlots, TemplateValues,
+};
 
 /// Timeouts and limits of the data plane.
 #[derive(Debug, Clone)]
@@ -73,6 +77,11 @@ pub struct ProxyOptions {
     /// Serve HTTP/2 with prior knowledge (h2c, e.g. gRPC without TLS) on the plain-HTTP
     /// listener, beside HTTP/1.1.
     pub h2c: bool,
+    /// Peers whose `X-Forwarded-For` is believed (for the client address of access lists, rate
+    /// limits, logs and the forwarded headers). Empty: nobody's; the chain is appended to.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Keep a client's sane `X-Request-Id` or make one, send it to the backend, return it.
+    pub request_id: bool,
 }
 
 /// Cookie and header names of canaries (see docs/canary.md).
@@ -118,6 +127,8 @@ impl Default for ProxyOptions {
             upstream_h2_streams: 100,
             websocket_idle_timeout: Duration::from_secs(3600),
             h2c: true,
+            trusted_proxies: Vec::new(),
+            request_id: true,
         }
     }
 }
@@ -141,6 +152,10 @@ pub enum LocalReason {
     Overloaded,
     /// An ACME HTTP-01 challenge answered (200) or an unknown token (404).
     AcmeChallenge,
+    /// 403: the client's address is denied, or not allowed, by the domain's access lists.
+    Forbidden,
+    /// 429: over the domain's rate limit.
+    RateLimited,
 }
 
 impl LocalReason {
@@ -155,6 +170,8 @@ impl LocalReason {
             Self::UpstreamError => "upstream_error",
             Self::Overloaded => "overloaded",
             Self::AcmeChallenge => "acme_challenge",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
         }
     }
 
@@ -167,6 +184,8 @@ impl LocalReason {
                 | Self::Misdirected
                 | Self::NoBackend
                 | Self::AcmeChallenge
+                | Self::Forbidden
+                | Self::RateLimited
         )
     }
 }
@@ -246,6 +265,8 @@ pub struct RequestCtx {
     upgraded: bool,
     /// A gRPC call answered with a non-zero `grpc-status`.
     grpc_error: bool,
+    /// This request's id (`X-Request-Id`), when request ids are on.
+    request_id: Option<HeaderValue>,
 }
 
 /// What a request asked for, kept cheaply for the access log of a request that never finishes.
@@ -317,6 +338,7 @@ impl Drop for RequestCtx {
             elapsed: self.start.map_or(Duration::ZERO, |s| s.elapsed()),
             client: self.client,
             local: "cut",
+            request_id: self.request_id.as_ref(),
         });
     }
 }
@@ -333,6 +355,7 @@ struct AccessLine<'a> {
     elapsed: Duration,
     client: Option<IpAddr>,
     local: &'a str,
+    request_id: Option<&'a HeaderValue>,
 }
 
 fn access_log(line: &AccessLine<'_>) {
@@ -348,6 +371,7 @@ fn access_log(line: &AccessLine<'_>) {
         duration_ms = line.elapsed.as_secs_f64() * 1000.0,
         client = %line.client.map_or_else(String::new, |c| c.to_string()),
         local = line.local,
+        request_id = line.request_id.and_then(|v| v.to_str().ok()).unwrap_or(""),
     );
 }
 
@@ -424,6 +448,7 @@ impl VhostProxy {
     pub fn new(writer: &mut RouteWriter, options: ProxyOptions) -> Self {
         let metrics = Arc::new(ProxyMetrics::new());
         writer.attach(Arc::clone(&metrics) as Arc<dyn vhost_routing::Attach>);
+        writer.attach(Arc::new(Policies::default()) as Arc<dyn vhost_routing::Attach>);
         Self {
             store: Arc::clone(writer.store()),
             options: Arc::new(options),
@@ -543,6 +568,37 @@ impl VhostProxy {
     }
 }
 
+/// Applies header rules to a Pingora request or response head: remove, then set, then add.
+macro_rules! apply_rules {
+    ($head:expr, $rules:expr, $values:expr) => {{
+        let rules: &HeaderRules = $rules;
+        for name in &rules.remove {
+            $head.remove_header(name.as_str());
+        }
+        for (name, template) in &rules.set {
+            if let Some(value) = expand(template, $values) {
+                $head.insert_header(name.clone(), value)?;
+            }
+        }
+        for (name, template) in &rules.add {
+            if let Some(value) = expand(template, $values) {
+                $head.append_header(name.clone(), value)?;
+            }
+        }
+    }};
+}
+
+/// What header-rule placeholders stand for in this request.
+fn template_values(ctx: &RequestCtx) -> TemplateValues<'_> {
+    TemplateValues {
+        client_ip: ctx.client,
+        request_id: ctx.request_id.as_ref(),
+        domain: domain_label(ctx.route.as_ref()),
+        tag: tag_label(ctx.route.as_ref(), ctx.side),
+        backend: ctx.backend.as_ref().map_or("", |b| b.id().as_str()),
+    }
+}
+
 /// A `grpc-status` other than `0` in `headers` (trailers, or the head of a trailers-only
 /// answer).
 fn grpc_failed(headers: &http::HeaderMap) -> bool {
@@ -651,6 +707,21 @@ impl ProxyHttp for VhostProxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(SocketAddr::ip);
+        if !self.options.trusted_proxies.is_empty() {
+            if let Some(peer) = ctx.client {
+                let chain = session.req_header().headers.get("x-forwarded-for");
+                ctx.client = Some(client_behind(peer, chain, &self.options.trusted_proxies));
+            }
+        }
+        if self.options.request_id {
+            let given = session
+                .req_header()
+                .headers
+                .get("x-request-id")
+                .filter(|v| sane_request_id(v))
+                .cloned();
+            ctx.request_id = Some(given.unwrap_or_else(new_request_id));
+        }
         if self.options.access_log {
             ctx.request_line = Some(RequestLine::capture(session));
         }
@@ -679,6 +750,72 @@ impl ProxyHttp for VhostProxy {
             respond(session, 404, &[], "unknown host\n").await?;
             return Ok(true);
         };
+        let vhost = route.vhost();
+        if !vhost.deny.is_empty() || !vhost.allow.is_empty() {
+            let refused = match ctx.client {
+                Some(ip) => {
+                    any_contains(&vhost.deny, ip)
+                        || (!vhost.allow.is_empty() && !any_contains(&vhost.allow, ip))
+                }
+                None => !vhost.allow.is_empty(),
+            };
+            if refused {
+                ctx.table = Some(table);
+                ctx.route = Some(route);
+                ctx.local = Some(LocalReason::Forbidden);
+                respond(session, 403, &[], "forbidden\n").await?;
+                return Ok(true);
+            }
+        }
+        if let Some(limit) = &vhost.rate_limit {
+            let limiter = table
+                .attachment::<PolicySlots>()
+                .and_then(|p| p.limiter(route.index()));
+            if let Some(limiter) = limiter {
+                let mut ip_buf = [0u8; 16];
+                let key: &[u8] = match &limit.key {
+                    RateLimitKey::ClientIp => match ctx.client.map(|ip| ip.to_canonical()) {
+                        Some(IpAddr::V4(v4)) => {
+                            ip_buf[..4].copy_from_slice(&v4.octets());
+                            &ip_buf[..4]
+                        }
+                        Some(IpAddr::V6(v6)) => {
+                            ip_buf = v6.octets();
+                            &ip_buf
+                        }
+                        None => b"",
+                    },
+                    RateLimitKey::Domain => b"",
+                    RateLimitKey::Header(name) => session
+                        .req_header()
+                        .headers
+                        .get(&**name)
+                        .map_or(b"".as_slice(), HeaderValue::as_bytes),
+                };
+                if let Err(limited) = limiter.check(key) {
+                    metrics::counter!("proxy_rate_limited_total", "domain" => vhost.domain.to_string())
+                        .increment(1);
+                    let retry = limited.retry_after_secs.to_string();
+                    let state = format!("\"default\";r=0;t={retry}");
+                    let policy = limiter.policy_header();
+                    ctx.table = Some(table);
+                    ctx.route = Some(route);
+                    ctx.local = Some(LocalReason::RateLimited);
+                    respond(
+                        session,
+                        429,
+                        &[
+                            (header::RETRY_AFTER, &retry),
+                            (HeaderName::from_static("ratelimit-policy"), &policy),
+                            (HeaderName::from_static("ratelimit"), &state),
+                        ],
+                        "too many requests\n",
+                    )
+                    .await?;
+                    return Ok(true);
+                }
+            }
+        }
 
         if ctx.tls {
             if let Some(sni) = client_sni(session.digest()) {
@@ -796,6 +933,12 @@ impl ProxyHttp for VhostProxy {
             .and_then(|a| a.as_inet())
             .map(SocketAddr::ip)
         {
+            // With trusted proxies configured, a chain from anyone else is not passed on.
+            if !self.options.trusted_proxies.is_empty()
+                && !any_contains(&self.options.trusted_proxies, ip)
+            {
+                upstream.remove_header("x-forwarded-for");
+            }
             // Format without a temporary String: at most 39 bytes for an IPv6 address.
             let mut buf = [0u8; 48];
             let len = {
@@ -816,6 +959,17 @@ impl ProxyHttp for VhostProxy {
             }
             .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "x-forwarded-for", e))?;
             upstream.insert_header("x-forwarded-for", forwarded_for)?;
+        }
+        if let Some(id) = &ctx.request_id {
+            upstream.insert_header("x-request-id", id.clone())?;
+        }
+        if let Some(rules) = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.vhost().request_headers.as_ref())
+        {
+            let values = template_values(ctx);
+            apply_rules!(upstream, rules, &values);
         }
         upstream.insert_header(
             "x-forwarded-proto",
@@ -843,6 +997,17 @@ impl ProxyHttp for VhostProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(id) = &ctx.request_id {
+            upstream_response.insert_header("x-request-id", id.clone())?;
+        }
+        if let Some(rules) = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.vhost().response_headers.as_ref())
+        {
+            let values = template_values(ctx);
+            apply_rules!(upstream_response, rules, &values);
+        }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.upgraded {
             ctx.upgraded = true;
             self.upgraded.increment(1.0);
@@ -1035,6 +1200,7 @@ impl ProxyHttp for VhostProxy {
                 elapsed,
                 client: ctx.client,
                 local: ctx.local.map_or("", LocalReason::as_str),
+                request_id: ctx.request_id.as_ref(),
             });
         }
     }

@@ -110,6 +110,16 @@ pub enum ValidationError {
         /// The backend's protocol.
         protocol: &'static str,
     },
+    /// A traffic-policy setting of a domain is invalid.
+    #[error("domain {domain}: {field}: {reason}")]
+    InvalidPolicy {
+        /// The domain.
+        domain: DomainName,
+        /// The setting.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// `acme = true` on a wildcard domain.
     #[error("domain {domain}: wildcard domains cannot get ACME certificates (HTTP-01 and TLS-ALPN-01 cannot validate them; DNS-01 is not supported); set tls_cert_path/tls_key_path")]
     AcmeWildcard {
@@ -167,6 +177,7 @@ impl ValidationError {
             Self::IncompleteTlsPair { .. } | Self::EmptyTlsPath { .. } => "tls_cert_path",
             Self::AcmeWildcard { .. } | Self::AcmeWithOwnCertificate { .. } => "acme",
             Self::WildcardSni { .. } | Self::TlsSniRequired { .. } => "tls_sni",
+            Self::InvalidPolicy { field, .. } => field,
             Self::EmptyCaPath { .. } => "tls_ca_path",
             Self::TlsSettingWithoutTls { field, .. } => field,
             Self::CanaryIsPrimary { .. } => "canary.tag",

@@ -30,6 +30,7 @@ pub mod canary;
 pub mod error;
 pub mod model;
 pub mod names;
+pub mod policy;
 pub mod rollout;
 pub mod state;
 pub mod store;
@@ -53,6 +54,7 @@ pub use names::{
     AddressError, BackendAddress, BackendId, BackendIdError, DomainName, DomainNameError, Host,
     Tag, TagError, MAX_DOMAIN_LEN,
 };
+pub use policy::{any_contains, Cidr, HeaderRules, PolicyError, RateLimit, RateLimitKey};
 pub use rollout::{
     decide, judge, p99_ms, Action, Analysis, Progress, RolloutError, RolloutState, Threshold,
     Verdict, Window,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::canary::Canary;
 use crate::error::{ProbeFieldError, ValidationError};
 use crate::names::{BackendAddress, BackendId, DomainName, Tag};
+use crate::policy::{Cidr, HeaderRules, RateLimit};
 
 /// Largest accepted backend weight (as in HAProxy); the default is 1.
 pub const MAX_WEIGHT: u16 = 256;
@@ -96,6 +97,11 @@ pub(crate) mod whole {
         U32::deserialize(d).map(|w| w.0 as u32)
     }
 
+    pub(crate) fn option_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        #[allow(clippy::cast_possible_truncation)] // bounded by u32::MAX
+        Option::<U32>::deserialize(d).map(|o| o.map(|w| w.0 as u32))
+    }
+
     pub(super) fn u16<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
         U16::deserialize(d).map(narrow16)
     }
@@ -145,6 +151,48 @@ pub struct VirtualHost {
     /// error for wildcard domains and domains with their own certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme: Option<bool>,
+    /// Requests per client (or per domain, or per header value) beyond which the proxy answers
+    /// 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<Box<RateLimit>>,
+    /// Client networks allowed (empty: everyone); others get 403.
+    #[cfg_attr(feature = "openapi", schema(schema_with = cidr_list_schema))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<Cidr>,
+    /// Client networks refused with 403 (wins over `allow`).
+    #[cfg_attr(feature = "openapi", schema(schema_with = cidr_list_schema))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<Cidr>,
+    /// Changes to the request headers sent to the backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<Box<HeaderRules>>,
+    /// Changes to the response headers sent to the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<Box<HeaderRules>>,
+}
+
+/// A list of IP networks, for the API document.
+#[cfg(feature = "openapi")]
+fn cidr_list_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(crate::names::cidr_pattern()))
+                .examples(["10.0.0.0/8"]),
+        )
+        .max_items(Some(crate::policy::MAX_CIDRS))
+        .build()
+}
+
+/// An optional list of IP networks (update), for the API document.
+#[cfg(feature = "openapi")]
+fn optional_cidr_list_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    let mut schema = cidr_list_schema();
+    schema.schema_type = SchemaType::from_iter([Type::Array, Type::Null]);
+    schema
 }
 
 impl VirtualHost {
@@ -158,6 +206,11 @@ impl VirtualHost {
             tls_key_path: None,
             canary: None,
             acme: None,
+            rate_limit: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            request_headers: None,
+            response_headers: None,
         }
     }
 
@@ -184,6 +237,39 @@ impl VirtualHost {
                     domain: self.domain.clone(),
                     reason,
                 })?;
+        }
+        let policy = |field: &'static str, reason: String| ValidationError::InvalidPolicy {
+            domain: self.domain.clone(),
+            field,
+            reason,
+        };
+        if let Some(limit) = &self.rate_limit {
+            limit.check().map_err(|field| {
+                policy(
+                    if field == "burst" {
+                        "rate_limit.burst"
+                    } else {
+                        "rate_limit.requests_per_second"
+                    },
+                    "out of range (requests_per_second 1-1000000, burst 1-10000000)".to_owned(),
+                )
+            })?;
+        }
+        for (field, list) in [("allow", &self.allow), ("deny", &self.deny)] {
+            if list.len() > crate::policy::MAX_CIDRS {
+                return Err(policy(
+                    field,
+                    format!("at most {} networks", crate::policy::MAX_CIDRS),
+                ));
+            }
+        }
+        for (field, rules) in [
+            ("request_headers", &self.request_headers),
+            ("response_headers", &self.response_headers),
+        ] {
+            if let Some(rules) = rules {
+                rules.check().map_err(|e| policy(field, e.to_string()))?;
+            }
         }
         if self.acme == Some(true) {
             if self.domain.wildcard_suffix().is_some() {
@@ -553,6 +639,36 @@ pub struct VirtualHostUpdate {
     /// New automatic-certificate setting (see [`VirtualHost::acme`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme: Option<bool>,
+    /// New rate limit; `null` removes it.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rate_limit: Option<Option<RateLimit>>,
+    /// New allow list (`[]` allows everyone).
+    #[cfg_attr(feature = "openapi", schema(schema_with = optional_cidr_list_schema))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<Cidr>>,
+    /// New deny list (`[]` denies no one).
+    #[cfg_attr(feature = "openapi", schema(schema_with = optional_cidr_list_schema))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<Cidr>>,
+    /// New request header rules (`{}` removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRules>,
+    /// New response header rules (`{}` removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderRules>,
+}
+
+/// A field that is present (`Some(None)` when it is `null`), for updates that can remove.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 impl VirtualHostUpdate {
@@ -577,6 +693,21 @@ impl VirtualHostUpdate {
         }
         if let Some(acme) = self.acme {
             next.acme = Some(acme);
+        }
+        if let Some(limit) = &self.rate_limit {
+            next.rate_limit = limit.clone().map(Box::new);
+        }
+        if let Some(allow) = &self.allow {
+            next.allow = allow.clone();
+        }
+        if let Some(deny) = &self.deny {
+            next.deny = deny.clone();
+        }
+        if let Some(rules) = &self.request_headers {
+            next.request_headers = (!rules.is_empty()).then(|| Box::new(rules.clone()));
+        }
+        if let Some(rules) = &self.response_headers {
+            next.response_headers = (!rules.is_empty()).then(|| Box::new(rules.clone()));
         }
         next
     }

@@ -512,6 +512,24 @@ pub fn backend_id_pattern() -> String {
 /// The exact set of texts [`BackendAddress::parse`] accepts (see [`domain_pattern`]): a
 /// bracketed IPv6 address, an IPv4 address or a host name, then `:` and a port 1–65535.
 pub fn address_pattern() -> String {
+    let (v4, v6) = ip_patterns();
+    let port =
+        "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])";
+    let name = format!(r"(?=[^:]{{1,{MAX_DOMAIN_LEN}}}:)(?:{LABEL}\.)*(?![0-9]+\.?:){LABEL}\.?");
+    format!(r"^(?:\[(?:{v6})\]|{v4}|{name}):{port}$")
+}
+
+/// The exact set of texts [`crate::Cidr::parse`] accepts: an IPv4 address with an optional
+/// `/0`–`/32`, or an IPv6 address with an optional `/0`–`/128` (no leading zeros).
+pub fn cidr_pattern() -> String {
+    let (v4, v6) = ip_patterns();
+    let p4 = "(?:3[0-2]|[12]?[0-9])";
+    let p6 = "(?:12[0-8]|1[01][0-9]|[1-9]?[0-9])";
+    format!(r"^(?:{v4}(?:/{p4})?|(?:{v6})(?:/{p6})?)$")
+}
+
+/// What std's IPv4 and IPv6 parsers accept (the IPv6 one as an alternation).
+fn ip_patterns() -> (String, String) {
     const H: &str = "[0-9A-Fa-f]{1,4}";
     let octet = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
     let v4 = format!(r"{octet}(?:\.{octet}){{3}}");
@@ -535,10 +553,7 @@ pub fn address_pattern() -> String {
         });
         v6.push(format!("{left}::(?:{})", tails.join("|")));
     }
-    let port =
-        "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])";
-    let name = format!(r"(?=[^:]{{1,{MAX_DOMAIN_LEN}}}:)(?:{LABEL}\.)*(?![0-9]+\.?:){LABEL}\.?");
-    format!(r"^(?:\[(?:{})\]|{v4}|{name}):{port}$", v6.join("|"))
+    (v4, v6.join("|"))
 }
 
 #[cfg(feature = "openapi")]

@@ -55,6 +55,8 @@ pub fn proxy_options(config: &vhost_config::Config) -> vhost_pingora::ProxyOptio
         upstream_h2_streams: proxy.upstream_h2_streams,
         websocket_idle_timeout: Duration::from_secs(proxy.websocket_idle_timeout_secs),
         h2c: proxy.h2c,
+        trusted_proxies: proxy.trusted_proxies.clone(),
+        request_id: proxy.request_id,
         ..vhost_pingora::ProxyOptions::default()
     }
 }

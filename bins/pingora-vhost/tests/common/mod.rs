@@ -181,8 +181,16 @@ impl TestBackend {
                                 "x-forwarded-proto": header("x-forwarded-proto"),
                                 "x-forwarded-host": header("x-forwarded-host"),
                                 "version": format!("{:?}", req.version()),
+                                "headers": req.headers().iter().map(|(k, v)| {
+                                    (k.as_str().to_owned(), serde_json::Value::from(v.to_str().unwrap_or("")))
+                                }).collect::<serde_json::Map<String, serde_json::Value>>(),
                             });
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
+                            let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+                            response.headers_mut().insert(
+                                "x-backend-name",
+                                hyper::header::HeaderValue::from_str(&name).unwrap(),
+                            );
+                            Ok::<_, Infallible>(response)
                         }
                     });
                     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
