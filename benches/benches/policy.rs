@@ -64,7 +64,24 @@ fn policy(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, policy);
+fn breaker(c: &mut Criterion) {
+    use vhost_routing::{CircuitBreaker, HealthCell};
+    let cell = HealthCell::new(true);
+    let settings = CircuitBreaker::default();
+    let mut now = 0u64;
+    c.bench_function("breaker_admit_enter_record_leave", |b| {
+        b.iter(|| {
+            now += 1;
+            let admitted = cell.admit(now, Some(1000));
+            cell.enter();
+            let t = cell.record(now, false, false, &settings, || true);
+            cell.leave();
+            black_box((admitted, t))
+        })
+    });
+}
+
+criterion_group!(benches, policy, breaker);
 
 fn parse_only(c: &mut Criterion) {
     let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];

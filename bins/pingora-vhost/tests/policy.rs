@@ -306,3 +306,139 @@ fn policies_are_edited_through_the_api_with_located_errors() {
 fn client_http() -> reqwest::Client {
     common::client(&[], true)
 }
+
+fn backend_json(rt: &tokio::runtime::Runtime, proxy: &ProxyProcess, id: &str) -> serde_json::Value {
+    let url = proxy.admin_url(&format!("/api/v1/backends/{id}"));
+    seen(&rt.block_on(async {
+        client_http()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }))
+}
+
+#[test]
+fn the_circuit_breaker_ejects_a_failing_backend_and_a_trial_brings_it_back() {
+    use std::sync::atomic::Ordering;
+    let rt = runtime();
+    let bad = TestBackend::start(&rt, "bad");
+    let good = TestBackend::start(&rt, "good");
+    bad.fail_every.store(1, Ordering::SeqCst);
+    let body = format!(
+        "[[virtual_hosts]]\ndomain = \"cb.test\"\nenabled_backends_tag = \"a\"\n\n\
+         [[backends]]\nid = \"bad\"\naddress = \"{}\"\ntags = [\"a\"]\n\n\
+         [[backends]]\nid = \"good\"\naddress = \"{}\"\ntags = [\"a\"]\n",
+        bad.addr, good.addr
+    );
+    let proxy = ProxyProcess::start(
+        tempfile::tempdir().unwrap(),
+        "circuit_breaker = { consecutive_5xx = 3, open_secs = 2 }",
+        &body,
+        false,
+    );
+    let c = client_from("127.0.0.1");
+    let statuses = |n: usize| -> Vec<u16> {
+        rt.block_on(async {
+            let mut s = Vec::new();
+            for _ in 0..n {
+                s.push(get(&c, proxy.http, "cb.test", &[]).await.status);
+            }
+            s
+        })
+    };
+    // Round robin: the bad backend answers 500 three times in a row, then is ejected.
+    let first = statuses(6);
+    assert_eq!(first.iter().filter(|s| **s == 500).count(), 3, "{first:?}");
+    assert_eq!(bad.hits(), 3);
+    assert_eq!(backend_json(&rt, &proxy, "bad")["circuit"], "open");
+    assert_eq!(
+        metric(proxy.metrics, "circuit_breaker_open{backend=\"bad\"}"),
+        1.0
+    );
+    // Then every request succeeds on its sibling.
+    assert_eq!(statuses(100), vec![200; 100]);
+    assert_eq!(bad.hits(), 3);
+
+    // Fixed: after open_secs one trial request goes to it, succeeds, and it is back.
+    bad.fail_every.store(0, Ordering::SeqCst);
+    wait_until("the trial request", || {
+        statuses(1);
+        bad.hits() > 3
+    });
+    assert_eq!(backend_json(&rt, &proxy, "bad")["circuit"], "closed");
+    assert_eq!(
+        metric(proxy.metrics, "circuit_breaker_open{backend=\"bad\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            proxy.metrics,
+            "circuit_breaker_ejections_total{backend=\"bad\"}"
+        ),
+        1.0
+    );
+
+    // Both failing: never more than max_ejection_percent (50 % of 2 = one) ejected.
+    bad.fail_every.store(1, Ordering::SeqCst);
+    good.fail_every.store(1, Ordering::SeqCst);
+    let all = statuses(20);
+    assert!(all.iter().all(|s| *s == 500), "{all:?}");
+    let open: Vec<String> = ["bad", "good"]
+        .iter()
+        .filter(|id| backend_json(&rt, &proxy, id)["circuit"] != "closed")
+        .map(|id| (*id).to_owned())
+        .collect();
+    assert_eq!(open.len(), 1, "{open:?}");
+}
+
+#[test]
+fn max_concurrent_requests_answers_503_at_once() {
+    let rt = runtime();
+    let slow = TestBackend::start(&rt, "slow");
+    let body = format!(
+        "[[virtual_hosts]]\ndomain = \"mc.test\"\nenabled_backends_tag = \"a\"\n\n\
+         [[backends]]\nid = \"slow\"\naddress = \"{}\"\ntags = [\"a\"]\nmax_concurrent_requests = 1\n",
+        slow.addr
+    );
+    let proxy = ProxyProcess::start(tempfile::tempdir().unwrap(), "", &body, false);
+    let url = proxy.http_url("/slow/3000");
+    let held = rt.spawn(async move {
+        client_from("127.0.0.1")
+            .get(url)
+            .header("host", "mc.test")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    wait_until("the first request to reach the backend", || {
+        slow.hits() == 1
+    });
+    let r = rt.block_on(get(&client_from("127.0.0.1"), proxy.http, "mc.test", &[]));
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (503, "backend concurrency limit reached\n")
+    );
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(slow.hits(), 1);
+    assert_eq!(rt.block_on(held).unwrap(), 200);
+    // The slot is free again.
+    let r = rt.block_on(get(&client_from("127.0.0.1"), proxy.http, "mc.test", &[]));
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        metric(
+            proxy.metrics,
+            "proxy_local_responses_total{reason=\"saturated\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        backend_json(&rt, &proxy, "slow")["max_concurrent_requests"],
+        1
+    );
+}

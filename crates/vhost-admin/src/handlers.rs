@@ -55,6 +55,16 @@ pub struct BackendView {
     pub weight: u16,
     /// Current health (read-only; ignored if sent).
     pub health: Health,
+    /// `http`, `https`, `h2c` or `h2`.
+    #[schema(value_type = String, example = "http")]
+    pub protocol: vhost_routing::BackendProtocol,
+    /// The circuit breaker: `closed` (takes traffic), `open` (ejected) or `half_open` (the next
+    /// request is a trial); always `closed` while `[proxy] circuit_breaker` is off.
+    #[schema(example = "closed")]
+    pub circuit: String,
+    /// Requests in flight beyond which others get 503 at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
 }
 
 impl BackendView {
@@ -73,6 +83,13 @@ impl BackendView {
             tags: b.tags.iter().map(Tag::to_string).collect(),
             weight: b.weight,
             health,
+            protocol: b.protocol,
+            circuit: entry
+                .health()
+                .circuit(vhost_routing::monotonic_ms())
+                .as_str()
+                .to_owned(),
+            max_concurrent_requests: b.max_concurrent_requests,
         }
     }
 }

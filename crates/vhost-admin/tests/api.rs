@@ -184,7 +184,7 @@ async fn every_seed_example_works() {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     assert_eq!(
         r.json(),
-        json!({"id": "web-v2", "address": "127.0.0.1:3002", "tags": ["b"], "weight": 1, "health": "up"})
+        json!({"id": "web-v2", "address": "127.0.0.1:3002", "tags": ["b"], "weight": 1, "health": "up", "protocol": "http", "circuit": "closed"})
     );
 
     // PUT /api/v1/domains/:domain

@@ -338,6 +338,14 @@ fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
             "canary_cookie and canary_override_cookie must differ",
         );
     }
+    if let Some(cb) = &p.circuit_breaker {
+        if let Err(field) = cb.check() {
+            return fail(
+                &format!("proxy.circuit_breaker.{field}"),
+                "out of range (consecutive_5xx 0-1000, min_requests 1-1000000, window_secs 1-3600, open_secs 1-86400, max_ejection_percent 0-100)",
+            );
+        }
+    }
     if p.management_api_token.as_deref().is_some_and(str::is_empty) {
         return fail(
             "proxy.management_api_token",
@@ -447,6 +455,7 @@ fn validation_key<'a>(
             | ValidationError::InvalidProbe { id, .. }
             | ValidationError::WildcardSni { id }
             | ValidationError::TlsSniRequired { id }
+            | ValidationError::InvalidBackendPolicy { id, .. }
             | ValidationError::EmptyCaPath { id }
             | ValidationError::TlsSettingWithoutTls { id, .. } => ("backends", backend_index(id)),
         };

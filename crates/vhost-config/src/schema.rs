@@ -115,6 +115,9 @@ pub struct ProxyConfig {
     /// Keep or make an `X-Request-Id` per request, send it to the backend and the client, and
     /// log it (default true).
     pub request_id: bool,
+    /// Outlier detection for every backend (absent: off); each field optional.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<vhost_routing::CircuitBreaker>,
 }
 
 impl Default for ProxyConfig {
@@ -148,6 +151,7 @@ impl Default for ProxyConfig {
             h2c: true,
             trusted_proxies: Vec::new(),
             request_id: true,
+            circuit_breaker: None,
         }
     }
 }

@@ -84,6 +84,34 @@ impl HealthMetrics {
                 }
             }
         }
+        e.family(
+            "circuit_breaker_open",
+            Kind::Gauge,
+            "1 while the circuit breaker keeps a backend ejected (open or waiting for its trial)",
+        );
+        for b in table.backends() {
+            let open = u8::from(b.health().is_ejected());
+            e.sample(
+                "circuit_breaker_open",
+                &[("backend", b.id().as_str())],
+                open,
+            );
+        }
+        e.family(
+            "circuit_breaker_ejections_total",
+            Kind::Counter,
+            "Times the circuit breaker ejected a backend (failed trials included)",
+        );
+        for b in table.backends() {
+            let n = b.health().ejections();
+            if n > 0 {
+                e.sample(
+                    "circuit_breaker_ejections_total",
+                    &[("backend", b.id().as_str())],
+                    n,
+                );
+            }
+        }
     }
 }
 

@@ -106,7 +106,7 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge};
     describe_counter!(
         "proxy_local_responses_total",
-        "Responses the proxy gave itself, by reason: unknown_host (404), misdirected (421), no_backend (503), redirect (308), upstream_timeout (504), upstream_error (502), overloaded (503: out of descriptors or ports), acme_challenge (ACME HTTP-01 answers), forbidden (403: access lists), rate_limited (429)"
+        "Responses the proxy gave itself, by reason: unknown_host (404), misdirected (421), no_backend (503), redirect (308), upstream_timeout (504), upstream_error (502), overloaded (503: out of descriptors or ports), acme_challenge (ACME HTTP-01 answers), forbidden (403: access lists), rate_limited (429), saturated (503: backends at max_concurrent_requests)"
     );
     describe_counter!(
         "proxy_client_errors_total",
@@ -129,7 +129,7 @@ struct Fixed {
     client_errors: FacadeCounter,
 }
 
-const LOCAL_REASONS: [LocalReason; 10] = [
+const LOCAL_REASONS: [LocalReason; 11] = [
     LocalReason::Redirect,
     LocalReason::UnknownHost,
     LocalReason::Misdirected,
@@ -140,6 +140,7 @@ const LOCAL_REASONS: [LocalReason; 10] = [
     LocalReason::AcmeChallenge,
     LocalReason::Forbidden,
     LocalReason::RateLimited,
+    LocalReason::Saturated,
 ];
 
 /// The proxy's metrics (see the module docs). Attach it to the route writer

@@ -24,9 +24,9 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use vhost_health::LogLimiter;
 use vhost_routing::{
-    any_contains, bucket_of, normalize_host, parse_bucket, BackendEntry, BackendProtocol,
-    CanaryRoute, Cidr, HeaderRules, Override, RateLimitKey, Route, RouteStore, RouteWriter,
-    RoutingTable, Side, StickyKey, BUCKETS, MAX_DOMAIN_LEN,
+    any_contains, bucket_of, normalize_host, parse_bucket, Admission, BackendEntry,
+    BackendProtocol, CanaryRoute, Cidr, CircuitBreaker, HeaderRules, Override, RateLimitKey, Route,
+    RouteStore, RouteWriter, RoutingTable, Side, StickyKey, Transition, BUCKETS, MAX_DOMAIN_LEN,
 };
 
 use crate::acme::{AcmeChallenges, HTTP01_PREFIX};
@@ -82,6 +82,8 @@ pub struct ProxyOptions {
     pub trusted_proxies: Vec<Cidr>,
     /// Keep a client's sane `X-Request-Id` or make one, send it to the backend, return it.
     pub request_id: bool,
+    /// Outlier detection (`None`: off).
+    pub circuit_breaker: Option<CircuitBreaker>,
 }
 
 /// Cookie and header names of canaries (see docs/canary.md).
@@ -129,6 +131,7 @@ impl Default for ProxyOptions {
             h2c: true,
             trusted_proxies: Vec::new(),
             request_id: true,
+            circuit_breaker: None,
         }
     }
 }
@@ -156,6 +159,8 @@ pub enum LocalReason {
     Forbidden,
     /// 429: over the domain's rate limit.
     RateLimited,
+    /// 503: every backend that could serve is at its `max_concurrent_requests`.
+    Saturated,
 }
 
 impl LocalReason {
@@ -172,6 +177,7 @@ impl LocalReason {
             Self::AcmeChallenge => "acme_challenge",
             Self::Forbidden => "forbidden",
             Self::RateLimited => "rate_limited",
+            Self::Saturated => "saturated",
         }
     }
 
@@ -186,6 +192,7 @@ impl LocalReason {
                 | Self::AcmeChallenge
                 | Self::Forbidden
                 | Self::RateLimited
+                | Self::Saturated
         )
     }
 }
@@ -267,6 +274,35 @@ pub struct RequestCtx {
     grpc_error: bool,
     /// This request's id (`X-Request-Id`), when request ids are on.
     request_id: Option<HeaderValue>,
+    /// The request is the half-open trial of its backend's circuit breaker.
+    trial: bool,
+    /// Counts this request in its backend's in-flight requests (limits and breaker on).
+    slot: Option<InFlight>,
+}
+
+/// One request in flight to a backend; leaves the count when dropped.
+#[derive(Debug)]
+struct InFlight(Arc<BackendEntry>);
+
+impl InFlight {
+    fn enter(backend: &Arc<BackendEntry>) -> Self {
+        backend.health().enter();
+        Self(Arc::clone(backend))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.health().leave();
+    }
+}
+
+/// A backend choice: (side, member index, backend), whether it is a breaker trial, and
+/// whether some backend was skipped for its concurrency limit.
+struct Pick {
+    chosen: Option<(Side, usize, Arc<BackendEntry>)>,
+    trial: bool,
+    saturated: bool,
 }
 
 /// What a request asked for, kept cheaply for the access log of a request that never finishes.
@@ -313,6 +349,12 @@ impl RequestLine {
 /// still get an access-log line, with status 0 and `local = "cut"`.
 impl Drop for RequestCtx {
     fn drop(&mut self) {
+        if self.trial {
+            // A trial without an outcome: the next request tries again.
+            if let Some(backend) = &self.backend {
+                backend.health().abandon_trial();
+            }
+        }
         if self.logged || self.start.is_none() {
             return;
         }
@@ -459,6 +501,84 @@ impl VhostProxy {
                 proxy: LogLimiter::new(Duration::from_secs(1)),
             }),
             upgraded: metrics::gauge!("proxy_upgraded_connections"),
+        }
+    }
+
+    /// Milliseconds on the circuit breakers' clock.
+    fn now_ms(&self) -> u64 {
+        vhost_routing::monotonic_ms()
+    }
+
+    /// The next backend of `route` for `wanted` that `accept` takes and that its breaker and
+    /// concurrency limit admit.
+    fn pick(
+        &self,
+        route: &Route,
+        wanted: Side,
+        mut accept: impl FnMut(&BackendEntry) -> bool,
+    ) -> Pick {
+        let breaker = self.options.circuit_breaker.is_some();
+        let now = if breaker { self.now_ms() } else { 0 };
+        let (mut trial, mut saturated) = (false, false);
+        let chosen = route
+            .select_on(wanted, |b| {
+                if !accept(b) {
+                    return false;
+                }
+                let max = b.backend().max_concurrent_requests;
+                if !breaker && max.is_none() {
+                    return true;
+                }
+                match b.health().admit(now, max) {
+                    Admission::Yes { trial: t } => {
+                        trial = t;
+                        true
+                    }
+                    Admission::Ejected => false,
+                    Admission::Saturated => {
+                        saturated = true;
+                        false
+                    }
+                }
+            })
+            .map(|(side, i, b)| (side, i, Arc::clone(b)));
+        Pick {
+            chosen,
+            trial,
+            saturated,
+        }
+    }
+
+    /// Records a request's outcome in its backend's circuit breaker.
+    fn record_outcome(&self, ctx: &RequestCtx, backend: &BackendEntry, failed: bool) {
+        let Some(settings) = &self.options.circuit_breaker else {
+            return;
+        };
+        let settings = settings.with(backend.backend().circuit_breaker.as_ref());
+        let may_eject = || {
+            let Some(pool) = ctx.route.as_ref().and_then(|r| r.pool_on(ctx.side)) else {
+                return false;
+            };
+            let members = pool.members();
+            let ejected = members.iter().filter(|m| m.health().is_ejected()).count();
+            let allowed = members.len() * usize::from(settings.max_ejection_percent) / 100;
+            ejected < allowed
+        };
+        let now = self.now_ms();
+        match backend
+            .health()
+            .record(now, failed, ctx.trial, &settings, may_eject)
+        {
+            Transition::Ejected => tracing::warn!(
+                backend = backend.id().as_str(),
+                open_secs = settings.open_secs,
+                "backend ejected by the circuit breaker"
+            ),
+            Transition::Restored => tracing::info!(
+                backend = backend.id().as_str(),
+                "backend restored by the circuit breaker (trial request succeeded)"
+            ),
+            Transition::None => {}
         }
     }
 
@@ -855,9 +975,9 @@ impl ProxyHttp for VhostProxy {
             Some(canary) => self.canary_side(session, canary, ctx),
             None => Side::Primary,
         };
-        let picked = route
-            .select_on(wanted, |_| true)
-            .map(|(side, i, b)| (side, i, Arc::clone(b)));
+        let pick = self.pick(&route, wanted, |_| true);
+        let picked = pick.chosen;
+        ctx.trial = pick.trial;
         if picked.as_ref().is_some_and(|(side, ..)| *side != wanted) {
             self.metrics.canary_fallback(&table, &route);
         }
@@ -865,10 +985,26 @@ impl ProxyHttp for VhostProxy {
         ctx.route = Some(route);
         match picked {
             Some((side, member, backend)) => {
+                if self.options.circuit_breaker.is_some()
+                    || backend.backend().max_concurrent_requests.is_some()
+                {
+                    ctx.slot = Some(InFlight::enter(&backend));
+                }
                 ctx.side = side;
                 ctx.member = Some(member);
                 ctx.backend = Some(backend);
                 Ok(false)
+            }
+            None if pick.saturated => {
+                ctx.local = Some(LocalReason::Saturated);
+                respond(
+                    session,
+                    503,
+                    &[(header::RETRY_AFTER, "1")],
+                    "backend concurrency limit reached\n",
+                )
+                .await?;
+                Ok(true)
             }
             None => {
                 ctx.local = Some(LocalReason::NoBackend);
@@ -895,14 +1031,20 @@ impl ProxyHttp for VhostProxy {
             let failed = &ctx.failed;
             // A retry after a connection failure: another available backend of the same side,
             // else of the other side of a canary.
-            let next = ctx.route.as_ref().and_then(|r| {
-                r.select_on(ctx.side, |b| {
+            let pick = ctx.route.as_ref().map(|r| {
+                self.pick(r, ctx.side, |b| {
                     b.socket_addr().is_some_and(|a| !failed.contains(&a))
                 })
-                .map(|(side, i, b)| (side, i, Arc::clone(b)))
             });
-            match next {
-                Some((side, member, b)) => {
+            match pick.and_then(|p| p.chosen.map(|c| (c, p.trial))) {
+                Some(((side, member, b), trial)) => {
+                    ctx.slot = None;
+                    if self.options.circuit_breaker.is_some()
+                        || b.backend().max_concurrent_requests.is_some()
+                    {
+                        ctx.slot = Some(InFlight::enter(&b));
+                    }
+                    ctx.trial = trial;
                     ctx.side = side;
                     ctx.member = Some(member);
                     ctx.backend = Some(b);
@@ -1067,6 +1209,10 @@ impl ProxyHttp for VhostProxy {
         if let Some(addr) = peer.address().as_inet() {
             ctx.failed.push(*addr);
         }
+        if let Some(backend) = ctx.backend.clone() {
+            self.record_outcome(ctx, &backend, true);
+            ctx.trial = false;
+        }
         if let (Some(backend), Some(table)) = (&ctx.backend, &ctx.table) {
             self.metrics.connect_failure(table, backend);
             let threshold = self.options.passive_failure_threshold;
@@ -1167,6 +1313,21 @@ impl ProxyHttp for VhostProxy {
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.map_or(Duration::ZERO, |s| s.elapsed());
+        if self.options.circuit_breaker.is_some() {
+            let reached = matches!(
+                ctx.local,
+                None | Some(LocalReason::UpstreamError | LocalReason::UpstreamTimeout)
+            );
+            if let Some(backend) = ctx.backend.clone().filter(|_| reached) {
+                // A client that left says nothing about the backend.
+                if status != 0 || ctx.local.is_some() {
+                    let failed = status >= 500 || ctx.local.is_some();
+                    self.record_outcome(ctx, &backend, failed);
+                    ctx.trial = false;
+                }
+            }
+        }
+        ctx.slot = None;
         self.metrics.record(&Finished {
             table: ctx.table.as_deref(),
             route: ctx.route.as_ref(),

@@ -110,6 +110,14 @@ pub enum ValidationError {
         /// The backend's protocol.
         protocol: &'static str,
     },
+    /// A policy setting of a backend is out of range.
+    #[error("backend {id}: {field} is out of range")]
+    InvalidBackendPolicy {
+        /// The backend.
+        id: BackendId,
+        /// The setting.
+        field: &'static str,
+    },
     /// A traffic-policy setting of a domain is invalid.
     #[error("domain {domain}: {field}: {reason}")]
     InvalidPolicy {
@@ -177,7 +185,7 @@ impl ValidationError {
             Self::IncompleteTlsPair { .. } | Self::EmptyTlsPath { .. } => "tls_cert_path",
             Self::AcmeWildcard { .. } | Self::AcmeWithOwnCertificate { .. } => "acme",
             Self::WildcardSni { .. } | Self::TlsSniRequired { .. } => "tls_sni",
-            Self::InvalidPolicy { field, .. } => field,
+            Self::InvalidPolicy { field, .. } | Self::InvalidBackendPolicy { field, .. } => field,
             Self::EmptyCaPath { .. } => "tls_ca_path",
             Self::TlsSettingWithoutTls { field, .. } => field,
             Self::CanaryIsPrimary { .. } => "canary.tag",

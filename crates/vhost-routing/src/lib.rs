@@ -54,7 +54,10 @@ pub use names::{
     AddressError, BackendAddress, BackendId, BackendIdError, DomainName, DomainNameError, Host,
     Tag, TagError, MAX_DOMAIN_LEN,
 };
-pub use policy::{any_contains, Cidr, HeaderRules, PolicyError, RateLimit, RateLimitKey};
+pub use policy::{
+    any_contains, monotonic_ms, Cidr, CircuitBreaker, CircuitBreakerOverride, HeaderRules,
+    PolicyError, RateLimit, RateLimitKey, Ratio,
+};
 pub use rollout::{
     decide, judge, p99_ms, Action, Analysis, Progress, RolloutError, RolloutState, Threshold,
     Verdict, Window,
@@ -62,6 +65,6 @@ pub use rollout::{
 pub use state::{Change, Command, State};
 pub use store::{RouteStore, RouteWriter};
 pub use table::{
-    normalize_host, Attach, BackendEntry, BuildOptions, CanaryRoute, HealthCell, LiteralOnly, Pool,
-    Resolve, Route, RoutingTable,
+    normalize_host, Admission, Attach, BackendEntry, BuildOptions, CanaryRoute, CircuitState,
+    HealthCell, LiteralOnly, Pool, Resolve, Route, RoutingTable, Transition,
 };

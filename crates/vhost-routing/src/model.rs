@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::canary::Canary;
 use crate::error::{ProbeFieldError, ValidationError};
 use crate::names::{BackendAddress, BackendId, DomainName, Tag};
-use crate::policy::{Cidr, HeaderRules, RateLimit};
+use crate::policy::{Cidr, CircuitBreakerOverride, HeaderRules, RateLimit};
 
 /// Largest accepted backend weight (as in HAProxy); the default is 1.
 pub const MAX_WEIGHT: u16 = 256;
@@ -462,6 +462,18 @@ pub struct Backend {
     #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_path: Option<String>,
+    /// Changes to `[proxy] circuit_breaker` for this backend (when the breaker is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerOverride>,
+    /// Requests in flight to this backend beyond which others are answered 503 at once
+    /// (1–1000000; default: no limit).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
+    #[serde(
+        default,
+        deserialize_with = "whole::option_u32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_concurrent_requests: Option<u32>,
 }
 
 fn default_true() -> bool {
@@ -529,6 +541,8 @@ impl Backend {
             tls_verify: true,
             tls_sni: None,
             tls_ca_path: None,
+            circuit_breaker: None,
+            max_concurrent_requests: None,
         }
     }
 
@@ -584,6 +598,29 @@ impl Backend {
             return Err(ValidationError::EmptyCaPath {
                 id: self.id.clone(),
             });
+        }
+        if self
+            .max_concurrent_requests
+            .is_some_and(|m| !(1..=1_000_000).contains(&m))
+        {
+            return Err(ValidationError::InvalidBackendPolicy {
+                id: self.id.clone(),
+                field: "max_concurrent_requests",
+            });
+        }
+        if let Some(cb) = &self.circuit_breaker {
+            crate::policy::CircuitBreaker::default()
+                .with(Some(cb))
+                .check()
+                .map_err(|field| ValidationError::InvalidBackendPolicy {
+                    id: self.id.clone(),
+                    field: match field {
+                        "consecutive_5xx" => "circuit_breaker.consecutive_5xx",
+                        "min_requests" => "circuit_breaker.min_requests",
+                        "window_secs" => "circuit_breaker.window_secs",
+                        _ => "circuit_breaker.open_secs",
+                    },
+                })?;
         }
         let ip_literal = matches!(self.address.host(), crate::names::Host::Ip(_));
         if self.protocol.tls() && self.tls_verify && self.tls_sni.is_none() && ip_literal {
@@ -749,6 +786,22 @@ pub struct BackendUpdate {
     /// New CA file (`""` clears it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_path: Option<String>,
+    /// New circuit-breaker changes (`{}` removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerOverride>,
+    /// New concurrency limit; `null` removes it.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u32>, minimum = 1, maximum = 1_000_000))]
+    #[serde(
+        default,
+        deserialize_with = "present_u32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_concurrent_requests: Option<Option<u32>>,
+}
+
+/// A present integer field (`Some(None)` for `null`), whole floats accepted.
+fn present_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+    whole::option_u32(d).map(Some)
 }
 
 impl BackendUpdate {
@@ -778,6 +831,12 @@ impl BackendUpdate {
         }
         if let Some(ca) = &self.tls_ca_path {
             next.tls_ca_path = (!ca.is_empty()).then(|| ca.clone());
+        }
+        if let Some(cb) = &self.circuit_breaker {
+            next.circuit_breaker = (*cb != CircuitBreakerOverride::default()).then_some(*cb);
+        }
+        if let Some(max) = self.max_concurrent_requests {
+            next.max_concurrent_requests = max;
         }
         next
     }

@@ -555,3 +555,178 @@ mod tests {
         }
     }
 }
+
+/// Milliseconds on the process's monotonic clock (the circuit breakers' time base, shared by the
+/// data plane that records outcomes and the admin API that shows states).
+pub fn monotonic_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A share from 0 (exclusive) to 1, e.g. a failure ratio.
+#[derive(Debug, Clone, Copy, PartialOrd, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Ratio(f64);
+
+impl Ratio {
+    /// `value` if it is in (0, 1].
+    pub fn new(value: f64) -> Option<Self> {
+        (value > 0.0 && value <= 1.0).then_some(Self(value))
+    }
+
+    /// The value.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl PartialEq for Ratio {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Ratio {}
+
+impl std::hash::Hash for Ratio {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
+}
+
+impl TryFrom<f64> for Ratio {
+    type Error = String;
+    fn try_from(value: f64) -> Result<Self, String> {
+        Self::new(value).ok_or_else(|| format!("{value} is not a ratio above 0 and at most 1"))
+    }
+}
+
+impl From<Ratio> for f64 {
+    fn from(r: Ratio) -> f64 {
+        r.0
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Ratio {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Number)
+            .exclusive_minimum(Some(0))
+            .maximum(Some(1))
+            .examples([0.5])
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Ratio {}
+
+/// Outlier detection (Envoy-style): a backend answering 5xx or refusing connections is ejected
+/// for `open_secs`, then one trial request decides whether it comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreaker {
+    /// Ejected after this many 5xx answers or connection failures in a row (0: never for that).
+    pub consecutive_5xx: u32,
+    /// Ejected when its failure share over the window exceeds this...
+    pub failure_ratio: Ratio,
+    /// ...with at least this many requests in the window.
+    pub min_requests: u32,
+    /// The window of the failure ratio, in seconds.
+    pub window_secs: u32,
+    /// How long an ejection lasts before a trial request, in seconds.
+    pub open_secs: u32,
+    /// Never more than this percentage of a tag's backends ejected at once.
+    pub max_ejection_percent: u8,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            failure_ratio: Ratio(0.5),
+            min_requests: 20,
+            window_secs: 10,
+            open_secs: 30,
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+/// A backend's changes to the global `[proxy] circuit_breaker` (absent fields keep it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerOverride {
+    /// See [`CircuitBreaker::consecutive_5xx`] (0–1000).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1000))]
+    #[serde(
+        default,
+        deserialize_with = "crate::model::whole::option_u32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub consecutive_5xx: Option<u32>,
+    /// See [`CircuitBreaker::failure_ratio`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_ratio: Option<Ratio>,
+    /// See [`CircuitBreaker::min_requests`] (1–1000000).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
+    #[serde(
+        default,
+        deserialize_with = "crate::model::whole::option_u32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub min_requests: Option<u32>,
+    /// See [`CircuitBreaker::window_secs`] (1–3600).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3600))]
+    #[serde(
+        default,
+        deserialize_with = "crate::model::whole::option_u32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub window_secs: Option<u32>,
+    /// See [`CircuitBreaker::open_secs`] (1–86400).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86_400))]
+    #[serde(
+        default,
+        deserialize_with = "crate::model::whole::option_u32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub open_secs: Option<u32>,
+}
+
+impl CircuitBreaker {
+    /// The settings of a backend with `o` over these.
+    pub fn with(mut self, o: Option<&CircuitBreakerOverride>) -> Self {
+        if let Some(o) = o {
+            self.consecutive_5xx = o.consecutive_5xx.unwrap_or(self.consecutive_5xx);
+            self.failure_ratio = o.failure_ratio.unwrap_or(self.failure_ratio);
+            self.min_requests = o.min_requests.unwrap_or(self.min_requests);
+            self.window_secs = o.window_secs.unwrap_or(self.window_secs);
+            self.open_secs = o.open_secs.unwrap_or(self.open_secs);
+        }
+        self
+    }
+
+    /// The first setting out of range, if any.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.consecutive_5xx > 1000 {
+            return Err("consecutive_5xx");
+        }
+        if !(1..=1_000_000).contains(&self.min_requests) {
+            return Err("min_requests");
+        }
+        if !(1..=3600).contains(&self.window_secs) {
+            return Err("window_secs");
+        }
+        if !(1..=86_400).contains(&self.open_secs) {
+            return Err("open_secs");
+        }
+        if self.max_ejection_percent > 100 {
+            return Err("max_ejection_percent");
+        }
+        Ok(())
+    }
+}

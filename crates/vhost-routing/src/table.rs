@@ -10,7 +10,7 @@
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use foldhash::fast::RandomState;
@@ -55,6 +55,70 @@ where
 pub struct HealthCell {
     healthy: AtomicBool,
     connect_failures: AtomicU32,
+    breaker: Breaker,
+}
+
+/// Circuit-breaker state of a backend (see [`crate::policy::CircuitBreaker`]): atomics only,
+/// times in milliseconds of the caller's monotonic clock.
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive: AtomicU32,
+    window_start: AtomicU64,
+    window_total: AtomicU32,
+    window_failed: AtomicU32,
+    /// 0: closed; otherwise ejected until then, and half-open after.
+    open_until: AtomicU64,
+    /// A half-open trial request is in flight.
+    trial: AtomicBool,
+    in_flight: AtomicU32,
+    ejections: AtomicU64,
+}
+
+/// Whether a backend takes a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Yes; `trial`: as the one request that decides whether an ejected backend comes back.
+    Yes {
+        /// This request is the half-open trial.
+        trial: bool,
+    },
+    /// Ejected by the circuit breaker.
+    Ejected,
+    /// At its `max_concurrent_requests`.
+    Saturated,
+}
+
+/// A circuit-breaker state as the API and metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Takes traffic.
+    Closed,
+    /// Ejected: takes none until the open period ends.
+    Open,
+    /// The open period ended: the next request is a trial.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// `closed`, `open` or `half_open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// What a recorded outcome did to the circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Nothing changed.
+    None,
+    /// The backend was ejected (or a failed trial ejected it again).
+    Ejected,
+    /// A successful trial brought it back.
+    Restored,
 }
 
 impl HealthCell {
@@ -63,7 +127,143 @@ impl HealthCell {
         Self {
             healthy: AtomicBool::new(healthy),
             connect_failures: AtomicU32::new(0),
+            breaker: Breaker::default(),
         }
+    }
+
+    /// The circuit at `now` (ms).
+    pub fn circuit(&self, now: u64) -> CircuitState {
+        match self.breaker.open_until.load(Ordering::Relaxed) {
+            0 => CircuitState::Closed,
+            until if now < until => CircuitState::Open,
+            _ => CircuitState::HalfOpen,
+        }
+    }
+
+    /// Whether the backend is ejected now or waiting for its trial (for `max_ejection_percent`).
+    pub fn is_ejected(&self) -> bool {
+        self.breaker.open_until.load(Ordering::Relaxed) != 0
+    }
+
+    /// Times the backend was ejected.
+    pub fn ejections(&self) -> u64 {
+        self.breaker.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight to the backend (counted only while a limit or a breaker applies).
+    pub fn in_flight(&self) -> u32 {
+        self.breaker.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request may go to this backend at `now`: not ejected (an ended ejection lets
+    /// exactly one trial through), and under `max_concurrent` requests in flight.
+    pub fn admit(&self, now: u64, max_concurrent: Option<u32>) -> Admission {
+        let b = &self.breaker;
+        let mut trial = false;
+        let until = b.open_until.load(Ordering::Relaxed);
+        if until != 0 {
+            if now < until
+                || b.trial
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+            {
+                return Admission::Ejected;
+            }
+            trial = true;
+        }
+        if max_concurrent.is_some_and(|max| b.in_flight.load(Ordering::Relaxed) >= max) {
+            if trial {
+                b.trial.store(false, Ordering::Release);
+            }
+            return Admission::Saturated;
+        }
+        Admission::Yes { trial }
+    }
+
+    /// The half-open trial this request held ended without an outcome (the client left):
+    /// the next request will be the trial.
+    pub fn abandon_trial(&self) {
+        self.breaker.trial.store(false, Ordering::Release);
+    }
+
+    /// A request to this backend starts (see [`HealthCell::leave`]).
+    pub fn enter(&self) {
+        self.breaker.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request to this backend ended.
+    pub fn leave(&self) {
+        self.breaker.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Records the outcome of a request at `now` (ms): `failed` for a 5xx answer or a failed
+    /// connection. `may_eject` says whether ejecting one more backend of its tag stays within
+    /// `max_ejection_percent` (asked only when the breaker trips).
+    pub fn record(
+        &self,
+        now: u64,
+        failed: bool,
+        trial: bool,
+        settings: &crate::policy::CircuitBreaker,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Transition {
+        let b = &self.breaker;
+        let open_ms = u64::from(settings.open_secs) * 1000;
+        if trial {
+            b.trial.store(false, Ordering::Release);
+            if failed {
+                b.open_until.store(now + open_ms, Ordering::Relaxed);
+                b.ejections.fetch_add(1, Ordering::Relaxed);
+                return Transition::Ejected;
+            }
+            self.reset_window(now);
+            b.open_until.store(0, Ordering::Relaxed);
+            return Transition::Restored;
+        }
+        if b.open_until.load(Ordering::Relaxed) != 0 {
+            return Transition::None;
+        }
+        let consecutive = if failed {
+            b.consecutive.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            if b.consecutive.load(Ordering::Relaxed) != 0 {
+                b.consecutive.store(0, Ordering::Relaxed);
+            }
+            0
+        };
+        let window_ms = u64::from(settings.window_secs) * 1000;
+        if now.saturating_sub(b.window_start.load(Ordering::Relaxed)) >= window_ms {
+            self.reset_window(now);
+        }
+        let total = b.window_total.fetch_add(1, Ordering::Relaxed) + 1;
+        let bad = if failed {
+            b.window_failed.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            b.window_failed.load(Ordering::Relaxed)
+        };
+        let by_count = settings.consecutive_5xx > 0 && consecutive >= settings.consecutive_5xx;
+        let by_ratio = failed
+            && total >= settings.min_requests
+            && f64::from(bad) / f64::from(total) > settings.failure_ratio.get();
+        if (by_count || by_ratio)
+            && may_eject()
+            && b.open_until
+                .compare_exchange(0, now + open_ms, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            b.ejections.fetch_add(1, Ordering::Relaxed);
+            b.consecutive.store(0, Ordering::Relaxed);
+            self.reset_window(now);
+            return Transition::Ejected;
+        }
+        Transition::None
+    }
+
+    fn reset_window(&self, now: u64) {
+        let b = &self.breaker;
+        b.window_start.store(now, Ordering::Relaxed);
+        b.window_total.store(0, Ordering::Relaxed);
+        b.window_failed.store(0, Ordering::Relaxed);
     }
 
     /// Current state.
@@ -1163,5 +1363,89 @@ mod tests {
             },
         );
         assert!(tb.lookup(b"a.com").unwrap().select().is_none());
+    }
+}
+
+#[cfg(test)]
+mod breaker_tests {
+    use super::*;
+    use crate::policy::CircuitBreaker;
+
+    #[test]
+    fn consecutive_failures_eject_then_one_trial_decides() {
+        let cell = HealthCell::new(true);
+        let cb = CircuitBreaker {
+            consecutive_5xx: 3,
+            open_secs: 2,
+            ..CircuitBreaker::default()
+        };
+        assert_eq!(cell.record(0, true, false, &cb, || true), Transition::None);
+        assert_eq!(cell.record(1, false, false, &cb, || true), Transition::None);
+        assert_eq!(cell.record(2, true, false, &cb, || true), Transition::None);
+        assert_eq!(cell.record(3, true, false, &cb, || true), Transition::None);
+        assert_eq!(
+            cell.record(4, true, false, &cb, || true),
+            Transition::Ejected
+        );
+        assert_eq!(cell.circuit(5), CircuitState::Open);
+        assert_eq!(cell.admit(5, None), Admission::Ejected);
+        // After open_secs: exactly one trial.
+        assert_eq!(cell.circuit(2004), CircuitState::HalfOpen);
+        assert_eq!(cell.admit(2004, None), Admission::Yes { trial: true });
+        assert_eq!(cell.admit(2004, None), Admission::Ejected);
+        // A failed trial ejects again; a good one restores.
+        assert_eq!(
+            cell.record(2005, true, true, &cb, || true),
+            Transition::Ejected
+        );
+        assert_eq!(cell.admit(3000, None), Admission::Ejected);
+        assert_eq!(cell.admit(4005, None), Admission::Yes { trial: true });
+        assert_eq!(
+            cell.record(4006, false, true, &cb, || true),
+            Transition::Restored
+        );
+        assert_eq!(cell.circuit(4007), CircuitState::Closed);
+        assert_eq!(cell.ejections(), 2);
+    }
+
+    #[test]
+    fn the_failure_ratio_needs_enough_requests_and_ejection_can_be_refused() {
+        let cell = HealthCell::new(true);
+        let cb = CircuitBreaker {
+            consecutive_5xx: 0,
+            min_requests: 10,
+            ..CircuitBreaker::default()
+        };
+        for i in 0..9 {
+            assert_eq!(
+                cell.record(i, i % 2 == 0, false, &cb, || true),
+                Transition::None
+            );
+        }
+        // 10th request, 6 failed of 10 > 0.5 — but the tag's ejection budget is spent.
+        assert_eq!(cell.record(9, true, false, &cb, || false), Transition::None);
+        assert_eq!(
+            cell.record(10, true, false, &cb, || true),
+            Transition::Ejected
+        );
+        // A new window forgets.
+        let fresh = HealthCell::new(true);
+        for i in 0..5 {
+            fresh.record(i, true, false, &cb, || true);
+        }
+        assert_eq!(
+            fresh.record(20_000, true, false, &cb, || true),
+            Transition::None
+        );
+    }
+
+    #[test]
+    fn concurrency_is_capped() {
+        let cell = HealthCell::new(true);
+        cell.enter();
+        assert_eq!(cell.admit(0, Some(1)), Admission::Saturated);
+        assert_eq!(cell.admit(0, Some(2)), Admission::Yes { trial: false });
+        cell.leave();
+        assert_eq!(cell.admit(0, Some(1)), Admission::Yes { trial: false });
     }
 }
