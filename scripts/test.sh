@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 tools=()
 command -v promtool >/dev/null 2>&1 || tools+=(prometheus)
 command -v pebble >/dev/null 2>&1 || tools+=(pebble)
+# systemd-analyze (package `systemd`) verifies packaging/pingora-vhost.service.
+command -v systemd-analyze >/dev/null 2>&1 || tools+=(systemd)
 if ((${#tools[@]})); then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -442,3 +442,108 @@ fn certificate_paths_that_are_not_certificate_files_are_refused_quickly() {
         assert_eq!(r.status(), 200);
     });
 }
+
+/// `systemd-analyze verify` on a copy of the unit pointing at the binary under test; any
+/// complaint (unknown key, missing executable, bad value) fails.
+fn verify_unit(text: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("pingora-vhost.service");
+    std::fs::write(&unit, text.replace("/usr/bin/pingora-vhost", binary())).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .map_err(|e| format!("systemd-analyze: {e} (apt-get install systemd)"))?;
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && complaints.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(complaints)
+    }
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_is_hardened() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../packaging/pingora-vhost.service");
+    let unit = std::fs::read_to_string(path).unwrap();
+    verify_unit(&unit).unwrap();
+    for line in [
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "StateDirectory=pingora-vhost pingora-vhost/acme",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "User=pingora-vhost",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    // The check can fail: a misspelt key is reported.
+    let typo = unit.replace("ProtectSystem=strict", "ProtectSytem=strict");
+    assert!(verify_unit(&typo).unwrap_err().contains("ProtectSytem"));
+    // The unit's pre-start check passes on the packaged example config.
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config.example.toml");
+    let status = std::process::Command::new(binary())
+        .args(["--check", "--config"])
+        .arg(example)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+}
+
+#[test]
+fn the_alerting_rules_parse_and_name_metrics_the_proxy_exports() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let rules = root.join("packaging/pingora-vhost.rules.yml");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
+    assert!(out.status.success(), "{out:?}");
+    // Every metric the rules use is one the code registers.
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let sources: String = [
+        "crates/vhost-pingora/src",
+        "crates/vhost-health/src",
+        "crates/vhost-server/src",
+    ]
+    .iter()
+    .flat_map(|dir| std::fs::read_dir(root.join(dir)).unwrap())
+    .flat_map(|entry| {
+        let path = entry.unwrap().path();
+        let files: Vec<std::path::PathBuf> = if path.is_dir() {
+            std::fs::read_dir(&path)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect()
+        } else {
+            vec![path]
+        };
+        files
+    })
+    .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+    .map(|p| std::fs::read_to_string(p).unwrap())
+    .collect();
+    for name in [
+        "health_check_status",
+        "proxy_requests_total",
+        "tls_certificate_expiry_timestamp_seconds",
+        "acme_consecutive_failures",
+        "circuit_breaker_open",
+        "rollout_aborts_total",
+        "proxy_connections_rejected_total",
+    ] {
+        assert!(text.contains(name), "the rules do not use {name}");
+        assert!(
+            sources.contains(&format!("\"{name}\"")),
+            "{name} is not exported"
+        );
+    }
+}
