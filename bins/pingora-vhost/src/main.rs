@@ -24,6 +24,10 @@ struct Cli {
     /// and exit: 0 if valid (warnings on stderr), 1 if not.
     #[arg(long)]
     check: bool,
+    /// Take the listening sockets over from the running process (zero-downtime binary
+    /// upgrade over `[proxy] upgrade_sock`): start this, then send the old process SIGQUIT.
+    #[arg(long, conflicts_with = "check")]
+    upgrade: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -72,13 +76,19 @@ fn check(config: &std::path::Path) -> Result<(), Failure> {
     Ok(())
 }
 
-fn serve(path: &std::path::Path) -> Result<(), Failure> {
+fn serve(path: &std::path::Path, upgrade: bool) -> Result<(), Failure> {
     let config = vhost_config::load(path)?;
     let _log_guard = logging::init(&config.logging)?;
-    Ok(vhost_server::run(
+    let start = if upgrade {
+        vhost_server::Start::Upgrade
+    } else {
+        vhost_server::Start::Fresh
+    };
+    Ok(vhost_server::run_with(
         config,
         path,
         vhost_server::Signals::Process,
+        start,
     )?)
 }
 
@@ -89,7 +99,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Demo { dir, http_port }) => demo(dir, http_port),
         None if cli.check => check(&cli.config),
-        None => serve(&cli.config),
+        None => serve(&cli.config, cli.upgrade),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -115,6 +115,10 @@ pub struct ProxyConfig {
     /// Keep or make an `X-Request-Id` per request, send it to the backend and the client, and
     /// log it (default true).
     pub request_id: bool,
+    /// Unix socket over which a new process started with `--upgrade` takes the listening
+    /// sockets from this one (on SIGQUIT); absent: no zero-downtime upgrade.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_sock: Option<PathBuf>,
     /// Outlier detection for every backend (absent: off); each field optional.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<vhost_routing::CircuitBreaker>,
@@ -152,6 +156,7 @@ impl Default for ProxyConfig {
             trusted_proxies: Vec::new(),
             request_id: true,
             circuit_breaker: None,
+            upgrade_sock: None,
         }
     }
 }

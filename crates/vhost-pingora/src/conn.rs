@@ -347,6 +347,8 @@ impl VhostApp {
         // holds some (pipelining), start the session at once.
         let mut wait_until = Some(accepted + limits.header_timeout);
         let mut first_request = true;
+        // The service is shutting down: serve what arrives with `Connection: close`.
+        let mut draining = false;
         // One timer and one shutdown waiter for the connection's whole life, reset per request:
         // pushing a registered timer's deadline later costs an atomic, not a timer-wheel update.
         let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(
@@ -374,11 +376,12 @@ impl VhostApp {
                         &mut stream,
                         shared,
                         idle_timer.as_mut(),
-                        stopping.as_mut(),
+                        (!draining).then_some(stopping.as_mut()),
                         idle,
                     );
                     match wait.await {
-                        Ok(bytes) => {
+                        Ok((bytes, drain)) => {
+                            draining |= drain;
                             let deadline = if first_request {
                                 accepted + limits.header_timeout
                             } else {
@@ -401,6 +404,9 @@ impl VhostApp {
             let mut session = ServerSession::new_http1(stream);
             if let Some(s) = settings.take() {
                 s.apply_to_session(&mut session);
+            }
+            if draining || *shutdown.borrow() {
+                session.set_keepalive(None);
             }
             session.set_pipelining_enabled(true);
             if let Some(bytes) = first_bytes {
@@ -479,28 +485,39 @@ fn closed(shared: &ConnShared) -> impl std::future::Future<Output = CloseReason>
 }
 
 /// Waits (until `timer` fires) for the first bytes of the next request and returns them in a
-/// buffer the Pingora session continues to read into. `Err(Some(reason))`: counted close;
-/// `Err(None)`: the client closed or the service is shutting down.
+/// buffer the Pingora session continues to read into, and whether the service started shutting
+/// down meanwhile (the request is then served with `Connection: close`: a client that sends on
+/// an idle keep-alive connection during a drain or an upgrade gets its answer, not a reset).
+/// `Err(Some(reason))`: counted close; `Err(None)`: the client closed.
 async fn first_bytes(
     stream: &mut Stream,
     shared: &ConnShared,
-    timer: Pin<&mut tokio::time::Sleep>,
-    stopping: Pin<&mut impl std::future::Future<Output = ()>>,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    stopping: Option<Pin<&mut impl std::future::Future<Output = ()>>>,
     idle: CloseReason,
-) -> Result<BytesMut, Option<CloseReason>> {
+) -> Result<(BytesMut, bool), Option<CloseReason>> {
     // Pingora's initial request buffer size.
     let mut buf = BytesMut::with_capacity(4096);
-    let read = tokio::select! {
-        biased;
-        r = stream.read_buf(&mut buf) => matches!(r, Ok(n) if n > 0),
-        reason = closed(shared) => return Err(Some(reason)),
-        () = stopping => false,
-        () = timer => return Err(Some(idle)),
+    let done = |r: io::Result<usize>, buf: BytesMut, draining: bool| match r {
+        Ok(n) if n > 0 => Ok((buf, draining)),
+        _ => Err(None),
     };
-    if read {
-        Ok(buf)
-    } else {
-        Err(None)
+    let mut draining = false;
+    if let Some(stopping) = stopping {
+        tokio::select! {
+            biased;
+            r = stream.read_buf(&mut buf) => return done(r, buf, false),
+            reason = closed(shared) => return Err(Some(reason)),
+            () = stopping => draining = true,
+            () = timer.as_mut() => return Err(Some(idle)),
+        }
+    }
+    tokio::select! {
+        biased;
+        r = stream.read_buf(&mut buf) => done(r, buf, draining),
+        reason = closed(shared) => Err(Some(reason)),
+        // A drain ends idle connections quietly.
+        () = timer.as_mut() => Err((!draining).then_some(idle)),
     }
 }
 

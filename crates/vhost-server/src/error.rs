@@ -21,6 +21,9 @@ pub enum ServerError {
     /// The config file cannot be opened for write-back.
     #[error(transparent)]
     Persist(#[from] PersistError),
+    /// A binary upgrade cannot proceed.
+    #[error("upgrade: {0}")]
+    Upgrade(String),
     /// The `[lets_encrypt]` settings cannot be used (e.g. an unreadable `directory_ca_path`).
     #[error("{0}")]
     Acme(String),

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 pub use error::ServerError;
 pub use publish::{check_settings, SystemResolver};
-pub use run::{check, run, CheckReport, Control, Signals};
+pub use run::{check, run, run_with, CheckReport, Control, Signals, Start};
 
 /// The configuration's `[proxy]` and `[health_check]` settings for the Pingora adapter.
 pub fn proxy_options(config: &vhost_config::Config) -> vhost_pingora::ProxyOptions {

@@ -34,14 +34,38 @@ pub struct Metrics {
 /// Installs the global recorder and binds the listener; `None` when metrics are disabled (the
 /// facade then records nothing).
 pub fn install(config: &MetricsConfig) -> Result<Option<Metrics>, ServerError> {
+    install_with(config, false)
+}
+
+/// Like [`install`]; `wait_for_port`: retry binding for up to 30 s while the address is in use
+/// (a binary upgrade, until the old process releases it).
+pub fn install_with(
+    config: &MetricsConfig,
+    wait_for_port: bool,
+) -> Result<Option<Metrics>, ServerError> {
     if !config.enabled {
         return Ok(None);
     }
-    let listener = TcpListener::bind(config.listen_addr).map_err(|source| ServerError::Bind {
-        addr: config.listen_addr,
-        key: "metrics.listen_addr",
-        source,
-    })?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let listener = loop {
+        match TcpListener::bind(config.listen_addr) {
+            Ok(l) => break l,
+            Err(e)
+                if wait_for_port
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(ServerError::Bind {
+                    addr: config.listen_addr,
+                    key: "metrics.listen_addr",
+                    source,
+                })
+            }
+        }
+    };
     let recorder = PrometheusBuilder::new()
         .set_buckets(&vhost_metrics::LATENCY_BUCKETS)?
         .build_recorder();

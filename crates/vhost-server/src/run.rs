@@ -4,7 +4,10 @@
 //! snapshot) + [`CertStore`] → Pingora `Server` with the [`vhost_pingora::proxy_service`] on its
 //! own thread → the control loop: a reload order (SIGHUP) re-reads the file
 //! ([`crate::reload`]); a stop order (SIGTERM/SIGINT) stops accepting, drains in-flight requests
-//! (bounded by `grace_period_secs`; requests still running then are cut and logged), returns.
+//! (bounded by `grace_period_secs`; requests still running then are cut and logged), returns; an
+//! upgrade order (SIGQUIT, with `[proxy] upgrade_sock`) first releases the admin API and metrics
+//! ports and hands the listening sockets to a process started with [`Start::Upgrade`], then
+//! drains the same way.
 //!
 //! Threads: Pingora's proxy threads; `vhost-admin` (admin API, DNS refresh, memory upkeep, the
 //! control loop); `vhost-health` (the health checker and every prober, so their timeouts are
@@ -40,6 +43,20 @@ pub enum Control {
     /// Stop accepting, drain in-flight requests within the grace period and return, as SIGTERM
     /// does.
     Stop,
+    /// Hand the listening sockets to a new process started with `--upgrade` (over
+    /// `[proxy] upgrade_sock`), then drain and return, as SIGQUIT does.
+    Upgrade,
+}
+
+/// How a proxy process starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Start {
+    /// Bind the listeners itself.
+    #[default]
+    Fresh,
+    /// Take the listening sockets over from a running process (which is sent SIGQUIT), then
+    /// bind the admin API and metrics listeners as soon as it releases them.
+    Upgrade,
 }
 
 /// Where a running proxy takes its orders from.
@@ -82,16 +99,40 @@ pub fn check(path: &Path) -> Result<CheckReport, ServerError> {
     })
 }
 
-/// Pingora's shutdown trigger, fired by the control loop.
-struct ChannelShutdown(watch::Receiver<bool>);
+/// Pingora's shutdown trigger, fired by the control loop: `Some(true)` hands the listeners
+/// over first (upgrade), `Some(false)` terminates.
+struct ChannelShutdown(watch::Receiver<Option<bool>>);
 
 #[async_trait]
 impl ShutdownSignalWatch for ChannelShutdown {
     async fn recv(&self) -> ShutdownSignal {
         let mut rx = self.0.clone();
         // An error means the sender is gone: shut down as well.
-        let _ = rx.wait_for(|stop| *stop).await;
-        ShutdownSignal::GracefulTerminate
+        let upgrade = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|v| *v == Some(true))
+            .unwrap_or(false);
+        if upgrade {
+            ShutdownSignal::GracefulUpgrade
+        } else {
+            ShutdownSignal::GracefulTerminate
+        }
+    }
+}
+
+/// Binds `addr`, retrying for up to 30 s while it is in use (an upgrade: the old process
+/// releases it when it receives SIGQUIT).
+fn bind_when_free(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(source) => return Err(ServerError::Bind { addr, key, source }),
+        }
     }
 }
 
@@ -117,7 +158,23 @@ where
 /// Runs the proxy for a loaded `config` (read from `path`, which changes through the admin API
 /// are written back to) until a stop order; see the module docs.
 pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerError> {
+    run_with(config, path, signals, Start::Fresh)
+}
+
+/// Like [`run`], starting as `start` says.
+pub fn run_with(
+    config: Config,
+    path: &Path,
+    signals: Signals,
+    start: Start,
+) -> Result<(), ServerError> {
     let proxy_conf = &config.proxy;
+    let upgrading = start == Start::Upgrade;
+    if upgrading && proxy_conf.upgrade_sock.is_none() {
+        return Err(ServerError::Upgrade(
+            "--upgrade needs [proxy] upgrade_sock (the same path as the running process's)".into(),
+        ));
+    }
     let nofile = checks::descriptor_limit(true);
     let certs = Arc::new(CertStore::new(None));
     let checked = checks::check(&config, path, &certs, nofile)?;
@@ -131,11 +188,12 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         tracing::warn!("no certificate configured: HTTPS listener not started");
     }
 
-    let admin_listener = bind(proxy_conf.management_api_addr, "proxy.management_api_addr")?;
-    let metrics = crate::metrics::install(&config.metrics)?;
-    drop(bind(proxy_conf.listen_addr_http, "proxy.listen_addr_http")?);
-    if https_enabled {
-        drop(bind(proxy_conf.listen_addr, "proxy.listen_addr")?);
+    if !upgrading {
+        // Fail early and clearly when a proxy port is taken (an upgrade inherits them).
+        drop(bind(proxy_conf.listen_addr_http, "proxy.listen_addr_http")?);
+        if https_enabled {
+            drop(bind(proxy_conf.listen_addr, "proxy.listen_addr")?);
+        }
     }
 
     let (_, mut writer) = RouteWriter::new(
@@ -158,9 +216,35 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         upstream_keepalive_pool_size: proxy_conf.upstream_keepalive_pool_size,
         // Bounded by the config (max 15): no overflow.
         max_retries: proxy_conf.max_retries + 1,
+        upgrade_sock: proxy_conf.upgrade_sock.as_ref().map_or_else(
+            || ServerConf::default().upgrade_sock,
+            |p| p.display().to_string(),
+        ),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    let opt = pingora_core::server::configuration::Opt {
+        upgrade: upgrading,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), server_conf);
+    if upgrading {
+        tracing::info!(
+            upgrade_sock = proxy_conf
+                .upgrade_sock
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            "waiting for the running process's listening sockets (send it SIGQUIT)"
+        );
+        server.bootstrap();
+        tracing::info!("listening sockets received");
+    }
+    // Our own listeners: the old process releases them when it gets SIGQUIT.
+    let admin_listener = if upgrading {
+        bind_when_free(proxy_conf.management_api_addr, "proxy.management_api_addr")?
+    } else {
+        bind(proxy_conf.management_api_addr, "proxy.management_api_addr")?
+    };
+    let metrics = crate::metrics::install_with(&config.metrics, upgrading)?;
     let challenges = config
         .lets_encrypt
         .as_ref()
@@ -256,7 +340,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
     .map_err(ServerError::Setup)?;
     server.add_service(service);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(None::<bool>);
     let mut phases = server.watch_execution_phase();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new()
@@ -287,6 +371,9 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
 
     // Background work that must not wait on the admin runtime gets threads of its own.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    // The admin API and metrics listeners stop first on an upgrade (their ports go to the new
+    // process), with everything else otherwise.
+    let (http_stop_tx, http_stop_rx) = watch::channel(false);
     let mut helpers = vec![spawn_runtime(
         "vhost-health",
         checker.run(admin_stop_rx.clone()),
@@ -300,13 +387,15 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
     if let Some((m, render)) = metrics {
         let router = crate::metrics::router(render, checked.metrics_token);
         let stop = admin_stop_rx.clone();
+        let http_stop = http_stop_rx.clone();
         helpers.push(spawn_runtime("vhost-metrics", async move {
-            tokio::spawn(crate::metrics::upkeep(m.handle, stop.clone()));
-            serve_http("metrics", m.listener, router, stop).await;
+            tokio::spawn(crate::metrics::upkeep(m.handle, stop));
+            serve_http("metrics", m.listener, router, http_stop).await;
         })?);
     }
 
     let grace = Duration::from_secs(proxy_conf.grace_period_secs);
+    let has_upgrade_sock = proxy_conf.upgrade_sock.is_some();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -319,7 +408,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
             "admin API",
             admin_listener,
             admin_router,
-            admin_stop_rx.clone(),
+            http_stop_rx,
         ));
         if !dns_refresh.is_zero() {
             tokio::spawn(refresh_dns(
@@ -353,7 +442,7 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
         ));
         let mut orders = Orders::new(signals)?;
         let mut done_rx = done_rx;
-        loop {
+        let upgrade = loop {
             tokio::select! {
                 order = orders.next() => match order {
                     Control::Reload => {
@@ -364,14 +453,28 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
                     }
                     Control::Stop => {
                         tracing::info!(grace_period_secs = grace.as_secs(), "{} received: graceful shutdown", orders.stop_name());
-                        break;
+                        break false;
+                    }
+                    Control::Upgrade if has_upgrade_sock => {
+                        tracing::info!(grace_period_secs = grace.as_secs(), "upgrade: handing the listening sockets to the new process, then draining");
+                        break true;
+                    }
+                    Control::Upgrade => {
+                        tracing::warn!("SIGQUIT without [proxy] upgrade_sock: no process can take the sockets over; shutting down gracefully");
+                        break false;
                     }
                 },
                 _ = &mut done_rx => return Err(ServerError::Stopped),
             }
+        };
+        // An upgrade keeps serving on the shared sockets for Pingora's hand-over pause (5 s).
+        let handover = if upgrade { Duration::from_secs(5) } else { Duration::ZERO };
+        let deadline = Instant::now() + grace + handover;
+        if upgrade {
+            // Release the admin API and metrics ports for the new process at once.
+            let _ = http_stop_tx.send(true);
         }
-        let deadline = Instant::now() + grace;
-        let _ = stop_tx.send(true);
+        let _ = stop_tx.send(Some(upgrade));
         // Wait until listeners have stopped accepting (Pingora's grace period begins)...
         let listeners_closed = async {
             loop {
@@ -382,11 +485,12 @@ pub fn run(config: Config, path: &Path, signals: Signals) -> Result<(), ServerEr
                 }
             }
         };
-        let _ = tokio::time::timeout(grace, listeners_closed).await;
+        let _ = tokio::time::timeout(grace + handover, listeners_closed).await;
         // ...then until in-flight requests are done, at most until the deadline.
         while inflight.get() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let _ = http_stop_tx.send(true);
         let _ = admin_stop_tx.send(true);
         let _ = admin_task.await;
         let left = inflight.get();
@@ -439,6 +543,7 @@ enum Orders {
         term: tokio::signal::unix::Signal,
         int: tokio::signal::unix::Signal,
         hup: tokio::signal::unix::Signal,
+        quit: tokio::signal::unix::Signal,
         last_stop: &'static str,
     },
     Channel(mpsc::UnboundedReceiver<Control>),
@@ -458,6 +563,7 @@ impl Orders {
                 term: watch(SignalKind::terminate(), "SIGTERM")?,
                 int: watch(SignalKind::interrupt(), "SIGINT")?,
                 hup: watch(SignalKind::hangup(), "SIGHUP")?,
+                quit: watch(SignalKind::quit(), "SIGQUIT")?,
                 last_stop: "SIGTERM",
             },
             Signals::Channel(rx) => Self::Channel(rx),
@@ -470,11 +576,13 @@ impl Orders {
                 term,
                 int,
                 hup,
+                quit,
                 last_stop,
             } => tokio::select! {
                 _ = term.recv() => { *last_stop = "SIGTERM"; Control::Stop }
                 _ = int.recv() => { *last_stop = "SIGINT"; Control::Stop }
                 _ = hup.recv() => Control::Reload,
+                _ = quit.recv() => { *last_stop = "SIGQUIT"; Control::Upgrade }
             },
             Self::Channel(rx) => rx.recv().await.unwrap_or(Control::Stop),
         }
