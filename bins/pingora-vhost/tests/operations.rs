@@ -474,6 +474,8 @@ fn the_systemd_unit_verifies_and_is_hardened() {
     verify_unit(&unit).unwrap();
     for line in [
         "ExecReload=/bin/kill -HUP $MAINPID",
+        "Type=notify",
+        "NotifyAccess=all",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
         "StateDirectory=pingora-vhost pingora-vhost/acme",
         "ProtectSystem=strict",

@@ -23,6 +23,106 @@ impl Drop for Killed {
     }
 }
 
+/// Clients requesting `up.test` until stopped: 8 on keep-alive connections, 4 opening a new
+/// connection per request.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    errors: Arc<tokio::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(rt: &tokio::runtime::Runtime, http: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let errors = Arc::new(tokio::sync::Mutex::new(Vec::<String>::new()));
+        let url = format!("http://{http}/");
+        let tasks = (0..12)
+            .map(|i| {
+                let (stop, ok, failed, errors) = (
+                    Arc::clone(&stop),
+                    Arc::clone(&ok),
+                    Arc::clone(&failed),
+                    Arc::clone(&errors),
+                );
+                let mut b = reqwest::Client::builder().no_proxy().http1_only();
+                if i >= 8 {
+                    b = b.pool_max_idle_per_host(0);
+                }
+                let c = b.build().unwrap();
+                let url = url.clone();
+                rt.spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        match c.get(&url).header("host", "up.test").send().await {
+                            Ok(r) if r.status() == 200 => {
+                                let _ = r.bytes().await;
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Ok(r) => {
+                                errors.lock().await.push(format!("status {}", r.status()));
+                                failed.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(e) => {
+                                errors.lock().await.push(format!("{e:?}"));
+                                failed.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            errors,
+            tasks,
+        }
+    }
+
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Stops and returns (answered 200, failed, the failures).
+    fn stop(self, rt: &tokio::runtime::Runtime) -> (usize, usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            rt.block_on(t).unwrap();
+        }
+        let errors = rt.block_on(self.errors.lock()).clone();
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+            errors,
+        )
+    }
+}
+
+fn write_config(
+    dir: &std::path::Path,
+    backend: SocketAddr,
+) -> (std::path::PathBuf, [SocketAddr; 4]) {
+    let (http, https, admin, metrics) = (addr(), addr(), addr(), addr());
+    let sock = dir.join("upgrade.sock");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\nmanagement_api_addr = \"{admin}\"\n\
+             grace_period_secs = 3\nupgrade_sock = \"{}\"\n\n[logging]\nlevel = \"info\"\naccess_log = false\n\n\
+             [metrics]\nlisten_addr = \"{metrics}\"\n\n\
+             [[virtual_hosts]]\ndomain = \"up.test\"\nenabled_backends_tag = \"a\"\n\n\
+             [[backends]]\nid = \"b1\"\naddress = \"{backend}\"\ntags = [\"a\"]\n",
+            sock.display(),
+        ),
+    )
+    .unwrap();
+    (config, [http, https, admin, metrics])
+}
+
 fn addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
 }
@@ -32,22 +132,8 @@ fn an_upgrade_under_load_loses_no_request_and_refuses_no_connection() {
     let rt = runtime();
     let backend = TestBackend::start(&rt, "b1");
     let dir = tempfile::tempdir().unwrap();
-    let (http, https, admin, metrics) = (addr(), addr(), addr(), addr());
+    let (config, [http, https, admin, _metrics]) = write_config(dir.path(), backend.addr);
     let sock = dir.path().join("upgrade.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[proxy]\nlisten_addr = \"{https}\"\nlisten_addr_http = \"{http}\"\nmanagement_api_addr = \"{admin}\"\n\
-             grace_period_secs = 3\nupgrade_sock = \"{}\"\n\n[logging]\nlevel = \"info\"\naccess_log = false\n\n\
-             [metrics]\nlisten_addr = \"{metrics}\"\n\n\
-             [[virtual_hosts]]\ndomain = \"up.test\"\nenabled_backends_tag = \"a\"\n\n\
-             [[backends]]\nid = \"b1\"\naddress = \"{}\"\ntags = [\"a\"]\n",
-            sock.display(),
-            backend.addr
-        ),
-    )
-    .unwrap();
     let new_log = dir.path().join("new.log");
     let mut old = ProxyProcess::spawn(
         tempfile::tempdir().unwrap(),
@@ -58,49 +144,8 @@ fn an_upgrade_under_load_loses_no_request_and_refuses_no_connection() {
         false,
         &[],
     );
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let errors = Arc::new(tokio::sync::Mutex::new(Vec::<String>::new()));
-    let url = format!("http://{http}/");
-    let tasks: Vec<_> = (0..12)
-        .map(|i| {
-            let (stop, ok, failed, errors) = (
-                Arc::clone(&stop),
-                Arc::clone(&ok),
-                Arc::clone(&failed),
-                Arc::clone(&errors),
-            );
-            let mut b = reqwest::Client::builder().no_proxy().http1_only();
-            if i >= 8 {
-                // A new connection (a new accept) for every request.
-                b = b.pool_max_idle_per_host(0);
-            }
-            let c = b.build().unwrap();
-            let url = url.clone();
-            rt.spawn(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    match c.get(&url).header("host", "up.test").send().await {
-                        Ok(r) if r.status() == 200 => {
-                            let _ = r.bytes().await;
-                            ok.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok(r) => {
-                            errors.lock().await.push(format!("status {}", r.status()));
-                            failed.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(e) => {
-                            errors.lock().await.push(format!("{e:?}"));
-                            failed.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    wait_until("load before the upgrade", || {
-        ok.load(Ordering::SeqCst) >= 300
-    });
+    let traffic = Traffic::start(&rt, http);
+    wait_until("load before the upgrade", || traffic.ok() >= 300);
 
     // The new process waits on the upgrade socket; SIGQUIT makes the old one hand over.
     let log = std::fs::File::create(&new_log).unwrap();
@@ -124,32 +169,100 @@ fn an_upgrade_under_load_loses_no_request_and_refuses_no_connection() {
         admin_gap = quit.elapsed();
         up
     });
-    let mut exited = false;
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) && !exited {
-        exited = old.child.try_wait().unwrap().is_some();
+    while start.elapsed() < Duration::from_secs(30) && old.child.try_wait().unwrap().is_none() {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(exited, "the old process did not exit:\n{}", old.log());
-    let after = ok.load(Ordering::SeqCst);
+    assert!(
+        old.child.try_wait().unwrap().is_some(),
+        "the old process did not exit:\n{}",
+        old.log()
+    );
+    let after = traffic.ok();
     wait_until("load on the new process alone", || {
-        ok.load(Ordering::SeqCst) >= after + 300
+        traffic.ok() >= after + 300
     });
-    stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        rt.block_on(t).unwrap();
-    }
-    let errors = rt.block_on(errors.lock()).clone();
+    let (ok, failed, errors) = traffic.stop(&rt);
     assert_eq!(
-        failed.load(Ordering::SeqCst),
+        failed,
         0,
         "{errors:?}\nold:\n{}\nnew:\n{}",
         old.log(),
         std::fs::read_to_string(&new_log).unwrap_or_default()
     );
-    eprintln!(
-        "upgrade: {} requests, 0 failed; admin API back {admin_gap:?} after SIGQUIT",
-        ok.load(Ordering::SeqCst)
-    );
+    eprintln!("upgrade: {ok} requests, 0 failed; admin API back {admin_gap:?} after SIGQUIT");
     drop(new);
+}
+
+/// What the service manager hears on `$NOTIFY_SOCKET`.
+fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 256];
+    let n = socket
+        .recv(&mut buf)
+        .expect("a notification within the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn sigusr2_starts_the_new_binary_itself_which_tells_systemd_it_is_the_service_now() {
+    let rt = runtime();
+    let backend = TestBackend::start(&rt, "b1");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, [http, https, admin, _metrics]) = write_config(dir.path(), backend.addr);
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut old = ProxyProcess::spawn(
+        tempfile::tempdir().unwrap(),
+        config,
+        http,
+        https,
+        admin,
+        false,
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let old_pid = old.child.id();
+    assert_eq!(
+        next_notification(&notify),
+        format!("READY=1\nMAINPID={old_pid}")
+    );
+
+    let traffic = Traffic::start(&rt, http);
+    wait_until("load before the upgrade", || traffic.ok() >= 200);
+    old.signal("USR2");
+    let ready = next_notification(&notify);
+    let new_pid: u32 = ready
+        .strip_prefix("READY=1\nMAINPID=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{ready:?}\n{}", old.log()));
+    assert_ne!(new_pid, old_pid);
+    // Cleaned up whatever happens below.
+    struct KillPid(u32);
+    impl Drop for KillPid {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(self.0.to_string()).status();
+        }
+    }
+    let _new = KillPid(new_pid);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) && old.child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        old.child.try_wait().unwrap().is_some(),
+        "the old process did not exit"
+    );
+    let after = traffic.ok();
+    wait_until("load on the new process alone", || {
+        traffic.ok() >= after + 200
+    });
+    let (ok, failed, errors) = traffic.stop(&rt);
+    assert_eq!(failed, 0, "{errors:?}\n{}", old.log());
+    assert!(ok > 400);
+    assert_eq!(
+        plain_http::get_text(&format!("http://{admin}/api/v1/health")),
+        "OK"
+    );
 }

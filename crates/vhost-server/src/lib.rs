@@ -24,6 +24,7 @@ mod publish;
 mod reload;
 mod rollout;
 mod run;
+mod sd;
 
 use std::time::Duration;
 

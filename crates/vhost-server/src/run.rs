@@ -46,6 +46,10 @@ pub enum Control {
     /// Hand the listening sockets to a new process started with `--upgrade` (over
     /// `[proxy] upgrade_sock`), then drain and return, as SIGQUIT does.
     Upgrade,
+    /// Start the binary on disk with `--upgrade` (as a child: under systemd it stays in the
+    /// service, and reports itself as its main process), then hand over as [`Control::Upgrade`];
+    /// as SIGUSR2 does.
+    SpawnUpgrade,
 }
 
 /// How a proxy process starts.
@@ -368,6 +372,8 @@ pub fn run_with(
         file_descriptors = nofile,
         "pingora-vhost started"
     );
+    // Under systemd (Type=notify): serving; and, after an upgrade, the service's process now.
+    crate::sd::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
 
     // Background work that must not wait on the admin runtime gets threads of its own.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -396,6 +402,7 @@ pub fn run_with(
 
     let grace = Duration::from_secs(proxy_conf.grace_period_secs);
     let has_upgrade_sock = proxy_conf.upgrade_sock.is_some();
+    let upgrade_sock = proxy_conf.upgrade_sock.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -455,6 +462,15 @@ pub fn run_with(
                         tracing::info!(grace_period_secs = grace.as_secs(), "{} received: graceful shutdown", orders.stop_name());
                         break false;
                     }
+                    Control::SpawnUpgrade if has_upgrade_sock => {
+                        match spawn_successor(path, upgrade_sock.as_deref()).await {
+                            Ok(pid) => {
+                                tracing::info!(pid, grace_period_secs = grace.as_secs(), "upgrade: new process started; handing the listening sockets over, then draining");
+                                break true;
+                            }
+                            Err(e) => tracing::error!(error = %e, "upgrade: cannot start the new process; still serving"),
+                        }
+                    }
                     Control::Upgrade if has_upgrade_sock => {
                         tracing::info!(grace_period_secs = grace.as_secs(), "upgrade: handing the listening sockets to the new process, then draining");
                         break true;
@@ -462,6 +478,9 @@ pub fn run_with(
                     Control::Upgrade => {
                         tracing::warn!("SIGQUIT without [proxy] upgrade_sock: no process can take the sockets over; shutting down gracefully");
                         break false;
+                    }
+                    Control::SpawnUpgrade => {
+                        tracing::warn!("SIGUSR2 without [proxy] upgrade_sock: no upgrade; still serving");
                     }
                 },
                 _ = &mut done_rx => return Err(ServerError::Stopped),
@@ -517,6 +536,36 @@ pub fn run_with(
     result
 }
 
+/// Starts the binary this process was started from (the path on disk, so a replaced file runs
+/// the new version) with `--upgrade --config <path>`, and waits until it listens on
+/// `upgrade_sock` for the sockets. Returns its process id.
+async fn spawn_successor(
+    config: &Path,
+    upgrade_sock: Option<&Path>,
+) -> Result<u32, std::io::Error> {
+    let program = std::env::args_os()
+        .next()
+        .ok_or_else(|| std::io::Error::other("no program name in argv"))?;
+    let child = std::process::Command::new(program)
+        .arg("--upgrade")
+        .arg("--config")
+        .arg(config)
+        .spawn()?;
+    let pid = child.id();
+    // The child outlives this process; it is not waited for here.
+    drop(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upgrade_sock.is_some_and(|s| !s.exists()) {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::other(
+                "the new process did not open upgrade_sock within 10 s",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(pid)
+}
+
 /// Re-resolves backend host names every `every`; a changed address publishes a new snapshot.
 async fn refresh_dns(
     admin: Arc<AdminState>,
@@ -544,6 +593,7 @@ enum Orders {
         int: tokio::signal::unix::Signal,
         hup: tokio::signal::unix::Signal,
         quit: tokio::signal::unix::Signal,
+        usr2: tokio::signal::unix::Signal,
         last_stop: &'static str,
     },
     Channel(mpsc::UnboundedReceiver<Control>),
@@ -564,6 +614,7 @@ impl Orders {
                 int: watch(SignalKind::interrupt(), "SIGINT")?,
                 hup: watch(SignalKind::hangup(), "SIGHUP")?,
                 quit: watch(SignalKind::quit(), "SIGQUIT")?,
+                usr2: watch(SignalKind::user_defined2(), "SIGUSR2")?,
                 last_stop: "SIGTERM",
             },
             Signals::Channel(rx) => Self::Channel(rx),
@@ -577,12 +628,14 @@ impl Orders {
                 int,
                 hup,
                 quit,
+                usr2,
                 last_stop,
             } => tokio::select! {
                 _ = term.recv() => { *last_stop = "SIGTERM"; Control::Stop }
                 _ = int.recv() => { *last_stop = "SIGINT"; Control::Stop }
                 _ = hup.recv() => Control::Reload,
                 _ = quit.recv() => { *last_stop = "SIGQUIT"; Control::Upgrade }
+                _ = usr2.recv() => Control::SpawnUpgrade,
             },
             Self::Channel(rx) => rx.recv().await.unwrap_or(Control::Stop),
         }
