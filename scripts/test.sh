@@ -20,6 +20,9 @@ if ((${#tools[@]})); then
 fi
 # Python's websockets and grpcio: the independent peers of the protocol tests (target/pytools).
 ./scripts/pytools.sh
+# The Debian package of the debug binary, inspected by the operations tests (cargo-deb, pinned,
+# installed into target/ when missing).
+./scripts/deb.sh --dev
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log="$(mktemp)"

@@ -549,3 +549,56 @@ fn the_alerting_rules_parse_and_name_metrics_the_proxy_exports() {
         );
     }
 }
+
+#[test]
+fn the_debian_package_holds_the_binary_the_unit_and_the_config_as_a_conffile() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let deb = root.join("target/debian/pingora-vhost-dev.deb");
+    assert!(
+        deb.exists(),
+        "{} is missing: run scripts/deb.sh --dev (scripts/test.sh does)",
+        deb.display()
+    );
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("dpkg-deb")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dpkg-deb {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let deb_s = deb.to_str().unwrap();
+    let info = run(&["--info", deb_s]);
+    assert!(info.contains("Package: pingora-vhost"), "{info}");
+    assert!(info.contains("Depends: adduser"), "{info}");
+    assert_eq!(run(&["--field", deb_s, "Section"]).trim(), "net");
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control");
+    run(&["--control", deb_s, control.to_str().unwrap()]);
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
+    assert_eq!(conffiles.trim(), "/etc/pingora-vhost/config.toml");
+    assert!(std::fs::read_to_string(control.join("postinst"))
+        .unwrap()
+        .contains("adduser --system"));
+    // Unpacked: the binary checks the packaged config, and the packaged unit verifies.
+    let files = dir.path().join("files");
+    run(&["-x", deb_s, files.to_str().unwrap()]);
+    let binary = files.join("usr/bin/pingora-vhost");
+    let config = files.join("etc/pingora-vhost/config.toml");
+    let out = std::process::Command::new(&binary)
+        .arg("--check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let unit =
+        std::fs::read_to_string(files.join("lib/systemd/system/pingora-vhost.service")).unwrap();
+    verify_unit(&unit).unwrap();
+    assert!(files
+        .join("usr/share/doc/pingora-vhost/operations.md")
+        .exists());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o640);
+}
