@@ -1,5 +1,5 @@
-//! Zero-downtime binary upgrade with the real binary: under constant load (keep-alive clients
-//! and clients opening a connection per request), a new process started with `--upgrade` takes
+//! Zero-downtime binary upgrade with the real binary: under constant load (64 connections:
+//! keep-alive clients and clients opening a connection per request), a new process started with `--upgrade` takes
 //! the listening sockets over from the running one (SIGQUIT), which drains and exits; no request
 //! fails and no connection is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -23,8 +23,8 @@ impl Drop for Killed {
     }
 }
 
-/// Clients requesting `up.test` until stopped: 8 on keep-alive connections, 4 opening a new
-/// connection per request.
+/// Clients requesting `up.test` until stopped: 64 connections — 48 keep-alive clients and 16
+/// opening a new connection per request.
 struct Traffic {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
@@ -39,7 +39,7 @@ impl Traffic {
         let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let errors = Arc::new(tokio::sync::Mutex::new(Vec::<String>::new()));
         let url = format!("http://{http}/");
-        let tasks = (0..12)
+        let tasks = (0..64)
             .map(|i| {
                 let (stop, ok, failed, errors) = (
                     Arc::clone(&stop),
@@ -48,7 +48,7 @@ impl Traffic {
                     Arc::clone(&errors),
                 );
                 let mut b = reqwest::Client::builder().no_proxy().http1_only();
-                if i >= 8 {
+                if i >= 48 {
                     b = b.pool_max_idle_per_host(0);
                 }
                 let c = b.build().unwrap();
