@@ -290,14 +290,14 @@ fn grpc_over_h2c_and_tls_to_h2c_and_verified_h2_backends() {
         20,
         200,
     );
-    // Non-zero grpc-status is told apart from HTTP successes.
-    assert_eq!(
-        metric(
-            proxy.metrics,
-            "proxy_requests_total{domain=\"grpc.test\",tag=\"c\",backend=\"g-h2c\",status=\"grpc_error\"}"
-        ),
-        2.0
+    // Non-zero grpc-status is told apart from HTTP successes: the failing call of each of the two
+    // runs, and possibly its expired call too (when the backend's DEADLINE_EXCEEDED reaches the
+    // proxy before the client's cancellation does — a race a loaded machine can tip).
+    let grpc_errors = metric(
+        proxy.metrics,
+        "proxy_requests_total{domain=\"grpc.test\",tag=\"c\",backend=\"g-h2c\",status=\"grpc_error\"}",
     );
+    assert!((2.0..=4.0).contains(&grpc_errors), "{grpc_errors}");
     // Verification is on: a backend certificate that does not name tls_sni is refused.
     let rt = runtime();
     let (status, _) = rt.block_on(proxy.get(&client_http(), "wrong.test", "/"));

@@ -338,6 +338,12 @@ fn check_sections(file: &ConfigFile) -> Result<(), (String, String)> {
             "canary_cookie and canary_override_cookie must differ",
         );
     }
+    if p.proxy_protocol && p.trusted_proxies.is_empty() {
+        return fail(
+            "proxy.proxy_protocol",
+            "needs proxy.trusted_proxies: PROXY headers are read only from those peers",
+        );
+    }
     if let Some(cb) = &p.circuit_breaker {
         if let Err(field) = cb.check() {
             return fail(

@@ -112,6 +112,9 @@ pub struct ProxyConfig {
     /// `X-Forwarded-For` is believed for the client address (default: none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<vhost_routing::Cidr>,
+    /// Read a PROXY protocol v2 header at the start of connections from `trusted_proxies`
+    /// (default false); it names the client (HTTP/1.x requests).
+    pub proxy_protocol: bool,
     /// Keep or make an `X-Request-Id` per request, send it to the backend and the client, and
     /// log it (default true).
     pub request_id: bool,
@@ -154,6 +157,7 @@ impl Default for ProxyConfig {
             websocket_idle_timeout_secs: 3600,
             h2c: true,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             request_id: true,
             circuit_breaker: None,
             upgrade_sock: None,

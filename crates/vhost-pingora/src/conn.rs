@@ -240,6 +240,8 @@ pub struct VhostApp {
     conns: Arc<Connections>,
     /// Plain connections starting with `PRI` are HTTP/2 with prior knowledge.
     h2c: bool,
+    /// Peers whose connections may start with a PROXY protocol v2 header (`None`: off).
+    proxy_protocol: Option<Vec<vhost_routing::Cidr>>,
 }
 
 impl std::fmt::Debug for VhostApp {
@@ -278,6 +280,7 @@ impl VhostApp {
         proxy: HttpProxy<VhostProxy>,
         https: Option<(SocketAddr, SniCertResolver)>,
         conns: Arc<Connections>,
+        proxy_protocol: Option<Vec<vhost_routing::Cidr>>,
     ) -> pingora_error::Result<Self> {
         let tls = match https {
             Some((addr, certs)) => Some(TlsEndpoint {
@@ -293,6 +296,7 @@ impl VhostApp {
             tls,
             conns,
             h2c,
+            proxy_protocol,
         })
     }
 
@@ -532,6 +536,8 @@ const BODY_UNKNOWN: u64 = u64::MAX;
 /// What a connection's stream, its loop and the proxy logic tell each other.
 #[derive(Debug, Default)]
 struct ConnShared {
+    /// The client named by a PROXY protocol header.
+    client: std::sync::OnceLock<std::net::IpAddr>,
     flags: AtomicU8,
     /// Wire length of the current request's body ([`BODY_UNKNOWN`] until the head is parsed, and
     /// for chunked bodies).
@@ -568,6 +574,43 @@ fn shared_of(stream: Option<&Stream>) -> Option<&ConnShared> {
     stream
         .and_then(|s| (**s).as_any().downcast_ref::<ConnStream>())
         .and_then(|c| c.shared.as_deref())
+}
+
+/// The client a PROXY protocol header named for this connection, if any.
+pub(crate) fn proxied_client(stream: Option<&Stream>) -> Option<std::net::IpAddr> {
+    shared_of(stream).and_then(|s| s.client.get().copied())
+}
+
+/// Reads a PROXY protocol v2 header if the connection starts with one (its 12-byte signature;
+/// otherwise nothing is consumed): `Some(client)` for a PROXY command with an IP source,
+/// `None` for LOCAL (health checks of the balancer) or no header.
+async fn read_proxy_header(stream: &mut Stream) -> io::Result<Option<std::net::IpAddr>> {
+    const MAX_HEADER: usize = 16 + 4096;
+    let mut signature = [0u8; 12];
+    if !stream.try_peek(&mut signature).await? || signature != ppp::v2::PROTOCOL_PREFIX {
+        return Ok(None);
+    }
+    let mut header = vec![0u8; 16];
+    stream.read_exact(&mut header).await?;
+    let length = usize::from(u16::from_be_bytes([header[14], header[15]]));
+    if 16 + length > MAX_HEADER {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "PROXY header too long",
+        ));
+    }
+    header.resize(16 + length, 0);
+    stream.read_exact(&mut header[16..]).await?;
+    let parsed = ppp::v2::Header::try_from(header.as_slice())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    if parsed.command == ppp::v2::Command::Local {
+        return Ok(None);
+    }
+    Ok(match parsed.addresses {
+        ppp::v2::Addresses::IPv4(a) => Some(std::net::IpAddr::V4(a.source_address)),
+        ppp::v2::Addresses::IPv6(a) => Some(std::net::IpAddr::V6(a.source_address)),
+        _ => None,
+    })
 }
 
 /// Tells the connection loop that a request head was parsed (it stops timing the head). Called
@@ -937,6 +980,30 @@ impl ServerApp for VhostApp {
         let limits = &self.conns.limits;
         let deadline = accepted + limits.header_timeout;
         let shared = Arc::new(ConnShared::default());
+        let mut stream = stream;
+        if let Some(trusted) = &self.proxy_protocol {
+            let peer = stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
+            if peer.is_some_and(|ip| vhost_routing::any_contains(trusted, ip)) {
+                let header = read_proxy_header(&mut stream);
+                match tokio::time::timeout_at(deadline.into(), header).await {
+                    Ok(Ok(Some(client))) => {
+                        let _ = shared.client.set(client);
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, client = ?peer, "bad PROXY protocol header");
+                        self.conns.closed(CloseReason::ClientClosed, None);
+                        return None;
+                    }
+                    Err(_) => {
+                        self.conns.closed(CloseReason::HeaderTimeout, None);
+                        return None;
+                    }
+                }
+            }
+        }
         let stream = match self.tls_for(&stream) {
             Some(tls) => {
                 let peer = stream

@@ -60,6 +60,7 @@ pub fn proxy_service(
     let limits = conns.limits();
     let challenges = proxy.acme_challenges();
     let h2c = proxy.h2c();
+    let proxy_protocol = proxy.proxy_protocol_peers();
     let mut http = pingora_proxy::http_proxy(conf, proxy);
     let mut server_options = HttpServerOptions::default();
     // Connections the listener recognises as h2c (see conn.rs) go through Pingora's own
@@ -81,6 +82,7 @@ pub fn proxy_service(
             )
         }),
         conns,
+        proxy_protocol,
     )?;
     let mut service = Service::new("pingora-vhost".to_owned(), app);
     // No L4 read buffer: HTTP/1 heads are read straight into Pingora's buffer and OpenSSL reads

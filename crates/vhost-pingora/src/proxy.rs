@@ -82,6 +82,8 @@ pub struct ProxyOptions {
     pub trusted_proxies: Vec<Cidr>,
     /// Keep a client's sane `X-Request-Id` or make one, send it to the backend, return it.
     pub request_id: bool,
+    /// Accept a PROXY protocol v2 header at the start of connections from `trusted_proxies`.
+    pub proxy_protocol: bool,
     /// Outlier detection (`None`: off).
     pub circuit_breaker: Option<CircuitBreaker>,
 }
@@ -131,6 +133,7 @@ impl Default for ProxyOptions {
             h2c: true,
             trusted_proxies: Vec::new(),
             request_id: true,
+            proxy_protocol: false,
             circuit_breaker: None,
         }
     }
@@ -587,6 +590,13 @@ impl VhostProxy {
         Arc::clone(&self.metrics)
     }
 
+    /// The peers whose PROXY protocol headers are read, when that is on.
+    pub fn proxy_protocol_peers(&self) -> Option<Vec<Cidr>> {
+        self.options
+            .proxy_protocol
+            .then(|| self.options.trusted_proxies.clone())
+    }
+
     /// Whether h2c (prior knowledge) is served on the plain-HTTP listener.
     pub fn h2c(&self) -> bool {
         self.options.h2c
@@ -823,10 +833,12 @@ impl ProxyHttp for VhostProxy {
                 session.set_keepalive(None);
             }
         }
-        ctx.client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(SocketAddr::ip);
+        ctx.client = crate::conn::proxied_client(session.stream()).or_else(|| {
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(SocketAddr::ip)
+        });
         if !self.options.trusted_proxies.is_empty() {
             if let Some(peer) = ctx.client {
                 let chain = session.req_header().headers.get("x-forwarded-for");
@@ -1070,11 +1082,12 @@ impl ProxyHttp for VhostProxy {
         upstream: &mut pingora_http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(ip) = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(SocketAddr::ip)
-        {
+        if let Some(ip) = crate::conn::proxied_client(session.stream()).or_else(|| {
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(SocketAddr::ip)
+        }) {
             // With trusted proxies configured, a chain from anyone else is not passed on.
             if !self.options.trusted_proxies.is_empty()
                 && !any_contains(&self.options.trusted_proxies, ip)
