@@ -225,18 +225,8 @@ fn certificates(
     rt: &tokio::runtime::Runtime,
     proxy: &ProxyProcess,
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let url = proxy.admin_url("/api/v1/certificates");
-    let text = rt.block_on(async {
-        client(&[], true)
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
-    let list: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let list = proxy.admin_json(rt, "/api/v1/certificates");
+    let list = list.as_array().unwrap().clone();
     list.into_iter()
         .map(|v| (v["domain"].as_str().unwrap().to_owned(), v))
         .collect()

@@ -313,17 +313,7 @@ fn client_http() -> reqwest::Client {
 }
 
 fn backend_json(rt: &tokio::runtime::Runtime, proxy: &ProxyProcess, id: &str) -> serde_json::Value {
-    let url = proxy.admin_url(&format!("/api/v1/backends/{id}"));
-    seen(&rt.block_on(async {
-        client_http()
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }))
+    proxy.admin_json(rt, &format!("/api/v1/backends/{id}"))
 }
 
 #[test]

@@ -434,17 +434,8 @@ fn health_probes_speak_each_backends_protocol() {
     );
     let proxy = ProxyProcess::start(dir, "", &body, false);
     let health = || -> std::collections::BTreeMap<String, String> {
-        let text = rt.block_on(async {
-            client_http()
-                .get(proxy.admin_url("/api/v1/backends"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        });
-        let list: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let list = proxy.admin_json(&rt, "/api/v1/backends");
+        let list = list.as_array().unwrap();
         list.iter()
             .map(|b| {
                 (

@@ -552,6 +552,14 @@ impl VhostProxy {
         }
     }
 
+    /// Counts a request in `backend`'s in-flight requests when a concurrency limit or the
+    /// breaker needs the count.
+    fn in_flight_slot(&self, backend: &Arc<BackendEntry>) -> Option<InFlight> {
+        let counted = self.options.circuit_breaker.is_some()
+            || backend.backend().max_concurrent_requests.is_some();
+        counted.then(|| InFlight::enter(backend))
+    }
+
     /// Records a request's outcome in its backend's circuit breaker.
     fn record_outcome(&self, ctx: &RequestCtx, backend: &BackendEntry, failed: bool) {
         let Some(settings) = &self.options.circuit_breaker else {
@@ -997,11 +1005,7 @@ impl ProxyHttp for VhostProxy {
         ctx.route = Some(route);
         match picked {
             Some((side, member, backend)) => {
-                if self.options.circuit_breaker.is_some()
-                    || backend.backend().max_concurrent_requests.is_some()
-                {
-                    ctx.slot = Some(InFlight::enter(&backend));
-                }
+                ctx.slot = self.in_flight_slot(&backend);
                 ctx.side = side;
                 ctx.member = Some(member);
                 ctx.backend = Some(backend);
@@ -1051,11 +1055,7 @@ impl ProxyHttp for VhostProxy {
             match pick.and_then(|p| p.chosen.map(|c| (c, p.trial))) {
                 Some(((side, member, b), trial)) => {
                     ctx.slot = None;
-                    if self.options.circuit_breaker.is_some()
-                        || b.backend().max_concurrent_requests.is_some()
-                    {
-                        ctx.slot = Some(InFlight::enter(&b));
-                    }
+                    ctx.slot = self.in_flight_slot(&b);
                     ctx.trial = trial;
                     ctx.side = side;
                     ctx.member = Some(member);

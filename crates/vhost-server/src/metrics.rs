@@ -46,26 +46,8 @@ pub fn install_with(
     if !config.enabled {
         return Ok(None);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let listener = loop {
-        match TcpListener::bind(config.listen_addr) {
-            Ok(l) => break l,
-            Err(e)
-                if wait_for_port
-                    && e.kind() == std::io::ErrorKind::AddrInUse
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(source) => {
-                return Err(ServerError::Bind {
-                    addr: config.listen_addr,
-                    key: "metrics.listen_addr",
-                    source,
-                })
-            }
-        }
-    };
+    let listener =
+        crate::run::bind_listener(config.listen_addr, "metrics.listen_addr", wait_for_port)?;
     let recorder = PrometheusBuilder::new()
         .set_buckets(&vhost_metrics::LATENCY_BUCKETS)?
         .build_recorder();

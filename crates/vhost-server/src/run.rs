@@ -125,14 +125,22 @@ impl ShutdownSignalWatch for ChannelShutdown {
     }
 }
 
-/// Binds `addr`, retrying for up to 30 s while it is in use (an upgrade: the old process
-/// releases it when it receives SIGQUIT).
-fn bind_when_free(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
+/// Binds `addr`; with `wait`, retries for up to 30 s while it is in use (an upgrade: the old
+/// process releases it when it receives SIGQUIT).
+pub(crate) fn bind_listener(
+    addr: SocketAddr,
+    key: &'static str,
+    wait: bool,
+) -> Result<TcpListener, ServerError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match TcpListener::bind(addr) {
             Ok(l) => return Ok(l),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+            Err(e)
+                if wait
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(source) => return Err(ServerError::Bind { addr, key, source }),
@@ -141,7 +149,7 @@ fn bind_when_free(addr: SocketAddr, key: &'static str) -> Result<TcpListener, Se
 }
 
 fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, key, source })
+    bind_listener(addr, key, false)
 }
 
 /// Runs `f` on a new thread with its own single-threaded runtime.
@@ -243,11 +251,11 @@ pub fn run_with(
         tracing::info!("listening sockets received");
     }
     // Our own listeners: the old process releases them when it gets SIGQUIT.
-    let admin_listener = if upgrading {
-        bind_when_free(proxy_conf.management_api_addr, "proxy.management_api_addr")?
-    } else {
-        bind(proxy_conf.management_api_addr, "proxy.management_api_addr")?
-    };
+    let admin_listener = bind_listener(
+        proxy_conf.management_api_addr,
+        "proxy.management_api_addr",
+        upgrading,
+    )?;
     let metrics = crate::metrics::install_with(&config.metrics, upgrading)?;
     let challenges = config
         .lets_encrypt

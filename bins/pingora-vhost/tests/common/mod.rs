@@ -461,6 +461,22 @@ impl ProxyProcess {
         backend_of(&body)
     }
 
+    /// `GET path` on the admin API, as JSON.
+    pub fn admin_json(&self, rt: &tokio::runtime::Runtime, path: &str) -> serde_json::Value {
+        let url = self.admin_url(path);
+        let text = rt.block_on(async {
+            client(&[], true)
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
