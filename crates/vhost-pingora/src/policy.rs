@@ -202,6 +202,40 @@ pub fn sane_request_id(value: &HeaderValue) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
 }
 
+/// Writes `ip` in its canonical text form into `buf` and returns the written part. IPv4 — the
+/// common case, once per proxied request for `X-Forwarded-For` — is formatted digit by digit
+/// (about a tenth of the instructions of `Display`); IPv6 goes through `Display`.
+pub fn format_ip(ip: IpAddr, buf: &mut [u8; 48]) -> &[u8] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    buf[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    buf[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                buf[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            &buf[..len]
+        }
+        IpAddr::V6(_) => {
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{ip}"));
+            let len = usize::try_from(cursor.position()).unwrap_or(0);
+            &buf[..len]
+        }
+    }
+}
+
 /// A new request id: a UUID version 7 (time-ordered: 48 bits of Unix milliseconds, then random).
 pub fn new_request_id() -> HeaderValue {
     let ms = std::time::SystemTime::now()
@@ -332,6 +366,31 @@ mod tests {
         assert_ne!(new_request_id(), id);
         assert!(!sane_request_id(&HeaderValue::from_static("a b")));
         assert!(!sane_request_id(&HeaderValue::from_static("")));
+    }
+
+    #[test]
+    fn addresses_format_like_display() {
+        let mut buf = [0u8; 48];
+        for text in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "192.0.2.109",
+            "::1",
+            "2001:db8::ff00:42:8329",
+            "::ffff:192.0.2.1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(format_ip(ip, &mut buf), ip.to_string().as_bytes(), "{text}");
+        }
+        proptest::proptest!(|(v4: u32)| {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(v4));
+            let mut buf = [0u8; 48];
+            let expected = ip.to_string();
+            proptest::prop_assert_eq!(format_ip(ip, &mut buf), expected.as_bytes());
+        });
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! the client nothing while a sibling is up. The same service serves the HTTP and the HTTPS
 //! listener; the connection's TLS digest tells them apart.
 
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,8 +33,15 @@ use crate::certs::CertStore;
 use crate::certs::ClientSni;
 use crate::metrics::{Finished, ProxyMetrics};
 use crate::policy::{
-    client_behind, expand, new_request_id, sane_request_id, Policies, PolicySlots, TemplateValues,
+    client_behind, expand, format_ip, new_request_id, sane_request_id, Policies, PolicySlots,
+    TemplateValues,
 };
+
+// Header names looked up on every request, parsed once (a `&str` key is parsed per lookup).
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// Timeouts and limits of the data plane.
 #[derive(Debug, Clone)]
@@ -243,11 +249,11 @@ pub struct RequestCtx {
     _inflight: Option<InflightGuard>,
     /// The snapshot this request uses from start to end.
     table: Option<Arc<RoutingTable>>,
-    /// The matched route.
-    route: Option<Route>,
-    /// The backend currently tried.
-    backend: Option<Arc<BackendEntry>>,
-    /// Its position in its side's pool.
+    /// The matched route's index in `table` (borrowed from the table, not cloned: a clone would
+    /// write the route's shared reference counts on every request).
+    route: Option<usize>,
+    /// The position in its side's pool of the backend currently tried (see
+    /// [`RequestCtx::backend`]).
     member: Option<usize>,
     /// The side of the route's canary that serves (primary without a canary).
     side: Side,
@@ -263,8 +269,13 @@ pub struct RequestCtx {
     local: Option<LocalReason>,
     /// Downstream is TLS.
     tls: bool,
-    /// The client's address.
+    /// The client's address (behind trusted proxies: the client they name).
     client: Option<IpAddr>,
+    /// The address this hop appends to `X-Forwarded-For`: the peer, or the client a PROXY
+    /// protocol header announced.
+    peer: Option<IpAddr>,
+    /// The client's own `X-Request-Id` is kept: the upstream request already carries it.
+    request_id_given: bool,
     /// The request line, kept to write the access-log line of a request cut short (see `Drop`).
     request_line: Option<RequestLine>,
     /// Whether to write access-log lines.
@@ -302,8 +313,8 @@ impl Drop for InFlight {
 
 /// A backend choice: (side, member index, backend), whether it is a breaker trial, and
 /// whether some backend was skipped for its concurrency limit.
-struct Pick {
-    chosen: Option<(Side, usize, Arc<BackendEntry>)>,
+struct Pick<'r> {
+    chosen: Option<(Side, usize, &'r Arc<BackendEntry>)>,
     trial: bool,
     saturated: bool,
 }
@@ -354,7 +365,7 @@ impl Drop for RequestCtx {
     fn drop(&mut self) {
         if self.trial {
             // A trial without an outcome: the next request tries again.
-            if let Some(backend) = &self.backend {
+            if let Some(backend) = self.backend() {
                 backend.health().abandon_trial();
             }
         }
@@ -373,9 +384,9 @@ impl Drop for RequestCtx {
             .map(RequestLine::parts)
             .unwrap_or_default();
         access_log(&AccessLine {
-            domain: domain_label(self.route.as_ref()),
-            tag: tag_label(self.route.as_ref(), self.side),
-            backend: backend_label(self.backend.as_deref(), self.local),
+            domain: domain_label(self.route()),
+            tag: tag_label(self.route(), self.side),
+            backend: backend_label(self.backend().map(|b| &**b), self.local),
             method: &method,
             path: &path,
             status: 0,
@@ -441,12 +452,15 @@ fn backend_label(backend: Option<&BackendEntry>, local: Option<LocalReason>) -> 
 impl RequestCtx {
     /// The matched route, if any.
     pub fn route(&self) -> Option<&Route> {
-        self.route.as_ref()
+        self.table.as_ref()?.route(self.route?)
     }
 
     /// The backend the request went to (the last one tried).
     pub fn backend(&self) -> Option<&Arc<BackendEntry>> {
-        self.backend.as_ref()
+        self.route()?
+            .pool_on(self.side)?
+            .members()
+            .get(self.member?)
     }
 
     /// Why the proxy answered itself, if it did.
@@ -514,37 +528,35 @@ impl VhostProxy {
 
     /// The next backend of `route` for `wanted` that `accept` takes and that its breaker and
     /// concurrency limit admit.
-    fn pick(
+    fn pick<'r>(
         &self,
-        route: &Route,
+        route: &'r Route,
         wanted: Side,
         mut accept: impl FnMut(&BackendEntry) -> bool,
-    ) -> Pick {
+    ) -> Pick<'r> {
         let breaker = self.options.circuit_breaker.is_some();
         let now = if breaker { self.now_ms() } else { 0 };
         let (mut trial, mut saturated) = (false, false);
-        let chosen = route
-            .select_on(wanted, |b| {
-                if !accept(b) {
-                    return false;
+        let chosen = route.select_on(wanted, |b| {
+            if !accept(b) {
+                return false;
+            }
+            let max = b.backend().max_concurrent_requests;
+            if !breaker && max.is_none() {
+                return true;
+            }
+            match b.health().admit(now, max) {
+                Admission::Yes { trial: t } => {
+                    trial = t;
+                    true
                 }
-                let max = b.backend().max_concurrent_requests;
-                if !breaker && max.is_none() {
-                    return true;
+                Admission::Ejected => false,
+                Admission::Saturated => {
+                    saturated = true;
+                    false
                 }
-                match b.health().admit(now, max) {
-                    Admission::Yes { trial: t } => {
-                        trial = t;
-                        true
-                    }
-                    Admission::Ejected => false,
-                    Admission::Saturated => {
-                        saturated = true;
-                        false
-                    }
-                }
-            })
-            .map(|(side, i, b)| (side, i, Arc::clone(b)));
+            }
+        });
         Pick {
             chosen,
             trial,
@@ -567,7 +579,7 @@ impl VhostProxy {
         };
         let settings = settings.with(backend.backend().circuit_breaker.as_ref());
         let may_eject = || {
-            let Some(pool) = ctx.route.as_ref().and_then(|r| r.pool_on(ctx.side)) else {
+            let Some(pool) = ctx.route().and_then(|r| r.pool_on(ctx.side)) else {
                 return false;
             };
             let members = pool.members();
@@ -697,7 +709,11 @@ impl VhostProxy {
         if session.is_upgrade_req() {
             o.read_timeout = Some(self.options.websocket_idle_timeout);
             o.write_timeout = Some(self.options.websocket_idle_timeout);
-        } else if let Some(deadline) = grpc_timeout(session.req_header()) {
+        } else if let Some(deadline) = session
+            .is_http2()
+            .then(|| grpc_timeout(session.req_header()))
+            .flatten()
+        {
             // Never cut a call before its own deadline (the backend ends it then).
             let bound = deadline + Duration::from_secs(1);
             o.read_timeout = o.read_timeout.map(|t| t.max(bound));
@@ -731,9 +747,9 @@ fn template_values(ctx: &RequestCtx) -> TemplateValues<'_> {
     TemplateValues {
         client_ip: ctx.client,
         request_id: ctx.request_id.as_ref(),
-        domain: domain_label(ctx.route.as_ref()),
-        tag: tag_label(ctx.route.as_ref(), ctx.side),
-        backend: ctx.backend.as_ref().map_or("", |b| b.id().as_str()),
+        domain: domain_label(ctx.route()),
+        tag: tag_label(ctx.route(), ctx.side),
+        backend: ctx.backend().map_or("", |b| b.id().as_str()),
     }
 }
 
@@ -741,13 +757,13 @@ fn template_values(ctx: &RequestCtx) -> TemplateValues<'_> {
 /// answer).
 fn grpc_failed(headers: &http::HeaderMap) -> bool {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// The deadline a gRPC client set (`grpc-timeout: <digits><unit>`, units H M S m u n).
 fn grpc_timeout(req: &pingora_http::RequestHeader) -> Option<Duration> {
-    let v = req.headers.get("grpc-timeout")?.as_bytes();
+    let v = req.headers.get(GRPC_TIMEOUT)?.as_bytes();
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {
         return None;
@@ -841,38 +857,39 @@ impl ProxyHttp for VhostProxy {
                 session.set_keepalive(None);
             }
         }
-        ctx.client = crate::conn::proxied_client(session.stream()).or_else(|| {
+        ctx.peer = crate::conn::proxied_client(session.stream()).or_else(|| {
             session
                 .client_addr()
                 .and_then(|a| a.as_inet())
                 .map(SocketAddr::ip)
         });
+        ctx.client = ctx.peer;
         if !self.options.trusted_proxies.is_empty() {
-            if let Some(peer) = ctx.client {
-                let chain = session.req_header().headers.get("x-forwarded-for");
+            if let Some(peer) = ctx.peer {
+                let chain = session.req_header().headers.get(X_FORWARDED_FOR);
                 ctx.client = Some(client_behind(peer, chain, &self.options.trusted_proxies));
             }
         }
         if self.options.request_id {
-            let given = session
-                .req_header()
-                .headers
-                .get("x-request-id")
-                .filter(|v| sane_request_id(v))
-                .cloned();
-            ctx.request_id = Some(given.unwrap_or_else(new_request_id));
+            let mut given = session.req_header().headers.get_all(X_REQUEST_ID).iter();
+            let kept = match (given.next(), given.next()) {
+                (Some(id), None) if sane_request_id(id) => Some(id.clone()),
+                _ => None,
+            };
+            ctx.request_id_given = kept.is_some();
+            ctx.request_id = Some(kept.unwrap_or_else(new_request_id));
         }
         if self.options.access_log {
             ctx.request_line = Some(RequestLine::capture(session));
         }
         let table = self.store.load_full();
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let route = request_host(session).and_then(|h| table.lookup(h)).cloned();
+        let route = request_host(session).and_then(|h| table.lookup(h));
         if let Some(challenges) = &self.options.acme {
             if let Some(token) = session.req_header().uri.path().strip_prefix(HTTP01_PREFIX) {
                 let answer = challenges.http01(token);
+                ctx.route = route.map(Route::index);
                 ctx.table = Some(table);
-                ctx.route = route;
                 ctx.local = Some(LocalReason::AcmeChallenge);
                 match answer {
                     Some(key_authorization) => {
@@ -900,8 +917,8 @@ impl ProxyHttp for VhostProxy {
                 None => !vhost.allow.is_empty(),
             };
             if refused {
+                ctx.route = Some(route.index());
                 ctx.table = Some(table);
-                ctx.route = Some(route);
                 ctx.local = Some(LocalReason::Forbidden);
                 respond(session, 403, &[], "forbidden\n").await?;
                 return Ok(true);
@@ -938,8 +955,8 @@ impl ProxyHttp for VhostProxy {
                     let retry = limited.retry_after_secs.to_string();
                     let state = format!("\"default\";r=0;t={retry}");
                     let policy = limiter.policy_header();
+                    ctx.route = Some(route.index());
                     ctx.table = Some(table);
-                    ctx.route = Some(route);
                     ctx.local = Some(LocalReason::RateLimited);
                     respond(
                         session,
@@ -961,8 +978,8 @@ impl ProxyHttp for VhostProxy {
             if let Some(sni) = client_sni(session.digest()) {
                 let sni_route = table.lookup(sni.as_bytes());
                 if sni_route.is_some_and(|r| r.vhost().domain != route.vhost().domain) {
+                    ctx.route = Some(route.index());
                     ctx.table = Some(table);
-                    ctx.route = Some(route);
                     ctx.local = Some(LocalReason::Misdirected);
                     respond(
                         session,
@@ -979,8 +996,8 @@ impl ProxyHttp for VhostProxy {
                 || !session.req_header().uri.path().starts_with(HTTP01_PREFIX))
         {
             let location = redirect_location(session, self.options.https_port);
+            ctx.route = Some(route.index());
             ctx.table = Some(table);
-            ctx.route = Some(route);
             ctx.local = Some(LocalReason::Redirect);
             match location {
                 Some(location) => {
@@ -995,23 +1012,25 @@ impl ProxyHttp for VhostProxy {
             Some(canary) => self.canary_side(session, canary, ctx),
             None => Side::Primary,
         };
-        let pick = self.pick(&route, wanted, |_| true);
-        let picked = pick.chosen;
+        let pick = self.pick(route, wanted, |_| true);
+        let picked = pick
+            .chosen
+            .map(|(side, member, backend)| (side, member, self.in_flight_slot(backend)));
+        let saturated = pick.saturated;
         ctx.trial = pick.trial;
         if picked.as_ref().is_some_and(|(side, ..)| *side != wanted) {
-            self.metrics.canary_fallback(&table, &route);
+            self.metrics.canary_fallback(&table, route);
         }
+        ctx.route = Some(route.index());
         ctx.table = Some(table);
-        ctx.route = Some(route);
         match picked {
-            Some((side, member, backend)) => {
-                ctx.slot = self.in_flight_slot(&backend);
+            Some((side, member, slot)) => {
+                ctx.slot = slot;
                 ctx.side = side;
                 ctx.member = Some(member);
-                ctx.backend = Some(backend);
                 Ok(false)
             }
-            None if pick.saturated => {
+            None if saturated => {
                 ctx.local = Some(LocalReason::Saturated);
                 respond(
                     session,
@@ -1047,19 +1066,22 @@ impl ProxyHttp for VhostProxy {
             let failed = &ctx.failed;
             // A retry after a connection failure: another available backend of the same side,
             // else of the other side of a canary.
-            let pick = ctx.route.as_ref().map(|r| {
+            let pick = ctx.route().map(|r| {
                 self.pick(r, ctx.side, |b| {
                     b.socket_addr().is_some_and(|a| !failed.contains(&a))
                 })
             });
-            match pick.and_then(|p| p.chosen.map(|c| (c, p.trial))) {
-                Some(((side, member, b), trial)) => {
+            let chosen = pick.and_then(|p| {
+                p.chosen
+                    .map(|(side, member, b)| (side, member, self.in_flight_slot(b), p.trial))
+            });
+            match chosen {
+                Some((side, member, slot, trial)) => {
                     ctx.slot = None;
-                    ctx.slot = self.in_flight_slot(&b);
+                    ctx.slot = slot;
                     ctx.trial = trial;
                     ctx.side = side;
                     ctx.member = Some(member);
-                    ctx.backend = Some(b);
                 }
                 None => {
                     return Err(Error::explain(
@@ -1070,8 +1092,7 @@ impl ProxyHttp for VhostProxy {
             }
         }
         let backend = ctx
-            .backend
-            .as_ref()
+            .backend()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no backend selected"))?;
         self.peer_for(session, backend)
     }
@@ -1082,27 +1103,16 @@ impl ProxyHttp for VhostProxy {
         upstream: &mut pingora_http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(ip) = crate::conn::proxied_client(session.stream()).or_else(|| {
-            session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(SocketAddr::ip)
-        }) {
+        if let Some(ip) = ctx.peer {
             // With trusted proxies configured, a chain from anyone else is not passed on.
             if !self.options.trusted_proxies.is_empty()
                 && !any_contains(&self.options.trusted_proxies, ip)
             {
-                upstream.remove_header("x-forwarded-for");
+                upstream.remove_header(&X_FORWARDED_FOR);
             }
-            // Format without a temporary String: at most 39 bytes for an IPv6 address.
             let mut buf = [0u8; 48];
-            let len = {
-                let mut cursor = std::io::Cursor::new(&mut buf[..]);
-                let _ = write!(cursor, "{ip}");
-                cursor.position() as usize
-            };
-            let ip = &buf[..len];
-            let forwarded_for = match upstream.headers.get("x-forwarded-for") {
+            let ip = format_ip(ip, &mut buf);
+            let forwarded_for = match upstream.headers.get(X_FORWARDED_FOR) {
                 Some(prev) => {
                     let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
                     v.extend_from_slice(prev.as_bytes());
@@ -1115,14 +1125,11 @@ impl ProxyHttp for VhostProxy {
             .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "x-forwarded-for", e))?;
             upstream.insert_header("x-forwarded-for", forwarded_for)?;
         }
-        if let Some(id) = &ctx.request_id {
+        // A kept client id is already the request's only `X-Request-Id`.
+        if let Some(id) = ctx.request_id.as_ref().filter(|_| !ctx.request_id_given) {
             upstream.insert_header("x-request-id", id.clone())?;
         }
-        if let Some(rules) = ctx
-            .route
-            .as_ref()
-            .and_then(|r| r.vhost().request_headers.as_ref())
-        {
+        if let Some(rules) = ctx.route().and_then(|r| r.vhost().request_headers.as_ref()) {
             let values = template_values(ctx);
             apply_rules!(upstream, rules, &values);
         }
@@ -1148,7 +1155,7 @@ impl ProxyHttp for VhostProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -1156,8 +1163,7 @@ impl ProxyHttp for VhostProxy {
             upstream_response.insert_header("x-request-id", id.clone())?;
         }
         if let Some(rules) = ctx
-            .route
-            .as_ref()
+            .route()
             .and_then(|r| r.vhost().response_headers.as_ref())
         {
             let values = template_values(ctx);
@@ -1167,8 +1173,9 @@ impl ProxyHttp for VhostProxy {
             ctx.upgraded = true;
             self.upgraded.increment(1.0);
         }
-        // A trailers-only gRPC answer carries its status in the head.
-        if grpc_failed(&upstream_response.headers) {
+        // A trailers-only gRPC answer carries its status in the head (gRPC clients speak
+        // HTTP/2: HTTP/1 requests skip the lookup).
+        if session.is_http2() && grpc_failed(&upstream_response.headers) {
             ctx.grpc_error = true;
         }
         if let Some(bucket) = ctx.issue_bucket {
@@ -1181,7 +1188,7 @@ impl ProxyHttp for VhostProxy {
             }
         }
         if self.options.canary.expose_served_tag {
-            if let Some(route) = ctx.route.as_ref().filter(|r| r.canary().is_some()) {
+            if let Some(route) = ctx.route().filter(|r| r.canary().is_some()) {
                 if let Ok(value) = HeaderValue::from_str(route.tag_on(ctx.side).as_str()) {
                     upstream_response.insert_header("x-served-tag", value)?;
                 }
@@ -1222,11 +1229,11 @@ impl ProxyHttp for VhostProxy {
         if let Some(addr) = peer.address().as_inet() {
             ctx.failed.push(*addr);
         }
-        if let Some(backend) = ctx.backend.clone() {
-            self.record_outcome(ctx, &backend, true);
-            ctx.trial = false;
+        if let Some(backend) = ctx.backend() {
+            self.record_outcome(ctx, backend, true);
         }
-        if let (Some(backend), Some(table)) = (&ctx.backend, &ctx.table) {
+        ctx.trial = false;
+        if let (Some(backend), Some(table)) = (ctx.backend(), &ctx.table) {
             self.metrics.connect_failure(table, backend);
             let threshold = self.options.passive_failure_threshold;
             if backend.health().record_connect_failure(threshold) {
@@ -1295,7 +1302,7 @@ impl ProxyHttp for VhostProxy {
         _digest: Option<&Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(backend) = &ctx.backend {
+        if let Some(backend) = ctx.backend() {
             backend.health().record_connect_success();
         }
         Ok(())
@@ -1331,20 +1338,20 @@ impl ProxyHttp for VhostProxy {
                 ctx.local,
                 None | Some(LocalReason::UpstreamError | LocalReason::UpstreamTimeout)
             );
-            if let Some(backend) = ctx.backend.clone().filter(|_| reached) {
-                // A client that left says nothing about the backend.
-                if status != 0 || ctx.local.is_some() {
+            // A client that left says nothing about the backend.
+            if reached && (status != 0 || ctx.local.is_some()) {
+                if let Some(backend) = ctx.backend() {
                     let failed = status >= 500 || ctx.local.is_some();
-                    self.record_outcome(ctx, &backend, failed);
-                    ctx.trial = false;
+                    self.record_outcome(ctx, backend, failed);
                 }
+                ctx.trial = false;
             }
         }
         ctx.slot = None;
         self.metrics.record(&Finished {
             table: ctx.table.as_deref(),
-            route: ctx.route.as_ref(),
-            backend: ctx.backend.as_deref(),
+            route: ctx.route(),
+            backend: ctx.backend().map(|b| &**b),
             member: ctx.member,
             side: ctx.side,
             local: ctx.local,
@@ -1356,8 +1363,8 @@ impl ProxyHttp for VhostProxy {
         if std::mem::take(&mut ctx.upgraded) {
             self.upgraded.decrement(1.0);
         }
-        let domain = domain_label(ctx.route.as_ref());
-        let backend = backend_label(ctx.backend.as_deref(), ctx.local);
+        let domain = domain_label(ctx.route());
+        let backend = backend_label(ctx.backend().map(|b| &**b), ctx.local);
         if let Some(e) = e {
             self.log_failure(e, domain, backend, ctx.attempts, status);
         }
@@ -1365,7 +1372,7 @@ impl ProxyHttp for VhostProxy {
             let req = session.req_header();
             access_log(&AccessLine {
                 domain,
-                tag: tag_label(ctx.route.as_ref(), ctx.side),
+                tag: tag_label(ctx.route(), ctx.side),
                 backend,
                 method: req.method.as_str(),
                 path: req.uri.path_and_query().map_or("/", |p| p.as_str()),

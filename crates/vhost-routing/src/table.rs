@@ -375,8 +375,15 @@ pub struct Pool {
     schedule: Box<[u32]>,
     /// `ticket % schedule.len()` without a division (Lemire's fastmod).
     slot_of: FastMod,
-    cursor: Arc<AtomicUsize>,
+    cursor: Arc<Cursor>,
 }
+
+/// A pool's round-robin cursor, alone on its cache line: every request of every thread
+/// increments it, and sharing the line with data that requests only read (or with another
+/// pool's cursor) would make those reads miss on the other cores.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Cursor(AtomicUsize);
 
 /// `x % d` for a fixed `d` with two multiplications instead of a division (Lemire, Kaser and
 /// Kurz, "Faster remainder by direct computation", 2019). Exact for 32-bit `x`; tickets are
@@ -403,7 +410,7 @@ impl FastMod {
 }
 
 impl Pool {
-    fn new(tag: Tag, members: Vec<Arc<BackendEntry>>, cursor: Arc<AtomicUsize>) -> Self {
+    fn new(tag: Tag, members: Vec<Arc<BackendEntry>>, cursor: Arc<Cursor>) -> Self {
         let weights: Vec<u16> = members.iter().map(|m| m.backend.weight).collect();
         let schedule = smooth_schedule(&weights).into_boxed_slice();
         Self {
@@ -459,7 +466,7 @@ impl Pool {
         if slots == 0 {
             return None;
         }
-        let ticket = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let ticket = self.cursor.0.fetch_add(1, Ordering::Relaxed);
         let mut ok = |i: usize| {
             let m = &self.members[i];
             (m.is_available() && accept(m)).then_some((i, m))
@@ -707,12 +714,20 @@ impl Default for BuildOptions {
 }
 
 /// An immutable routing snapshot (see the module docs).
+///
+/// Aligned to a cache line so that, inside its `Arc`, the reference count (written by every
+/// request that takes the snapshot, on every thread) does not share a line with the index the
+/// lookups read.
 #[derive(Debug)]
+#[repr(align(64))]
 pub struct RoutingTable {
     generation: u64,
     state: Arc<State>,
     exact: HashMap<NameKey, Route, RandomState>,
     wildcard: HashMap<NameKey, Route, RandomState>,
+    /// Every route again, at its [`Route::index`]: a request keeps the table and an index
+    /// instead of cloning its route (whose `Arc` counts every thread's requests would write).
+    by_index: Vec<Route>,
     pools: BTreeMap<Tag, Arc<Pool>>,
     backends: BTreeMap<BackendId, Arc<BackendEntry>>,
     attachments: Attachments,
@@ -745,6 +760,7 @@ impl RoutingTable {
             state: Arc::new(State::default()),
             exact: HashMap::default(),
             wildcard: HashMap::default(),
+            by_index: Vec::new(),
             pools: BTreeMap::new(),
             backends: BTreeMap::new(),
             attachments: Attachments::default(),
@@ -810,6 +826,7 @@ impl RoutingTable {
         let mut exact =
             HashMap::with_capacity_and_hasher(state.vhosts().len(), RandomState::default());
         let mut wildcard = HashMap::default();
+        let mut by_index = Vec::with_capacity(state.vhosts().len());
         for (vhost, index) in state.vhosts().zip(0u32..) {
             let canary = vhost.canary.as_ref().map(|c| {
                 Arc::new(CanaryRoute {
@@ -824,6 +841,7 @@ impl RoutingTable {
                 vhost: Arc::new(vhost.clone()),
                 index,
             };
+            by_index.push(route.clone());
             match vhost.domain.wildcard_suffix() {
                 Some(suffix) => wildcard.insert(NameKey::new(suffix.as_bytes()), route),
                 None => exact.insert(NameKey::new(vhost.domain.as_str().as_bytes()), route),
@@ -835,6 +853,7 @@ impl RoutingTable {
             state,
             exact,
             wildcard,
+            by_index,
             pools,
             backends,
             attachments: Attachments::default(),
@@ -857,6 +876,12 @@ impl RoutingTable {
     /// Every route, in no particular order (each knows its [`Route::index`]).
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         self.exact.values().chain(self.wildcard.values())
+    }
+
+    /// The route whose [`Route::index`] is `index`. Borrowing it from the table (kept alive by
+    /// one `Arc`) instead of cloning it spares a request the route's shared reference counts.
+    pub fn route(&self, index: usize) -> Option<&Route> {
+        self.by_index.get(index)
     }
 
     /// Number of routes (virtual hosts); [`Route::index`] is below it.
@@ -1226,6 +1251,13 @@ mod tests {
         routes.sort_unstable();
         assert_eq!(routes, vec![0, 1, 2]);
         assert_eq!(tb.route_count(), 3);
+        for host in ["a.com", "x.b.com", "c.com"] {
+            let found = tb.lookup(host.as_bytes()).unwrap();
+            let by_index = tb.route(found.index()).unwrap();
+            assert_eq!(by_index.vhost().domain, found.vhost().domain);
+            assert_eq!(by_index.index(), found.index());
+        }
+        assert!(tb.route(3).is_none());
         let backends: Vec<usize> = tb.backends().map(|b| b.index()).collect();
         assert_eq!(backends, vec![0, 1]);
         assert_eq!(tb.backend_count(), 2);
