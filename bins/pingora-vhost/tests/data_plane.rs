@@ -443,3 +443,92 @@ fn check_flag_validates_config_and_certificates() {
         "{err}"
     );
 }
+
+/// A response streamed in chunks reaches the client chunk by chunk over HTTPS as over HTTP:
+/// the proxy gathers small writes above TLS into one record, but never past a flush, and
+/// Pingora flushes after every chunk. The backend sends the second chunk only once the client
+/// has the first, so anything held back would stall the exchange into the deadline.
+#[test]
+fn streamed_chunks_reach_the_client_one_by_one_over_http_and_https() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (got_first, first_seen) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let first_seen = std::sync::Arc::new(tokio::sync::Mutex::new(first_seen));
+    let seen = std::sync::Arc::clone(&first_seen);
+    rt.spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = std::sync::Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if !head.starts_with(b"GET /stream ") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nfirst\r\n")
+                    .await;
+                // Only once the client holds the first chunk.
+                if seen.lock().await.recv().await.is_none() {
+                    return;
+                }
+                let _ = s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), "stream", &["stream.test"]);
+    let body = format!(
+        "[health_check]\ninterval_secs = 3600\n\n{}{}",
+        vhost_toml(
+            "stream.test",
+            "a",
+            &format!(
+                "tls_cert_path = \"{}\"\ntls_key_path = \"{}\"",
+                cert.display(),
+                key.display()
+            )
+        ),
+        backends_toml(&[("s1", backend.to_string(), "\"a\"")]),
+    );
+    let proxy = ProxyProcess::start(dir, "", &body, true);
+    for (scheme, addr) in [("http", proxy.http), ("https", proxy.https)] {
+        let c = client(&[("stream.test", addr)], true);
+        let url = format!("{scheme}://stream.test:{}/stream", addr.port());
+        let got_first = got_first.clone();
+        let text = rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(10), async move {
+                let mut r = c.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                let mut text = String::new();
+                while !text.contains("first") {
+                    let chunk = r.chunk().await.unwrap().expect("the first chunk");
+                    text.push_str(std::str::from_utf8(&chunk).unwrap());
+                }
+                got_first.send(()).unwrap();
+                while let Some(chunk) = r.chunk().await.unwrap() {
+                    text.push_str(std::str::from_utf8(&chunk).unwrap());
+                }
+                text
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{scheme}: the first chunk was held back"))
+        });
+        assert_eq!(text, "firstsecond", "{scheme}");
+    }
+}
