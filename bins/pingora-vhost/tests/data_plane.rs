@@ -532,3 +532,217 @@ fn streamed_chunks_reach_the_client_one_by_one_over_http_and_https() {
         assert_eq!(text, "firstsecond", "{scheme}");
     }
 }
+
+/// A backend that answers every request with the head it received (request line and header
+/// names, lowercased and sorted, one per line) and drains a `Content-Length` body.
+fn echo_head_backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => data.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&data[..end]).into_owned();
+                    let mut lines = head.split("\r\n");
+                    let request_line = lines.next().unwrap_or_default().to_owned();
+                    let mut names: Vec<String> = Vec::new();
+                    let mut length = 0usize;
+                    for line in lines {
+                        let (k, v) = line.split_once(':').unwrap_or((line, ""));
+                        let k = k.trim().to_ascii_lowercase();
+                        if k == "content-length" {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        names.push(k);
+                    }
+                    names.sort();
+                    while data.len() < end + 4 + length {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => data.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    data.drain(..end + 4 + length);
+                    let body = format!("{request_line}\n{}\n", names.join("\n"));
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What the backend receives is the same whichever path a request takes (the HTTP/1.1 fast path
+/// or Pingora's general one, `h1_fast_path = false`): hop-by-hop fields and the fields the
+/// `Connection` header names are removed, the forwarding headers added, HTTP/1.1 spoken — for
+/// requests the fast path serves (GETs) and ones it hands over (a body, a `Connection` option
+/// naming a field).
+#[test]
+fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
+    use std::io::Read;
+    let rt = runtime();
+    let backend = echo_head_backend(&rt);
+    let body = format!(
+        "[health_check]\ninterval_secs = 3600\n\n{}{}",
+        vhost_toml("echo.test", "a", ""),
+        backends_toml(&[("e1", backend.to_string(), "\"a\"")]),
+    );
+    let requests: [&[u8]; 6] = [
+        b"GET /a?b=c HTTP/1.1\r\nHost: echo.test\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: X-T\r\nProxy-Authorization: Basic eDp5\r\nProxy-Connection: keep-alive\r\nX-Keep: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: echo.test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\r\n",
+        b"POST /p HTTP/1.1\r\nHost: echo.test\r\nTE: trailers\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET / HTTP/1.0\r\nHost: echo.test\r\nConnection: keep-alive\r\nX-Keep: 1\r\n\r\n",
+        b"HEAD / HTTP/1.1\r\nHost: echo.test\r\nConnection: close\r\nClose: named\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: echo.test\r\nConnection: close\r\nClose: named\r\n\r\n",
+    ];
+    let mut seen: Vec<Vec<(u16, String)>> = Vec::new();
+    for fast in ["true", "false"] {
+        let proxy = ProxyProcess::start(
+            tempfile::tempdir().unwrap(),
+            &format!("h1_fast_path = {fast}"),
+            &body,
+            false,
+        );
+        let mut answers = Vec::new();
+        for request in requests {
+            let mut s = raw_connect(proxy.http);
+            s.write_all(request).unwrap();
+            if request.starts_with(b"HEAD") {
+                // No body on a HEAD answer: what the backend saw is not readable; the status is.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    assert_eq!(s.read(&mut byte).unwrap(), 1);
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+                answers.push((200, String::new()));
+                continue;
+            }
+            let (status, _, echoed) = read_response(&mut s);
+            answers.push((status, echoed));
+            let mut rest = [0u8; 1];
+            s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+            let _ = s.read(&mut rest);
+        }
+        seen.push(answers);
+    }
+    assert_eq!(seen[0], seen[1], "fast path vs Pingora's path");
+    let first = &seen[0][0].1;
+    assert!(first.starts_with("GET /a?b=c HTTP/1.1\n"), "{first}");
+    for gone in [
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
+        assert!(
+            !first.lines().any(|l| l == gone),
+            "{gone} forwarded: {first}"
+        );
+    }
+    for kept in [
+        "host",
+        "x-keep",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    ] {
+        assert!(first.lines().any(|l| l == kept), "{kept} missing: {first}");
+    }
+    assert!(
+        !seen[0][1].1.lines().any(|l| l == "x-secret"),
+        "{}",
+        seen[0][1].1
+    );
+    assert!(
+        seen[0][2].1.starts_with("POST /p HTTP/1.1\n"),
+        "{}",
+        seen[0][2].1
+    );
+    assert!(
+        seen[0][3].1.starts_with("GET / HTTP/1.1\n"),
+        "{}",
+        seen[0][3].1
+    );
+}
+
+/// An answer whose end is the backend closing (no length, no chunks) reaches the client in
+/// chunks, so the client connection carries the next request (on both paths).
+#[test]
+fn a_close_delimited_answer_keeps_the_client_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let backend = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+                    .await;
+            });
+        }
+    });
+    let body = format!(
+        "[health_check]\ninterval_secs = 3600\n\n{}{}",
+        vhost_toml("close.test", "a", ""),
+        backends_toml(&[("c1", backend.to_string(), "\"a\"")]),
+    );
+    for fast in ["true", "false"] {
+        let proxy = ProxyProcess::start(
+            tempfile::tempdir().unwrap(),
+            &format!("h1_fast_path = {fast}"),
+            &body,
+            false,
+        );
+        let url = proxy.http_url("/");
+        rt.block_on(async move {
+            let c = client(&[], true);
+            for _ in 0..3 {
+                let r = c
+                    .get(&url)
+                    .header("host", "close.test")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200, "fast path {fast}");
+                let te = r.headers().get("transfer-encoding").cloned();
+                assert_eq!(te.as_ref().map(|v| v.to_str().unwrap()), Some("chunked"));
+                assert_eq!(r.text().await.unwrap(), "until the end", "fast path {fast}");
+            }
+        });
+    }
+}

@@ -238,22 +238,19 @@ fn a_backend_that_does_not_answer_in_time_gets_504() {
     s.write_all(b"GET /slow/3000 HTTP/1.1\r\nHost: one.test\r\n\r\n")
         .unwrap();
     assert_eq!(read_response(&mut s).0, 504);
-    assert_eq!(
+    // The answer leaves before the request is counted (logging runs after it): wait for both.
+    wait_until("the timeout counted", || {
         metric(
             proxy.metrics,
-            "proxy_local_responses_total{reason=\"upstream_timeout\"}"
-        ),
-        1.0
-    );
+            "proxy_local_responses_total{reason=\"upstream_timeout\"}",
+        ) == 1.0
+    });
     // The backend is named in the request metrics: it is the one that timed out.
     let series =
         "proxy_requests_total{domain=\"one.test\",tag=\"a\",backend=\"b1\",status=\"5xx\"}";
-    assert_eq!(
-        metric(proxy.metrics, series),
-        1.0,
-        "{}",
-        plain_http::get_text(&format!("http://{}/metrics", proxy.metrics))
-    );
+    wait_until("the request counted against b1", || {
+        metric(proxy.metrics, series) == 1.0
+    });
     wait_until("the access-log line", || {
         proxy.log().contains("\"local\":\"upstream_timeout\"")
     });

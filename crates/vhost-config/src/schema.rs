@@ -118,6 +118,9 @@ pub struct ProxyConfig {
     /// Keep or make an `X-Request-Id` per request, send it to the backend and the client, and
     /// log it (default true).
     pub request_id: bool,
+    /// Serve plain HTTP/1.1 requests to HTTP/1 backends on the fast path (default true; see
+    /// docs/performance.md). `false`: every request takes Pingora's general proxy path.
+    pub h1_fast_path: bool,
     /// Unix socket over which a new process started with `--upgrade` takes the listening
     /// sockets from this one (on SIGQUIT); absent: no zero-downtime upgrade.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -159,6 +162,7 @@ impl Default for ProxyConfig {
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
             request_id: true,
+            h1_fast_path: true,
             circuit_breaker: None,
             upgrade_sock: None,
         }

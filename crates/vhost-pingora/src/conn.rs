@@ -48,6 +48,9 @@ use pingora_core::tls::ssl::{
     select_next_proto, AlpnError, SslAcceptor, SslMethod, SslMode, SslSessionCacheMode,
 };
 use pingora_proxy::HttpProxy;
+
+use crate::fast::{FastPath, Served};
+use futures_util::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use vhost_health::LogLimiter;
 
@@ -242,6 +245,8 @@ pub struct VhostApp {
     h2c: bool,
     /// Peers whose connections may start with a PROXY protocol v2 header (`None`: off).
     proxy_protocol: Option<Vec<vhost_routing::Cidr>>,
+    /// The HTTP/1.1 fast path (see [`crate::fast`]).
+    fast: FastPath,
 }
 
 impl std::fmt::Debug for VhostApp {
@@ -281,6 +286,7 @@ impl VhostApp {
         https: Option<(SocketAddr, SniCertResolver)>,
         conns: Arc<Connections>,
         proxy_protocol: Option<Vec<vhost_routing::Cidr>>,
+        fast: FastPath,
     ) -> pingora_error::Result<Self> {
         let tls = match https {
             Some((addr, certs)) => Some(TlsEndpoint {
@@ -297,6 +303,7 @@ impl VhostApp {
             conns,
             h2c,
             proxy_protocol,
+            fast,
         })
     }
 
@@ -405,15 +412,58 @@ impl VhostApp {
                 ),
             };
             first_request = false;
+            let keepalive_off = draining || *shutdown.borrow();
+            // A whole head already here: the fast path takes it, or declines it untouched and
+            // it is replayed into Pingora's path from a copy of the same bytes.
+            let fast = first_bytes
+                .as_ref()
+                .filter(|b| self.fast.open() && memchr::memmem::find(b, b"\r\n\r\n").is_some())
+                .cloned();
+            let (stream_now, prefix) = match fast {
+                Some(replay) => {
+                    let mut session = pingora_proxy::Session::new_h1(stream);
+                    if let Some(s) = settings.take() {
+                        s.apply_to_session(&mut session.downstream_session);
+                    }
+                    if keepalive_off {
+                        session.set_keepalive(None);
+                    }
+                    session.downstream_session.set_pipelining_enabled(true);
+                    if let Some(bytes) = first_bytes {
+                        session.downstream_session.set_pipelined_prefix(bytes);
+                    }
+                    match until_head(self.fast.serve(session, shutdown), shared, Some(deadline))
+                        .await
+                    {
+                        Outcome::Done(Served::Done(Some(reused))) => {
+                            let (next_stream, next_settings) = reused.consume();
+                            settings = next_settings;
+                            let known = ConnStream::request_boundary_known(&next_stream, shared);
+                            stream = next_stream;
+                            wait_until = known.then(|| Instant::now() + limits.keepalive_timeout);
+                            continue;
+                        }
+                        Outcome::Done(Served::Done(None)) => return,
+                        Outcome::Done(Served::Declined(declined, kept)) => {
+                            settings = Some(kept);
+                            (declined, Some(replay))
+                        }
+                        Outcome::Closed(reason) => return self.conns.closed(reason, peer),
+                        Outcome::TimedOut(reason) => return self.conns.closed(reason, peer),
+                    }
+                }
+                None => (stream, first_bytes),
+            };
+            stream = stream_now;
             let mut session = ServerSession::new_http1(stream);
             if let Some(s) = settings.take() {
                 s.apply_to_session(&mut session);
             }
-            if draining || *shutdown.borrow() {
+            if keepalive_off {
                 session.set_keepalive(None);
             }
             session.set_pipelining_enabled(true);
-            if let Some(bytes) = first_bytes {
+            if let Some(bytes) = prefix {
                 session.set_pipelined_prefix(bytes);
             }
             let request = self.http.process_new_http(session, shutdown);
@@ -494,6 +544,27 @@ fn closed(shared: &ConnShared) -> impl std::future::Future<Output = CloseReason>
 /// an idle keep-alive connection during a drain or an upgrade gets its answer, not a reset).
 /// `Err(Some(reason))`: counted close; `Err(None)`: the client closed.
 async fn first_bytes(
+    stream: &mut Stream,
+    shared: &ConnShared,
+    timer: Pin<&mut tokio::time::Sleep>,
+    stopping: Option<Pin<&mut impl std::future::Future<Output = ()>>>,
+    idle: CloseReason,
+) -> Result<(BytesMut, bool), Option<CloseReason>> {
+    let (mut buf, draining) = first_read(stream, shared, timer, stopping, idle).await?;
+    // The head often arrives in two reads on a new plain connection (the listener peeked at its
+    // first bytes for h2c): take what is already there, without waiting, so that a whole head
+    // can go to the HTTP/1.1 fast path.
+    while buf.len() < buf.capacity() && memchr::memmem::find(&buf, b"\r\n\r\n").is_none() {
+        match stream.read_buf(&mut buf).now_or_never() {
+            Some(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
+    Ok((buf, draining))
+}
+
+/// The first read of [`first_bytes`]: waits for it.
+async fn first_read(
     stream: &mut Stream,
     shared: &ConnShared,
     mut timer: Pin<&mut tokio::time::Sleep>,

@@ -11,11 +11,14 @@
 //!
 //! Data flow: listener → [`VhostApp`] (connection limit, TLS, request-head deadline and size) →
 //! [`VhostProxy::request_filter`](pingora_proxy::ProxyHttp::request_filter) (snapshot load, host
-//! lookup) → `upstream_peer` (backend) → Pingora forwards the request.
+//! lookup) → `upstream_peer` (backend) → Pingora forwards the request — or, for a plain
+//! HTTP/1.1 request to an HTTP/1 backend, the fast path (`fast.rs`) runs the same filters on
+//! Pingora's session types without its per-request channels.
 
 pub mod acme;
 pub mod certs;
 pub mod conn;
+mod fast;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -24,6 +27,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pingora_core::apps::HttpServerOptions;
+use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::protocols::http::v2::server::default_h2_options;
 use pingora_core::server::configuration::ServerConf;
@@ -61,6 +66,11 @@ pub fn proxy_service(
     let challenges = proxy.acme_challenges();
     let h2c = proxy.h2c();
     let proxy_protocol = proxy.proxy_protocol_peers();
+    let fast = fast::FastPath::new(
+        proxy.clone(),
+        Connector::new(Some(ConnectorOptions::from_server_conf(conf))),
+        conf.max_retries,
+    );
     let mut http = pingora_proxy::http_proxy(conf, proxy);
     let mut server_options = HttpServerOptions::default();
     // Connections the listener recognises as h2c (see conn.rs) go through Pingora's own
@@ -83,6 +93,7 @@ pub fn proxy_service(
         }),
         conns,
         proxy_protocol,
+        fast,
     )?;
     let mut service = Service::new("pingora-vhost".to_owned(), app);
     // No L4 read buffer: HTTP/1 heads are read straight into Pingora's buffer and OpenSSL reads

@@ -88,6 +88,8 @@ pub struct ProxyOptions {
     pub trusted_proxies: Vec<Cidr>,
     /// Keep a client's sane `X-Request-Id` or make one, send it to the backend, return it.
     pub request_id: bool,
+    /// Serve plain HTTP/1.1 requests to HTTP/1 backends on the fast path (see `fast.rs`).
+    pub h1_fast_path: bool,
     /// Accept a PROXY protocol v2 header at the start of connections from `trusted_proxies`.
     pub proxy_protocol: bool,
     /// Outlier detection (`None`: off).
@@ -139,6 +141,7 @@ impl Default for ProxyOptions {
             h2c: true,
             trusted_proxies: Vec::new(),
             request_id: true,
+            h1_fast_path: true,
             proxy_protocol: false,
             circuit_breaker: None,
         }
@@ -603,6 +606,12 @@ impl VhostProxy {
             ),
             Transition::None => {}
         }
+    }
+
+    /// Whether the HTTP/1 fast path is on and no backend of the current snapshot speaks HTTP/2
+    /// (see [`crate::fast`]).
+    pub(crate) fn http1_only(&self) -> bool {
+        self.options.h1_fast_path && self.store.load().http1_only()
     }
 
     /// The proxy's metrics (render them with [`ProxyMetrics::render`]).

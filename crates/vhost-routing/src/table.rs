@@ -728,6 +728,9 @@ pub struct RoutingTable {
     /// Every route again, at its [`Route::index`]: a request keeps the table and an index
     /// instead of cloning its route (whose `Arc` counts every thread's requests would write).
     by_index: Vec<Route>,
+    /// No backend speaks HTTP/2 to us (`h2`/`h2c`): every request of an HTTP/1 client can go
+    /// out over HTTP/1 (see [`RoutingTable::http1_only`]).
+    http1_only: bool,
     pools: BTreeMap<Tag, Arc<Pool>>,
     backends: BTreeMap<BackendId, Arc<BackendEntry>>,
     attachments: Attachments,
@@ -761,6 +764,7 @@ impl RoutingTable {
             exact: HashMap::default(),
             wildcard: HashMap::default(),
             by_index: Vec::new(),
+            http1_only: true,
             pools: BTreeMap::new(),
             backends: BTreeMap::new(),
             attachments: Attachments::default(),
@@ -848,12 +852,14 @@ impl RoutingTable {
             };
         }
 
+        let http1_only = backends.values().all(|b| !b.backend.protocol.h2());
         Self {
             generation: previous.generation.wrapping_add(1),
             state,
             exact,
             wildcard,
             by_index,
+            http1_only,
             pools,
             backends,
             attachments: Attachments::default(),
@@ -882,6 +888,11 @@ impl RoutingTable {
     /// one `Arc`) instead of cloning it spares a request the route's shared reference counts.
     pub fn route(&self, index: usize) -> Option<&Route> {
         self.by_index.get(index)
+    }
+
+    /// Whether every backend is reached over HTTP/1 (`http` or `https`; none is `h2`/`h2c`).
+    pub fn http1_only(&self) -> bool {
+        self.http1_only
     }
 
     /// Number of routes (virtual hosts); [`Route::index`] is below it.

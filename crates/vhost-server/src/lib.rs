@@ -58,6 +58,7 @@ pub fn proxy_options(config: &vhost_config::Config) -> vhost_pingora::ProxyOptio
         h2c: proxy.h2c,
         trusted_proxies: proxy.trusted_proxies.clone(),
         request_id: proxy.request_id,
+        h1_fast_path: proxy.h1_fast_path,
         proxy_protocol: proxy.proxy_protocol,
         circuit_breaker: proxy.circuit_breaker,
         ..vhost_pingora::ProxyOptions::default()

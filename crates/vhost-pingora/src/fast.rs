@@ -1,0 +1,464 @@
+//! The HTTP/1.1 fast path: one plain request, one HTTP/1 backend, without Pingora's
+//! per-request machinery.
+//!
+//! Where it sits: [`crate::conn`]'s keep-alive loop hands each HTTP/1 request whose whole head
+//! already arrived to [`FastPath::serve`] instead of Pingora's `process_new_http`. It runs the
+//! same [`VhostProxy`] filters in the same order (`request_filter`, `upstream_peer`,
+//! `fail_to_connect`, `connected_to_upstream`, `upstream_request_filter`, `response_filter`,
+//! `fail_to_proxy`, `logging`) on Pingora's own session types — its HTTP/1 parser and
+//! serialiser, its upstream connection pool, its timeouts — but drives the two halves directly
+//! instead of through two task channels and a boxed ~10 KB request future.
+//!
+//! It takes only what it can forward exactly as Pingora would, and declines before any filter
+//! ran (the caller replays the same bytes into Pingora's path): requests with a body, upgrades,
+//! `CONNECT`, `Expect`, request targets that are not origin-form (`/…`), `Connection` options
+//! other than `keep-alive` and `close`, and any request while a backend of the snapshot speaks
+//! HTTP/2. What it does to a request on the way out is Pingora's default policy for such a
+//! request: hop-by-hop fields removed, HTTP/1.1, the authority validated after the filters.
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{Method, Version};
+use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
+use pingora_core::connectors::http::Connector;
+use pingora_core::protocols::http::authority::validate_request_authority;
+use pingora_core::protocols::http::client::HttpSession as ClientSession;
+use pingora_core::protocols::http::v1::client::HttpSession as ClientV1;
+use pingora_core::protocols::http::HttpTask;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::{Stream, UniqueID};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_error::{Error, ErrorType, Result};
+use pingora_proxy::{ProxyHttp, Session};
+
+use crate::proxy::{RequestCtx, VhostProxy};
+
+/// Hop-by-hop fields Pingora's default upstream policy removes from every request.
+const HOP_BY_HOP: [HeaderName; 10] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::CONNECTION,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
+];
+
+/// How [`FastPath::serve`] ended.
+pub(crate) enum Served {
+    /// The request was served (or failed); the connection if it can carry another request.
+    Done(Option<ReusedHttpStream>),
+    /// Not for the fast path: the connection and its settings, to replay the same head into
+    /// Pingora's path.
+    Declined(Stream, HttpPersistentSettings),
+}
+
+/// The fast path of one listener (see the module docs).
+pub(crate) struct FastPath {
+    proxy: VhostProxy,
+    upstream: Connector,
+    max_retries: usize,
+}
+
+impl std::fmt::Debug for FastPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastPath")
+            .field("max_retries", &self.max_retries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FastPath {
+    /// A fast path running `proxy`'s filters, with its own upstream pool (`upstream`).
+    pub(crate) fn new(proxy: VhostProxy, upstream: Connector, max_retries: usize) -> Self {
+        Self {
+            proxy,
+            upstream,
+            max_retries: max_retries.max(1),
+        }
+    }
+
+    /// Whether requests can take the fast path at all right now (no HTTP/2 backend).
+    pub(crate) fn open(&self) -> bool {
+        self.proxy.http1_only()
+    }
+
+    /// Serves the request at the start of `session` (whose pipelined prefix holds its whole
+    /// head), or declines it untouched.
+    pub(crate) async fn serve(&self, mut session: Session, shutdown: &ShutdownWatch) -> Served {
+        match session.downstream_session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return Served::Done(None),
+            Err(mut e) => {
+                e.as_down();
+                if matches!(e.etype, ErrorType::InvalidHTTPHeader) {
+                    let _ = session.downstream_session.respond_error(400).await;
+                }
+                session.downstream_session.shutdown().await;
+                return Served::Done(None);
+            }
+        }
+        if !eligible(&mut session) {
+            let settings = HttpPersistentSettings::for_session(&session.downstream_session);
+            return match *session.downstream_session {
+                ServerSession::H1(h1) => Served::Declined(h1.into_inner(), settings),
+                // Never: the caller only hands HTTP/1 sessions.
+                _ => Served::Done(None),
+            };
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let mut ctx = self.proxy.new_ctx();
+        match self.proxy.request_filter(&mut session, &mut ctx).await {
+            Ok(true) => {
+                self.proxy.logging(&mut session, None, &mut ctx).await;
+                return Served::Done(finish(session).await);
+            }
+            Ok(false) => {}
+            Err(e) => return Served::Done(self.failed(session, &mut ctx, e).await),
+        }
+        let mut server_reuse = false;
+        let mut error = None;
+        for _ in 0..self.max_retries {
+            let (reuse, e) = self.proxy_once(&mut session, &mut ctx).await;
+            server_reuse = reuse;
+            match e {
+                Some(e) if e.retry() && session.response_written().is_none() => error = Some(e),
+                e => {
+                    error = e;
+                    break;
+                }
+            }
+        }
+        if let Some(e) = error.as_ref() {
+            self.proxy.fail_to_proxy(&mut session, e, &mut ctx).await;
+        }
+        self.proxy
+            .logging(&mut session, error.as_deref(), &mut ctx)
+            .await;
+        if let Some(e) = error {
+            session.downstream_session.on_proxy_failure(e);
+        }
+        if server_reuse {
+            Served::Done(finish(session).await)
+        } else {
+            Served::Done(None)
+        }
+    }
+
+    /// A filter failed before any backend was involved (as Pingora's `handle_error`).
+    async fn failed(
+        &self,
+        mut session: Session,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Option<ReusedHttpStream> {
+        let res = self.proxy.fail_to_proxy(&mut session, &e, ctx).await;
+        self.proxy.logging(&mut session, Some(&e), ctx).await;
+        session.downstream_session.on_proxy_failure(e);
+        if res.can_reuse_downstream {
+            finish(session).await
+        } else {
+            None
+        }
+    }
+
+    /// One attempt: a backend, a connection, the exchange. Returns whether the client
+    /// connection can be reused and the error, if any (retryable or not).
+    async fn proxy_once(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> (bool, Option<Box<Error>>) {
+        let peer = match self.proxy.upstream_peer(session, ctx).await {
+            Ok(peer) => peer,
+            Err(e) => return (false, Some(e)),
+        };
+        let (mut client, reused) = match self.upstream.get_http_session(&*peer).await {
+            Ok((ClientSession::H1(h1), reused)) => (h1, reused),
+            Ok(_) => {
+                return (
+                    false,
+                    Some(Error::explain(
+                        ErrorType::InternalError,
+                        "an HTTP/2 upstream session on the HTTP/1 fast path",
+                    )),
+                )
+            }
+            Err(mut e) => {
+                e.as_up();
+                let e = self.proxy.fail_to_connect(session, &peer, ctx, e);
+                return (false, Some(e.into_up()));
+            }
+        };
+        if let Err(e) = self
+            .proxy
+            .connected_to_upstream(
+                session,
+                reused,
+                &peer,
+                client.id(),
+                Some(client.digest()),
+                ctx,
+            )
+            .await
+        {
+            return (false, Some(e));
+        }
+        let (server_reuse, client_reuse, error) =
+            self.exchange(session, &mut client, &peer, ctx).await;
+        if client_reuse {
+            self.upstream
+                .release_http_session(ClientSession::H1(client), &*peer, peer.idle_timeout())
+                .await;
+        }
+        let error = error.map(|e| {
+            let mut e = self.proxy.error_while_proxy(&peer, session, e, ctx, reused);
+            if session.response_written().is_some() {
+                // Part of an answer is out: another attempt would send a second one.
+                e.set_retry(false);
+            }
+            e
+        });
+        (server_reuse, error)
+    }
+
+    /// Sends the request head and forwards the response. Returns (client connection reusable,
+    /// backend connection reusable, error).
+    async fn exchange(
+        &self,
+        session: &mut Session,
+        client: &mut ClientV1,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+    ) -> (bool, bool, Option<Box<Error>>) {
+        client.read_timeout = peer.options.read_timeout;
+        client.write_timeout = peer.options.write_timeout;
+        let mut req = session.req_header().clone();
+        req.set_version(Version::HTTP_11);
+        for name in &HOP_BY_HOP {
+            req.remove_header(name);
+        }
+        // `Connection: close` names a field `close` (the only other option taken is
+        // `keep-alive`, removed above).
+        if session
+            .req_header()
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"close"))
+        {
+            req.remove_header("close");
+        }
+        if let Err(e) = self
+            .proxy
+            .upstream_request_filter(session, &mut req, ctx)
+            .await
+        {
+            return (false, true, Some(e));
+        }
+        if req
+            .headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes().contains(&b'@'))
+        {
+            let e = Error::explain(ErrorType::InvalidHTTPHeader, "userinfo in Host header");
+            return (false, true, Some(e.into_in()));
+        }
+        if let Err(e) = validate_request_authority(&req) {
+            return (false, true, Some(e.into_in()));
+        }
+        if let Err(e) = client.write_request_header(Box::new(req)).await {
+            return (false, false, Some(e.into_up()));
+        }
+        if let Err(e) = client.finish_body().await {
+            return (false, false, Some(e.into_up()));
+        }
+        let head_request = session.req_header().method == Method::HEAD;
+        let mut header_done = false;
+        loop {
+            let task = if header_done {
+                client.read_response_task().await
+            } else {
+                // Waiting for the answer: notice a client that leaves meanwhile (as Pingora).
+                tokio::select! {
+                    biased;
+                    task = client.read_response_task() => task,
+                    closed = session.downstream_session.read_body_or_idle(true) => match closed {
+                        Err(e) => return (false, false, Some(e.into_down())),
+                        Ok(_) => continue,
+                    },
+                }
+            };
+            let task = match task {
+                Ok(task) => task,
+                Err(e) => return (false, false, Some(e.into_up())),
+            };
+            match task {
+                HttpTask::Header(mut head, end) => {
+                    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                        let e = Error::explain(
+                            ErrorType::InvalidHTTPHeader,
+                            "101 answer to a request that asked for no upgrade",
+                        );
+                        return (false, false, Some(e.into_up()));
+                    }
+                    if head.status.is_informational() {
+                        if let Err(e) = session.downstream_session.write_response_header(head).await
+                        {
+                            return (false, false, Some(e.into_down()));
+                        }
+                        continue;
+                    }
+                    // A close-delimited answer goes on as chunked, so the client connection
+                    // survives it (Pingora does the same).
+                    let no_body = head_request || matches!(head.status.as_u16(), 204 | 304);
+                    if !no_body
+                        && !end
+                        && head.headers.get(header::TRANSFER_ENCODING).is_none()
+                        && head.headers.get(header::CONTENT_LENGTH).is_none()
+                    {
+                        head.set_version(Version::HTTP_11);
+                        if let Err(e) = head.insert_header(header::TRANSFER_ENCODING, "chunked") {
+                            return (false, false, Some(e));
+                        }
+                    }
+                    if let Err(e) = self
+                        .proxy
+                        .upstream_response_filter(session, &mut head, ctx)
+                        .await
+                    {
+                        return (false, false, Some(e));
+                    }
+                    if let Err(e) = self.proxy.response_filter(session, &mut head, ctx).await {
+                        return (false, false, Some(e));
+                    }
+                    if let Err(e) = session.downstream_session.write_response_header(head).await {
+                        return (false, false, Some(e.into_down()));
+                    }
+                    header_done = true;
+                    if end {
+                        break;
+                    }
+                }
+                HttpTask::Body(mut data, end) => {
+                    match self
+                        .proxy
+                        .upstream_response_body_filter(session, &mut data, end, ctx)
+                    {
+                        Ok(Some(delay)) => tokio::time::sleep(delay).await,
+                        Ok(None) => {}
+                        Err(e) => return (false, false, Some(e)),
+                    }
+                    match self
+                        .proxy
+                        .response_body_filter(session, &mut data, end, ctx)
+                    {
+                        Ok(Some(delay)) => tokio::time::sleep(delay).await,
+                        Ok(None) => {}
+                        Err(e) => return (false, false, Some(e)),
+                    }
+                    if let Some(data) = data.filter(|d| !d.is_empty()) {
+                        if let Err(e) = write_body(session, data).await {
+                            return (false, false, Some(e));
+                        }
+                    }
+                    if end {
+                        break;
+                    }
+                }
+                HttpTask::Done => break,
+                HttpTask::Failed(e) => return (false, false, Some(e)),
+                // HTTP/1: no trailers, no upgraded bodies (no upgrade was asked for).
+                HttpTask::Trailer(_) | HttpTask::UpgradedBody(..) => break,
+            }
+        }
+        if !header_done {
+            let e = Error::explain(ErrorType::InvalidHTTPHeader, "no response from the backend");
+            return (false, false, Some(e.into_up()));
+        }
+        if let Err(e) = session.downstream_session.finish_body().await {
+            return (false, true, Some(e.into_down()));
+        }
+        (true, true, None)
+    }
+}
+
+/// Writes a chunk of the response body to the client.
+async fn write_body(session: &mut Session, data: Bytes) -> Result<()> {
+    session
+        .downstream_session
+        .write_response_body(data, false)
+        .await
+        .map_err(|e| e.into_down())
+}
+
+/// Whether the request is one the fast path forwards exactly as Pingora would (see the
+/// module docs).
+fn eligible(session: &mut Session) -> bool {
+    if !session.downstream_session.is_body_empty() {
+        return false;
+    }
+    let req = session.req_header();
+    req.version != Version::HTTP_2
+        && req.method != Method::CONNECT
+        && req.raw_path().first() == Some(&b'/')
+        && !req.headers.contains_key(header::UPGRADE)
+        && !req.headers.contains_key(header::EXPECT)
+        && !req.headers.contains_key(header::TRANSFER_ENCODING)
+        && req
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .all(|v| only_tokens(v.as_bytes(), &[b"keep-alive", b"close"]))
+}
+
+/// Whether every comma-separated token of `value` is one of `allowed` (ignoring case).
+fn only_tokens(value: &[u8], allowed: &[&[u8]]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .all(|t| allowed.iter().any(|a| t.eq_ignore_ascii_case(a)))
+}
+
+/// Whether `value` lists `token` (ignoring case).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Ends the exchange with the client; the connection if it can carry another request.
+async fn finish(session: Session) -> Option<ReusedHttpStream> {
+    let settings = HttpPersistentSettings::for_session(&session.downstream_session);
+    session
+        .downstream_session
+        .finish()
+        .await
+        .ok()
+        .flatten()
+        .map(|s| ReusedHttpStream::from_reusable_stream(s, settings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_options_are_checked_token_by_token() {
+        let ok: &[&[u8]] = &[b"keep-alive", b"close"];
+        assert!(only_tokens(b"keep-alive", ok));
+        assert!(only_tokens(b"Keep-Alive, close", ok));
+        assert!(only_tokens(b" close ,", ok));
+        assert!(!only_tokens(b"keep-alive, x-secret", ok));
+        assert!(!only_tokens(b"upgrade", ok));
+        assert!(has_token(b"keep-alive, CLOSE", b"close"));
+        assert!(!has_token(b"closed", b"close"));
+    }
+}
