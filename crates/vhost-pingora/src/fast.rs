@@ -29,7 +29,7 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Stream, UniqueID};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
-use pingora_error::{Error, ErrorType, Result};
+use pingora_error::{Error, ErrorType, Result, RetryType};
 use pingora_proxy::{ProxyHttp, Session};
 
 use crate::proxy::{RequestCtx, VhostProxy};
@@ -128,7 +128,9 @@ impl FastPath {
             let (reuse, e) = self.proxy_once(&mut session, &mut ctx).await;
             server_reuse = reuse;
             match e {
-                Some(e) if e.retry() && session.response_written().is_none() => error = Some(e),
+                Some(e) if may_retry(&e) && session.response_written().is_none() => {
+                    error = Some(e);
+                }
                 e => {
                     error = e;
                     break;
@@ -398,6 +400,13 @@ async fn write_body(session: &mut Session, data: Bytes) -> Result<()> {
         .map_err(|e| e.into_down())
 }
 
+/// Whether `e` allows another attempt. An undecided "only if the connection was reused" never
+/// gets here undecided (`error_while_proxy` decides it), but asking Pingora's `retry()` about one
+/// would panic: such an error counts as final.
+fn may_retry(e: &Error) -> bool {
+    matches!(e.retry, RetryType::Decided(true))
+}
+
 /// Whether the request is one the fast path forwards exactly as Pingora would (see the
 /// module docs).
 fn eligible(session: &mut Session) -> bool {
@@ -460,5 +469,16 @@ mod tests {
         assert!(!only_tokens(b"upgrade", ok));
         assert!(has_token(b"keep-alive, CLOSE", b"close"));
         assert!(!has_token(b"closed", b"close"));
+    }
+
+    #[test]
+    fn only_decided_retries_count() {
+        let mut e = Error::new(ErrorType::ConnectionClosed);
+        e.retry = RetryType::ReusedOnly;
+        assert!(!may_retry(&e));
+        e.retry = RetryType::Decided(true);
+        assert!(may_retry(&e));
+        e.retry = RetryType::Decided(false);
+        assert!(!may_retry(&e));
     }
 }
