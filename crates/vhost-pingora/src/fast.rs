@@ -243,8 +243,11 @@ impl FastPath {
         client.write_timeout = peer.options.write_timeout;
         let mut req = session.req_header().clone();
         req.set_version(Version::HTTP_11);
-        for name in &HOP_BY_HOP {
-            req.remove_header(name);
+        // Usually none is there: one pass over the names instead of ten hashed removals.
+        if req.headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+            for name in &HOP_BY_HOP {
+                req.remove_header(name);
+            }
         }
         // `Connection: close` names a field `close` (the only other option taken is
         // `keep-alive`, removed above).
