@@ -340,16 +340,7 @@ fn a_canary_without_healthy_backends_and_changes_under_load_fail_no_request() {
     let (ok, failed) = load.stop(&rt);
     assert_eq!(failed, 0, "failed requests during the changes");
     assert!(ok >= 250);
-    let domain = rt.block_on(async {
-        c.get(proxy.admin_url("/api/v1/domains/app.test"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
-    let domain: serde_json::Value = serde_json::from_str(&domain).unwrap();
+    let domain = proxy.admin_json(&rt, "/api/v1/domains/app.test");
     assert_eq!(domain["enabled_backends_tag"], "b");
     assert!(domain.get("canary").is_none(), "{domain}");
 }

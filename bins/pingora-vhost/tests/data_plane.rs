@@ -450,45 +450,33 @@ fn check_flag_validates_config_and_certificates() {
 /// has the first, so anything held back would stall the exchange into the deadline.
 #[test]
 fn streamed_chunks_reach_the_client_one_by_one_over_http_and_https() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let rt = runtime();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let backend = listener.local_addr().unwrap();
     let (got_first, first_seen) = tokio::sync::mpsc::unbounded_channel::<()>();
     let first_seen = std::sync::Arc::new(tokio::sync::Mutex::new(first_seen));
-    let seen = std::sync::Arc::clone(&first_seen);
-    rt.spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+    let backend = raw_backend(&rt, move |mut s| {
+        let seen = std::sync::Arc::clone(&first_seen);
+        async move {
+            let mut head = Vec::new();
+            if read_head(&mut s, &mut head).await.is_none() {
                 return;
-            };
-            let seen = std::sync::Arc::clone(&seen);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 2048];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                if !head.starts_with(b"GET /stream ") {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-                        .await;
-                    return;
-                }
+            }
+            if !head.starts_with(b"GET /stream ") {
                 let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nfirst\r\n")
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
                     .await;
-                // Only once the client holds the first chunk.
-                if seen.lock().await.recv().await.is_none() {
-                    return;
-                }
-                let _ = s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await;
-            });
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nfirst\r\n")
+                .await;
+            // Only once the client holds the first chunk.
+            if seen.lock().await.recv().await.is_none() {
+                return;
+            }
+            let _ = s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await;
         }
     });
     let dir = tempfile::tempdir().unwrap();
@@ -537,57 +525,75 @@ fn streamed_chunks_reach_the_client_one_by_one_over_http_and_https() {
 /// names, lowercased and sorted, one per line) and drains a `Content-Length` body.
 fn echo_head_backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raw_backend(rt, |mut s| async move {
+        let mut data = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Some(end) = read_head(&mut s, &mut data).await {
+            let head = String::from_utf8_lossy(&data[..end]).into_owned();
+            let mut lines = head.split("\r\n");
+            let request_line = lines.next().unwrap_or_default().to_owned();
+            let mut names: Vec<String> = Vec::new();
+            let mut length = 0usize;
+            for line in lines.filter(|l| !l.is_empty()) {
+                let (k, v) = line.split_once(':').unwrap_or((line, ""));
+                let k = k.trim().to_ascii_lowercase();
+                if k == "content-length" {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                names.push(k);
+            }
+            names.sort();
+            while data.len() < end + length {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => data.extend_from_slice(&buf[..n]),
+                }
+            }
+            data.drain(..end + length);
+            let body = format!("{request_line}\n{}\n", names.join("\n"));
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// A loopback backend whose every connection `serve` handles; its address.
+fn raw_backend<F, Fut>(rt: &tokio::runtime::Runtime, serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
     rt.spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut data = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => data.extend_from_slice(&buf[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&data[..end]).into_owned();
-                    let mut lines = head.split("\r\n");
-                    let request_line = lines.next().unwrap_or_default().to_owned();
-                    let mut names: Vec<String> = Vec::new();
-                    let mut length = 0usize;
-                    for line in lines {
-                        let (k, v) = line.split_once(':').unwrap_or((line, ""));
-                        let k = k.trim().to_ascii_lowercase();
-                        if k == "content-length" {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        names.push(k);
-                    }
-                    names.sort();
-                    while data.len() < end + 4 + length {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => data.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    data.drain(..end + 4 + length);
-                    let body = format!("{request_line}\n{}\n", names.join("\n"));
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if s.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
         }
     });
     addr
+}
+
+/// Reads from `s` into `data` until it holds a whole request head; the head's length (blank
+/// line included), or `None` when the peer closes first.
+async fn read_head(s: &mut tokio::net::TcpStream, data: &mut Vec<u8>) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(end + 4);
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 /// What the backend receives is the same whichever path a request takes (the HTTP/1.1 fast path
@@ -693,27 +699,13 @@ fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
 /// chunks, so the client connection carries the next request (on both paths).
 #[test]
 fn a_close_delimited_answer_keeps_the_client_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let rt = runtime();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let backend = listener.local_addr().unwrap();
-    rt.spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 2048];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
-                    .await;
-            });
+    let backend = raw_backend(&rt, |mut s| async move {
+        if read_head(&mut s, &mut Vec::new()).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+                .await;
         }
     });
     let body = format!(

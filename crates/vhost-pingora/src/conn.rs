@@ -375,7 +375,7 @@ impl VhostApp {
                 return;
             };
             stream = started;
-            let (first_bytes, deadline) = match wait_until {
+            let (mut first_bytes, deadline) = match wait_until {
                 Some(until) => {
                     let idle = if first_request {
                         CloseReason::HeaderTimeout
@@ -419,67 +419,51 @@ impl VhostApp {
                 .as_ref()
                 .filter(|b| self.fast.open() && memchr::memmem::find(b, b"\r\n\r\n").is_some())
                 .cloned();
-            let (stream_now, prefix) = match fast {
-                Some(replay) => {
+            let reused = 'request: {
+                if let Some(replay) = fast {
                     let mut session = pingora_proxy::Session::new_h1(stream);
-                    if let Some(s) = settings.take() {
-                        s.apply_to_session(&mut session.downstream_session);
-                    }
-                    if keepalive_off {
-                        session.set_keepalive(None);
-                    }
-                    session.downstream_session.set_pipelining_enabled(true);
-                    if let Some(bytes) = first_bytes {
-                        session.downstream_session.set_pipelined_prefix(bytes);
-                    }
-                    match until_head(self.fast.serve(session, shutdown), shared, Some(deadline))
-                        .await
+                    prepare_session(
+                        &mut session.downstream_session,
+                        settings.take(),
+                        keepalive_off,
+                        first_bytes,
+                    );
+                    match until_head(
+                        self.fast.serve(session, keepalive_off),
+                        shared,
+                        Some(deadline),
+                    )
+                    .await
                     {
-                        Outcome::Done(Served::Done(Some(reused))) => {
-                            let (next_stream, next_settings) = reused.consume();
-                            settings = next_settings;
-                            let known = ConnStream::request_boundary_known(&next_stream, shared);
-                            stream = next_stream;
-                            wait_until = known.then(|| Instant::now() + limits.keepalive_timeout);
-                            continue;
-                        }
+                        Outcome::Done(Served::Done(Some(reused))) => break 'request reused,
                         Outcome::Done(Served::Done(None)) => return,
                         Outcome::Done(Served::Declined(declined, kept)) => {
+                            stream = declined;
                             settings = Some(kept);
-                            (declined, Some(replay))
+                            first_bytes = Some(replay);
                         }
-                        Outcome::Closed(reason) => return self.conns.closed(reason, peer),
-                        Outcome::TimedOut(reason) => return self.conns.closed(reason, peer),
+                        Outcome::Closed(reason) | Outcome::TimedOut(reason) => {
+                            return self.conns.closed(reason, peer)
+                        }
                     }
                 }
-                None => (stream, first_bytes),
-            };
-            stream = stream_now;
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(s) = settings.take() {
-                s.apply_to_session(&mut session);
-            }
-            if keepalive_off {
-                session.set_keepalive(None);
-            }
-            session.set_pipelining_enabled(true);
-            if let Some(bytes) = prefix {
-                session.set_pipelined_prefix(bytes);
-            }
-            let request = self.http.process_new_http(session, shutdown);
-            let reused = match until_head(request, shared, Some(deadline)).await {
-                Outcome::Done(Some(reused)) => reused,
-                Outcome::Done(None) => return,
-                Outcome::Closed(reason) => return self.conns.closed(reason, peer),
-                Outcome::TimedOut(reason) => {
-                    // Nothing at all arrived (a session started on a pipelined boundary that
-                    // turned out to be idle): that is a keep-alive timeout, not a slow head.
-                    let reason = if shared.read_some() {
-                        reason
-                    } else {
-                        CloseReason::KeepaliveTimeout
-                    };
-                    return self.conns.closed(reason, peer);
+                let mut session = ServerSession::new_http1(stream);
+                prepare_session(&mut session, settings.take(), keepalive_off, first_bytes);
+                let request = self.http.process_new_http(session, shutdown);
+                match until_head(request, shared, Some(deadline)).await {
+                    Outcome::Done(Some(reused)) => reused,
+                    Outcome::Done(None) => return,
+                    Outcome::Closed(reason) => return self.conns.closed(reason, peer),
+                    Outcome::TimedOut(reason) => {
+                        // Nothing at all arrived (a session started on a pipelined boundary that
+                        // turned out to be idle): that is a keep-alive timeout, not a slow head.
+                        let reason = if shared.read_some() {
+                            reason
+                        } else {
+                            CloseReason::KeepaliveTimeout
+                        };
+                        return self.conns.closed(reason, peer);
+                    }
                 }
             };
             let (next_stream, next_settings) = reused.consume();
@@ -488,6 +472,26 @@ impl VhostApp {
             stream = next_stream;
             wait_until = boundary_known.then(|| Instant::now() + limits.keepalive_timeout);
         }
+    }
+}
+
+/// Sets up a fresh HTTP/1 session of the keep-alive loop: the previous request's settings, no
+/// keep-alive while draining, pipelining, and the bytes already read as the start of its head.
+fn prepare_session(
+    session: &mut ServerSession,
+    settings: Option<HttpPersistentSettings>,
+    keepalive_off: bool,
+    prefix: Option<BytesMut>,
+) {
+    if let Some(s) = settings {
+        s.apply_to_session(session);
+    }
+    if keepalive_off {
+        session.set_keepalive(None);
+    }
+    session.set_pipelining_enabled(true);
+    if let Some(bytes) = prefix {
+        session.set_pipelined_prefix(bytes);
     }
 }
 

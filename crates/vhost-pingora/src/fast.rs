@@ -27,7 +27,6 @@ use pingora_core::protocols::http::v1::client::HttpSession as ClientV1;
 use pingora_core::protocols::http::HttpTask;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Stream, UniqueID};
-use pingora_core::server::ShutdownWatch;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, Result, RetryType};
 use pingora_proxy::{ProxyHttp, Session};
@@ -89,7 +88,10 @@ impl FastPath {
 
     /// Serves the request at the start of `session` (whose pipelined prefix holds its whole
     /// head), or declines it untouched.
-    pub(crate) async fn serve(&self, mut session: Session, shutdown: &ShutdownWatch) -> Served {
+    /// The caller set the session up (settings, prefix). `keepalive_off`: the service is
+    /// draining — applied after the head is read, since reading it re-derives keep-alive from
+    /// the request's own headers.
+    pub(crate) async fn serve(&self, mut session: Session, keepalive_off: bool) -> Served {
         match session.downstream_session.read_request().await {
             Ok(true) => {}
             Ok(false) => return Served::Done(None),
@@ -110,7 +112,7 @@ impl FastPath {
                 _ => Served::Done(None),
             };
         }
-        if *shutdown.borrow() {
+        if keepalive_off {
             session.set_keepalive(None);
         }
         let mut ctx = self.proxy.new_ctx();
