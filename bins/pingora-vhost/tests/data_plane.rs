@@ -738,3 +738,133 @@ fn a_close_delimited_answer_keeps_the_client_connection() {
         });
     }
 }
+
+/// A backend that answers every request with the number of the connection it came on (1, 2, …;
+/// health probes take numbers too)
+/// and, with `close_after`, closes each connection after its first answer (framed with a
+/// length, without `Connection: close`: as a backend whose keep-alive timeout just ran out).
+fn numbering_backend(rt: &tokio::runtime::Runtime, close_after: bool) -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    let next = Arc::new(AtomicUsize::new(1));
+    raw_backend(rt, move |mut s| {
+        let id = next.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let mut data = Vec::new();
+            while let Some(end) = read_head(&mut s, &mut data).await {
+                data.drain(..end);
+                let body = id.to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(answer.as_bytes()).await.is_err() || close_after {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// One GET over the client connection `s`; the backend connection's number.
+fn conn_number(s: &mut std::net::TcpStream) -> String {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: hold.test\r\n\r\n")
+        .unwrap();
+    let (status, head, body) = read_response(s);
+    assert_eq!(status, 200, "{head}{body}");
+    body
+}
+
+/// On the fast path a client connection keeps its backend connection between its requests
+/// (`upstream_hold_ms`): another client's request meanwhile gets a connection of its own; with
+/// a hold of 0 it is back in the shared pool after each request; after a short hold an idle
+/// client's connection goes back to the pool; and a kept connection the backend closed costs
+/// the next request nothing.
+#[test]
+fn backend_connections_stay_with_the_client_connection_between_requests() {
+    let rt = runtime();
+    let config = |backend: std::net::SocketAddr| {
+        format!(
+            "[health_check]\ninterval_secs = 3600\n\n{}{}",
+            vhost_toml("hold.test", "a", ""),
+            backends_toml(&[("n1", backend.to_string(), "\"a\"")]),
+        )
+    };
+
+    // Held: A and B, one after the other, each on its own backend connection throughout.
+    let proxy = ProxyProcess::start(
+        tempfile::tempdir().unwrap(),
+        "upstream_hold_ms = 60000",
+        &config(numbering_backend(&rt, false)),
+        false,
+    );
+    let (mut a, mut b) = (raw_connect(proxy.http), raw_connect(proxy.http));
+    let first = [conn_number(&mut a), conn_number(&mut b)];
+    assert_ne!(first[0], first[1], "B got the connection A keeps");
+    for _ in 0..3 {
+        assert_eq!([conn_number(&mut a), conn_number(&mut b)], first);
+    }
+    drop(proxy);
+
+    // Not held: B takes the connection A just gave back to the pool. (One thread: a
+    // connection goes back after its answer is written, before the thread reads another
+    // request.)
+    let proxy = ProxyProcess::start(
+        tempfile::tempdir().unwrap(),
+        "upstream_hold_ms = 0\nthreads = 1",
+        &config(numbering_backend(&rt, false)),
+        false,
+    );
+    let (mut a, mut b) = (raw_connect(proxy.http), raw_connect(proxy.http));
+    let n = conn_number(&mut a);
+    assert_eq!(conn_number(&mut b), n, "pooled connection not reused");
+    assert_eq!(conn_number(&mut a), n);
+    drop(proxy);
+
+    // A short hold: once A has been idle long enough, a new client (each kept open, so it
+    // keeps what it got) gets A's connection from the pool.
+    let proxy = ProxyProcess::start(
+        tempfile::tempdir().unwrap(),
+        "upstream_hold_ms = 50",
+        &config(numbering_backend(&rt, false)),
+        false,
+    );
+    let mut a = raw_connect(proxy.http);
+    let n = conn_number(&mut a);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let mut probes = Vec::new();
+    loop {
+        let mut probe = raw_connect(proxy.http);
+        if conn_number(&mut probe) == n {
+            break;
+        }
+        probes.push(probe);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's connection never went back to the pool ({} probes)",
+            probes.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(proxy);
+
+    // The backend closes every connection after one answer: each kept connection is found
+    // closed (or fails and is retried), never an error for the client.
+    let proxy = ProxyProcess::start(
+        tempfile::tempdir().unwrap(),
+        "upstream_hold_ms = 60000",
+        &config(numbering_backend(&rt, true)),
+        false,
+    );
+    let mut a = raw_connect(proxy.http);
+    let mut numbers: Vec<u32> = (0..5)
+        .map(|_| conn_number(&mut a).parse().unwrap())
+        .collect();
+    numbers.dedup();
+    assert_eq!(
+        numbers.len(),
+        5,
+        "a closed connection was used twice: {numbers:?}"
+    );
+}

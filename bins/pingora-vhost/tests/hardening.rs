@@ -256,6 +256,67 @@ fn a_backend_that_does_not_answer_in_time_gets_504() {
     });
 }
 
+/// A backend that stops in the middle of a body: after `read_timeout_ms` of silence the
+/// client connection is closed (its answer cannot be completed), on both proxy paths.
+#[test]
+fn a_backend_that_stalls_mid_body_is_cut_off_after_the_read_timeout() {
+    use std::io::Read;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut data = Vec::new();
+                while !data.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => data.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+                    .await;
+                // Never the rest; hold the connection until the proxy gives up on it.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let body = format!(
+        "[[virtual_hosts]]\ndomain = \"one.test\"\nenabled_backends_tag = \"a\"\n\n[[backends]]\nid = \"b1\"\naddress = \"{addr}\"\ntags = [\"a\"]\n[health_check]\ninterval_secs = 3600\n"
+    );
+    for fast in ["true", "false"] {
+        let proxy = ProxyProcess::start(
+            tempfile::tempdir().unwrap(),
+            &format!("read_timeout_ms = 300\nh1_fast_path = {fast}"),
+            &body,
+            false,
+        );
+        let mut s = raw_connect(proxy.http);
+        s.write_all(GET_ONE).unwrap();
+        let started = Instant::now();
+        let mut got = Vec::new();
+        // Ends (EOF or reset) once the proxy gives up; `raw_connect`'s read timeout would fail
+        // the test if it never did.
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("fast path {fast}: {e} after {:?}", started.elapsed()),
+            }
+        }
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert!(got.starts_with("HTTP/1.1 200 "), "fast path {fast}: {got}");
+        assert!(got.ends_with("abc"), "fast path {fast}: {got}");
+    }
+}
+
 #[test]
 fn clients_that_give_up_do_not_flood_the_log() {
     let rt = runtime();

@@ -217,7 +217,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
 /// Every numeric key of the settings sections with its value and its accepted range (the
 /// ranges docs/configuration.md lists). Bounds keep derived durations and counts far from
 /// overflow.
-fn numeric_keys(file: &ConfigFile) -> [(&'static str, u64, RangeInclusive<u64>); 20] {
+fn numeric_keys(file: &ConfigFile) -> [(&'static str, u64, RangeInclusive<u64>); 21] {
     let (p, h) = (&file.proxy, &file.health_check);
     [
         ("proxy.threads", p.threads as u64, 0..=MAX_THREADS),
@@ -229,6 +229,11 @@ fn numeric_keys(file: &ConfigFile) -> [(&'static str, u64, RangeInclusive<u64>);
         ("proxy.read_timeout_ms", p.read_timeout_ms, 1..=ONE_DAY_MS),
         ("proxy.write_timeout_ms", p.write_timeout_ms, 1..=ONE_DAY_MS),
         ("proxy.idle_timeout_ms", p.idle_timeout_ms, 1..=ONE_DAY_MS),
+        (
+            "proxy.upstream_hold_ms",
+            p.upstream_hold_ms,
+            0..=ONE_HOUR_MS,
+        ),
         (
             "proxy.upstream_h2_streams",
             p.upstream_h2_streams as u64,

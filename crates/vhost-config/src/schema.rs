@@ -121,6 +121,10 @@ pub struct ProxyConfig {
     /// Serve plain HTTP/1.1 requests to HTTP/1 backends on the fast path (default true; see
     /// docs/performance.md). `false`: every request takes Pingora's general proxy path.
     pub h1_fast_path: bool,
+    /// How long an idle client connection keeps the backend connections of its fast-path
+    /// requests before they go back to the shared pool, in milliseconds (default 1000; 0: back
+    /// after every request; at most `idle_timeout_ms` applies).
+    pub upstream_hold_ms: u64,
     /// Unix socket over which a new process started with `--upgrade` takes the listening
     /// sockets from this one (on SIGQUIT); absent: no zero-downtime upgrade.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,6 +167,7 @@ impl Default for ProxyConfig {
             proxy_protocol: false,
             request_id: true,
             h1_fast_path: true,
+            upstream_hold_ms: 1_000,
             circuit_breaker: None,
             upgrade_sock: None,
         }

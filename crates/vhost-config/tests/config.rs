@@ -200,6 +200,7 @@ fn every_numeric_key_has_a_located_range() {
         ("proxy", "upstream_keepalive_pool_size", "100000000"),
         ("proxy", "client_header_timeout_ms", "0"),
         ("proxy", "max_request_header_bytes", "100"),
+        ("proxy", "upstream_hold_ms", "3600001"),
         ("health_check", "interval_secs", "86401"),
         ("health_check", "timeout_secs", "0"),
         ("health_check", "healthy_threshold", "1001"),

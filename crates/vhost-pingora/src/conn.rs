@@ -49,7 +49,7 @@ use pingora_core::tls::ssl::{
 };
 use pingora_proxy::HttpProxy;
 
-use crate::fast::{FastPath, Served};
+use crate::fast::{ConnUpstream, FastPath, Served};
 use futures_util::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use vhost_health::LogLimiter;
@@ -369,6 +369,11 @@ impl VhostApp {
         let mut stopping = std::pin::pin!(async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         });
+        // Backend connections of the fast path kept between requests, and when they go back
+        // to the pool if the client stays idle (pushed later per request, like `idle_timer`).
+        let mut upstream = self.fast.conn_upstream();
+        let hold = self.fast.hold();
+        let mut hold_timer = std::pin::pin!(tokio::time::sleep_until((accepted + hold).into()));
         loop {
             let scan = wait_until.is_some();
             let Some(started) = ConnStream::start_request(stream, shared, scan) else {
@@ -389,6 +394,7 @@ impl VhostApp {
                         idle_timer.as_mut(),
                         (!draining).then_some(stopping.as_mut()),
                         idle,
+                        (&mut upstream, hold_timer.as_mut()),
                     );
                     match wait.await {
                         Ok((bytes, drain)) => {
@@ -417,7 +423,7 @@ impl VhostApp {
             // it is replayed into Pingora's path from a copy of the same bytes.
             let fast = first_bytes
                 .as_ref()
-                .filter(|b| self.fast.open() && memchr::memmem::find(b, b"\r\n\r\n").is_some())
+                .filter(|b| self.fast.open() && has_whole_head(b))
                 .cloned();
             let reused = 'request: {
                 if let Some(replay) = fast {
@@ -429,7 +435,7 @@ impl VhostApp {
                         first_bytes,
                     );
                     match until_head(
-                        self.fast.serve(session, keepalive_off),
+                        self.fast.serve(session, keepalive_off, &mut upstream),
                         shared,
                         Some(deadline),
                     )
@@ -470,7 +476,11 @@ impl VhostApp {
             settings = next_settings;
             let boundary_known = ConnStream::request_boundary_known(&next_stream, shared);
             stream = next_stream;
-            wait_until = boundary_known.then(|| Instant::now() + limits.keepalive_timeout);
+            let now = Instant::now();
+            if !upstream.is_empty() {
+                hold_timer.as_mut().reset((now + hold).into());
+            }
+            wait_until = boundary_known.then(|| now + limits.keepalive_timeout);
         }
     }
 }
@@ -553,12 +563,13 @@ async fn first_bytes(
     timer: Pin<&mut tokio::time::Sleep>,
     stopping: Option<Pin<&mut impl std::future::Future<Output = ()>>>,
     idle: CloseReason,
+    upstream: (&mut ConnUpstream<'_>, Pin<&mut tokio::time::Sleep>),
 ) -> Result<(BytesMut, bool), Option<CloseReason>> {
-    let (mut buf, draining) = first_read(stream, shared, timer, stopping, idle).await?;
+    let (mut buf, draining) = first_read(stream, shared, timer, stopping, idle, upstream).await?;
     // The head often arrives in two reads on a new plain connection (the listener peeked at its
     // first bytes for h2c): take what is already there, without waiting, so that a whole head
     // can go to the HTTP/1.1 fast path.
-    while buf.len() < buf.capacity() && memchr::memmem::find(&buf, b"\r\n\r\n").is_none() {
+    while buf.len() < buf.capacity() && !has_whole_head(&buf) {
         match stream.read_buf(&mut buf).now_or_never() {
             Some(Ok(n)) if n > 0 => {}
             _ => break,
@@ -567,36 +578,49 @@ async fn first_bytes(
     Ok((buf, draining))
 }
 
-/// The first read of [`first_bytes`]: waits for it.
+/// Whether `bytes` hold the end of a request head (usually their last four bytes: checked
+/// first).
+fn has_whole_head(bytes: &[u8]) -> bool {
+    bytes.ends_with(b"\r\n\r\n") || memchr::memmem::find(bytes, b"\r\n\r\n").is_some()
+}
+
+/// The first read of [`first_bytes`]: waits for it. Kept backend connections go back to the
+/// pool when their hold timer fires first.
 async fn first_read(
     stream: &mut Stream,
     shared: &ConnShared,
     mut timer: Pin<&mut tokio::time::Sleep>,
-    stopping: Option<Pin<&mut impl std::future::Future<Output = ()>>>,
+    mut stopping: Option<Pin<&mut impl std::future::Future<Output = ()>>>,
     idle: CloseReason,
+    (upstream, mut hold): (&mut ConnUpstream<'_>, Pin<&mut tokio::time::Sleep>),
 ) -> Result<(BytesMut, bool), Option<CloseReason>> {
     // Pingora's initial request buffer size.
     let mut buf = BytesMut::with_capacity(4096);
-    let done = |r: io::Result<usize>, buf: BytesMut, draining: bool| match r {
-        Ok(n) if n > 0 => Ok((buf, draining)),
-        _ => Err(None),
-    };
     let mut draining = false;
-    if let Some(stopping) = stopping {
+    loop {
+        let stop = async {
+            match stopping.as_mut() {
+                Some(stop) => stop.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
-            r = stream.read_buf(&mut buf) => return done(r, buf, false),
+            r = stream.read_buf(&mut buf) => {
+                return match r {
+                    Ok(n) if n > 0 => Ok((buf, draining)),
+                    _ => Err(None),
+                };
+            }
             reason = closed(shared) => return Err(Some(reason)),
-            () = stopping => draining = true,
-            () = timer.as_mut() => return Err(Some(idle)),
+            () = stop => {
+                draining = true;
+                stopping = None;
+            }
+            () = hold.as_mut(), if !upstream.is_empty() => upstream.release(),
+            // A drain ends idle connections quietly.
+            () = timer.as_mut() => return Err((!draining).then_some(idle)),
         }
-    }
-    tokio::select! {
-        biased;
-        r = stream.read_buf(&mut buf) => done(r, buf, draining),
-        reason = closed(shared) => Err(Some(reason)),
-        // A drain ends idle connections quietly.
-        () = timer.as_mut() => Err((!draining).then_some(idle)),
     }
 }
 

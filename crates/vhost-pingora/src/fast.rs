@@ -15,21 +15,33 @@
 //! other than `keep-alive` and `close`, and any request while a backend of the snapshot speaks
 //! HTTP/2. What it does to a request on the way out is Pingora's default policy for such a
 //! request: hop-by-hop fields removed, HTTP/1.1, the authority validated after the filters.
+//!
+//! A backend connection stays with the client connection between its requests
+//! ([`ConnUpstream`], one at most): the next request to the same backend goes out on it
+//! without a trip through Pingora's pool (whose release spawns an idle-watch task per
+//! connection and request). It goes back to the pool when a request goes to another backend,
+//! when the client connection has been idle for `[proxy] upstream_hold_ms`, and when the client
+//! connection ends.
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::header::{self, HeaderName};
 use http::{Method, Version};
 use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
-use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::http::authority::validate_request_authority;
-use pingora_core::protocols::http::client::HttpSession as ClientSession;
 use pingora_core::protocols::http::v1::client::HttpSession as ClientV1;
 use pingora_core::protocols::http::HttpTask;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Stream, UniqueID};
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, Result, RetryType};
+use pingora_http::RequestHeader;
 use pingora_proxy::{ProxyHttp, Session};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::io::AsyncReadExt as _;
+use tokio::time::Sleep;
 
 use crate::proxy::{RequestCtx, VhostProxy};
 
@@ -59,25 +71,50 @@ pub(crate) enum Served {
 /// The fast path of one listener (see the module docs).
 pub(crate) struct FastPath {
     proxy: VhostProxy,
-    upstream: Connector,
+    upstream: TransportConnector,
     max_retries: usize,
+    /// How long an idle client connection keeps its backend connections (zero: none kept).
+    hold: Duration,
 }
 
 impl std::fmt::Debug for FastPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FastPath")
             .field("max_retries", &self.max_retries)
+            .field("hold", &self.hold)
             .finish_non_exhaustive()
     }
 }
 
 impl FastPath {
-    /// A fast path running `proxy`'s filters, with its own upstream pool (`upstream`).
-    pub(crate) fn new(proxy: VhostProxy, upstream: Connector, max_retries: usize) -> Self {
+    /// A fast path running `proxy`'s filters, with its own upstream pool (`upstream`); client
+    /// connections keep their backend connections for `hold` while idle.
+    pub(crate) fn new(
+        proxy: VhostProxy,
+        upstream: TransportConnector,
+        max_retries: usize,
+        hold: Duration,
+    ) -> Self {
         Self {
             proxy,
             upstream,
             max_retries: max_retries.max(1),
+            hold,
+        }
+    }
+
+    /// How long an idle client connection keeps its backend connections.
+    pub(crate) fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    /// The backend side of a new client connection: nothing kept yet.
+    pub(crate) fn conn_upstream(&self) -> ConnUpstream<'_> {
+        ConnUpstream {
+            pool: &self.upstream,
+            held: None,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            keep: !self.hold.is_zero(),
         }
     }
 
@@ -91,7 +128,14 @@ impl FastPath {
     /// The caller set the session up (settings, prefix). `keepalive_off`: the service is
     /// draining — applied after the head is read, since reading it re-derives keep-alive from
     /// the request's own headers.
-    pub(crate) async fn serve(&self, mut session: Session, keepalive_off: bool) -> Served {
+    /// `upstream`: the client connection's backend side (its kept connection is used and
+    /// refilled).
+    pub(crate) async fn serve(
+        &self,
+        mut session: Session,
+        keepalive_off: bool,
+        upstream: &mut ConnUpstream<'_>,
+    ) -> Served {
         match session.downstream_session.read_request().await {
             Ok(true) => {}
             Ok(false) => return Served::Done(None),
@@ -127,7 +171,7 @@ impl FastPath {
         let mut server_reuse = false;
         let mut error = None;
         for _ in 0..self.max_retries {
-            let (reuse, e) = self.proxy_once(&mut session, &mut ctx).await;
+            let (reuse, e) = self.proxy_once(&mut session, &mut ctx, upstream).await;
             server_reuse = reuse;
             match e {
                 Some(e) if may_retry(&e) && session.response_written().is_none() => {
@@ -178,28 +222,26 @@ impl FastPath {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
+        upstream: &mut ConnUpstream<'_>,
     ) -> (bool, Option<Box<Error>>) {
         let peer = match self.proxy.upstream_peer(session, ctx).await {
             Ok(peer) => peer,
             Err(e) => return (false, Some(e)),
         };
-        let (mut client, reused) = match self.upstream.get_http_session(&*peer).await {
-            Ok((ClientSession::H1(h1), reused)) => (h1, reused),
-            Ok(_) => {
-                return (
-                    false,
-                    Some(Error::explain(
-                        ErrorType::InternalError,
-                        "an HTTP/2 upstream session on the HTTP/1 fast path",
-                    )),
-                )
-            }
-            Err(mut e) => {
-                e.as_up();
-                let e = self.proxy.fail_to_connect(session, &peer, ctx, e);
-                return (false, Some(e.into_up()));
-            }
+        let key = peer.reuse_hash();
+        let (stream, reused) = match upstream.take(key) {
+            Some(stream) => (stream, true),
+            // As Pingora's HTTP/1 connector: the pool, else a new connection.
+            None => match self.upstream.get_stream(&*peer).await {
+                Ok(got) => got,
+                Err(mut e) => {
+                    e.as_up();
+                    let e = self.proxy.fail_to_connect(session, &peer, ctx, e);
+                    return (false, Some(e.into_up()));
+                }
+            },
         };
+        let mut client = ClientV1::new_with_options(stream, &*peer);
         if let Err(e) = self
             .proxy
             .connected_to_upstream(
@@ -214,12 +256,16 @@ impl FastPath {
         {
             return (false, Some(e));
         }
-        let (server_reuse, client_reuse, error) =
-            self.exchange(session, &mut client, &peer, ctx).await;
+        let (server_reuse, client_reuse, error) = self
+            .exchange(session, &mut client, &peer, ctx, upstream.timer.as_mut())
+            .await;
         if client_reuse {
-            self.upstream
-                .release_http_session(ClientSession::H1(client), &*peer, peer.idle_timeout())
-                .await;
+            // As Pingora's release: only a connection whose exchange ended cleanly and that
+            // both sides keep alive.
+            client.respect_keepalive();
+            if let Some(stream) = client.reuse().await {
+                upstream.keep(key, stream, peer.idle_timeout());
+            }
         }
         let error = error.map(|e| {
             let mut e = self.proxy.error_while_proxy(&peer, session, e, ctx, reused);
@@ -240,28 +286,11 @@ impl FastPath {
         client: &mut ClientV1,
         peer: &HttpPeer,
         ctx: &mut RequestCtx,
+        mut timer: Pin<&mut Sleep>,
     ) -> (bool, bool, Option<Box<Error>>) {
-        client.read_timeout = peer.options.read_timeout;
-        client.write_timeout = peer.options.write_timeout;
-        let mut req = session.req_header().clone();
-        req.set_version(Version::HTTP_11);
-        // Usually none is there: one pass over the names instead of ten hashed removals.
-        if req.headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-            for name in &HOP_BY_HOP {
-                req.remove_header(name);
-            }
-        }
-        // `Connection: close` names a field `close` (the only other option taken is
-        // `keep-alive`, removed above).
-        if session
-            .req_header()
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v.as_bytes(), b"close"))
-        {
-            req.remove_header("close");
-        }
+        // The client session's own timeouts stay off: `timed` applies the peer's.
+        let (read_timeout, write_timeout) = (peer.options.read_timeout, peer.options.write_timeout);
+        let mut req = upstream_head(session.req_header());
         if let Err(e) = self
             .proxy
             .upstream_request_filter(session, &mut req, ctx)
@@ -280,22 +309,37 @@ impl FastPath {
         if let Err(e) = validate_request_authority(&req) {
             return (false, true, Some(e.into_in()));
         }
-        if let Err(e) = client.write_request_header(Box::new(req)).await {
-            return (false, false, Some(e.into_up()));
-        }
-        if let Err(e) = client.finish_body().await {
+        let write = async {
+            client.write_request_header(Box::new(req)).await?;
+            client.finish_body().await
+        };
+        let written = timed(
+            timer.as_mut(),
+            write_timeout,
+            write,
+            ErrorType::WriteTimedout,
+            "while writing the request to the backend (timeout)",
+        );
+        if let Err(e) = written.await {
             return (false, false, Some(e.into_up()));
         }
         let head_request = session.req_header().method == Method::HEAD;
         let mut header_done = false;
         loop {
+            let read = timed(
+                timer.as_mut(),
+                read_timeout,
+                client.read_response_task(),
+                ErrorType::ReadTimedout,
+                "while reading the backend's answer (timeout)",
+            );
             let task = if header_done {
-                client.read_response_task().await
+                read.await
             } else {
                 // Waiting for the answer: notice a client that leaves meanwhile (as Pingora).
                 tokio::select! {
                     biased;
-                    task = client.read_response_task() => task,
+                    task = read => task,
                     closed = session.downstream_session.read_body_or_idle(true) => match closed {
                         Err(e) => return (false, false, Some(e.into_down())),
                         Ok(_) => continue,
@@ -396,6 +440,117 @@ impl FastPath {
     }
 }
 
+/// What one client connection keeps for the backend side of its fast-path requests: one
+/// timer for backend reads and writes (pushed later for each use, instead of a timer
+/// registration per read and write), and the backend connection of its last request — at most
+/// one, so a client connection never holds more than one backend descriptor (the budget
+/// `max_connections` is derived with). That connection goes back to the pool when the next
+/// request goes to another backend, when the client connection has been idle for the hold time
+/// ([`Self::release`]), or when it ends (drop).
+pub(crate) struct ConnUpstream<'a> {
+    pool: &'a TransportConnector,
+    held: Option<HeldUpstream>,
+    /// Bounds each backend read and write (see [`timed`]).
+    timer: Pin<Box<Sleep>>,
+    /// Keep a connection at all (`false`: straight back to the pool).
+    keep: bool,
+}
+
+/// One kept backend connection.
+struct HeldUpstream {
+    /// The peer's reuse hash (the pool's key).
+    key: u64,
+    stream: Stream,
+    idle_timeout: Option<Duration>,
+}
+
+impl ConnUpstream<'_> {
+    /// Whether no connection is kept.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.held.is_none()
+    }
+
+    /// The kept connection if it goes to the backend of `key` and is still idle and open (as
+    /// Pingora's pool checks: a backend that closed it or sent something unasked does not get
+    /// a request on it). A connection to another backend goes back to the pool first.
+    fn take(&mut self, key: u64) -> Option<Stream> {
+        let held = self.held.take()?;
+        if held.key != key {
+            self.pool
+                .release_stream(held.stream, held.key, held.idle_timeout);
+            return None;
+        }
+        let mut stream = held.stream;
+        idle_and_open(&mut stream).then_some(stream)
+    }
+
+    /// Keeps `stream` (to the backend of `key`) for the next request.
+    fn keep(&mut self, key: u64, stream: Stream, idle_timeout: Option<Duration>) {
+        if !self.keep {
+            self.pool.release_stream(stream, key, idle_timeout);
+            return;
+        }
+        let kept = HeldUpstream {
+            key,
+            stream,
+            idle_timeout,
+        };
+        if let Some(old) = self.held.replace(kept) {
+            self.pool
+                .release_stream(old.stream, old.key, old.idle_timeout);
+        }
+    }
+
+    /// Gives the kept connection back to the pool.
+    pub(crate) fn release(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.pool
+                .release_stream(held.stream, held.key, held.idle_timeout);
+        }
+    }
+}
+
+impl Drop for ConnUpstream<'_> {
+    fn drop(&mut self) {
+        // The pool watches idle connections from a task: only inside the runtime (a
+        // connection dropped while the runtime shuts down just closes its backend connection).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.release();
+        }
+    }
+}
+
+/// Whether an idle backend connection is still open and silent (Pingora's pool test: a read
+/// that would block).
+fn idle_and_open(stream: &mut Stream) -> bool {
+    let mut byte = [0u8; 1];
+    tokio::task::unconstrained(stream.read(&mut byte))
+        .now_or_never()
+        .is_none()
+}
+
+/// `fut`, or a `kind` error once `limit` has passed since the call. `timer` is the client
+/// connection's one timer, pushed later for each use: unlike Pingora's per-read timeouts no
+/// timer is registered per backend read or write. A limit covers one step — writing the request,
+/// reading the answer's head, reading one piece of its body — rather than each socket read.
+async fn timed<T>(
+    mut timer: Pin<&mut Sleep>,
+    limit: Option<Duration>,
+    fut: impl std::future::Future<Output = Result<T>>,
+    kind: ErrorType,
+    what: &'static str,
+) -> Result<T> {
+    let Some(limit) = limit else {
+        return fut.await;
+    };
+    timer.as_mut().reset(tokio::time::Instant::now() + limit);
+    tokio::select! {
+        biased;
+        out = fut => out,
+        () = timer => Err(Error::explain(kind, what)),
+    }
+}
+
 /// Writes a chunk of the response body to the client.
 async fn write_body(session: &mut Session, data: Bytes) -> Result<()> {
     session
@@ -419,17 +574,20 @@ fn eligible(session: &mut Session) -> bool {
         return false;
     }
     let req = session.req_header();
-    req.version != Version::HTTP_2
-        && req.method != Method::CONNECT
-        && req.raw_path().first() == Some(&b'/')
-        && !req.headers.contains_key(header::UPGRADE)
-        && !req.headers.contains_key(header::EXPECT)
-        && !req.headers.contains_key(header::TRANSFER_ENCODING)
-        && req
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .all(|v| only_tokens(v.as_bytes(), &[b"keep-alive", b"close"]))
+    if req.version == Version::HTTP_2
+        || req.method == Method::CONNECT
+        || req.raw_path().first() != Some(&b'/')
+    {
+        return false;
+    }
+    // One pass over the fields (a handful) instead of four hashed lookups.
+    req.headers.iter().all(|(name, value)| {
+        if name == header::CONNECTION {
+            only_tokens(value.as_bytes(), &[b"keep-alive", b"close"])
+        } else {
+            name != header::UPGRADE && name != header::EXPECT && name != header::TRANSFER_ENCODING
+        }
+    })
 }
 
 /// Whether every comma-separated token of `value` is one of `allowed` (ignoring case).
@@ -439,6 +597,32 @@ fn only_tokens(value: &[u8], allowed: &[&[u8]]) -> bool {
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
         .all(|t| allowed.iter().any(|a| t.eq_ignore_ascii_case(a)))
+}
+
+/// The request head sent to the backend: the client's, with Pingora's default policy for such
+/// a request (hop-by-hop fields and a field named by `Connection: close` removed, HTTP/1.1).
+/// (Rebuilding it with room for the fields the filters add, instead of cloning a full one,
+/// costs as much as the maps' growth it avoids: measured, docs/performance.md.)
+fn upstream_head(client: &RequestHeader) -> RequestHeader {
+    let mut req = client.clone();
+    req.set_version(Version::HTTP_11);
+    // Usually none is there: one pass over the names instead of ten hashed removals.
+    if req.headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for name in &HOP_BY_HOP {
+            req.remove_header(name);
+        }
+    }
+    // `Connection: close` names a field `close` (the only other option taken is `keep-alive`,
+    // removed above).
+    if client
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), b"close"))
+    {
+        req.remove_header("close");
+    }
+    req
 }
 
 /// Whether `value` lists `token` (ignoring case).
@@ -474,6 +658,42 @@ mod tests {
         assert!(!only_tokens(b"upgrade", ok));
         assert!(has_token(b"keep-alive, CLOSE", b"close"));
         assert!(!has_token(b"closed", b"close"));
+    }
+
+    #[test]
+    fn the_upstream_head_keeps_case_and_drops_hop_by_hop_fields() {
+        let mut client = RequestHeader::build("GET", b"/a?b=c", Some(7)).unwrap();
+        client.set_version(Version::HTTP_10);
+        for (name, value) in [
+            ("Host", "h.test"),
+            ("X-Keep", "1"),
+            ("Connection", "keep-alive, Close"),
+            ("TE", "trailers"),
+            ("x-KEEP", "2"),
+            ("close", "named"),
+            ("Keep-Alive", "timeout=5"),
+        ] {
+            client.append_header(name, value).unwrap();
+        }
+        let up = upstream_head(&client);
+        let mut wire = Vec::new();
+        up.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        let mut lines: Vec<&str> = wire.split_terminator("\r\n").collect();
+        // Values of one name keep their order; fields of different names may move.
+        let keep = |l: &&str| l.starts_with("X-Keep") || l.starts_with("x-KEEP");
+        let kept: Vec<&str> = lines.iter().copied().filter(keep).collect();
+        assert_eq!(kept, ["X-Keep: 1", "x-KEEP: 2"], "{wire}");
+        lines.sort_unstable();
+        assert_eq!(lines, ["Host: h.test", "X-Keep: 1", "x-KEEP: 2"], "{wire}");
+        assert_eq!(up.version, Version::HTTP_11);
+        assert_eq!(up.raw_path(), b"/a?b=c");
+        assert_eq!(up.method, Method::GET);
+        // Without `Connection: close`, a field named `close` is an ordinary one.
+        let mut client = RequestHeader::build("GET", b"/", None).unwrap();
+        client.append_header("Close", "kept").unwrap();
+        let up = upstream_head(&client);
+        assert_eq!(up.headers.get("close").unwrap(), "kept");
     }
 
     #[test]

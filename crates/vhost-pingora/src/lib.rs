@@ -27,8 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pingora_core::apps::HttpServerOptions;
-use pingora_core::connectors::http::Connector;
-use pingora_core::connectors::ConnectorOptions;
+use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::protocols::http::v2::server::default_h2_options;
 use pingora_core::server::configuration::ServerConf;
@@ -68,8 +67,9 @@ pub fn proxy_service(
     let proxy_protocol = proxy.proxy_protocol_peers();
     let fast = fast::FastPath::new(
         proxy.clone(),
-        Connector::new(Some(ConnectorOptions::from_server_conf(conf))),
+        TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
         conf.max_retries,
+        proxy.upstream_hold(),
     );
     let mut http = pingora_proxy::http_proxy(conf, proxy);
     let mut server_options = HttpServerOptions::default();

@@ -90,6 +90,9 @@ pub struct ProxyOptions {
     pub request_id: bool,
     /// Serve plain HTTP/1.1 requests to HTTP/1 backends on the fast path (see `fast.rs`).
     pub h1_fast_path: bool,
+    /// How long an idle client connection keeps the backend connections its fast-path requests
+    /// used, before they go back to the shared pool (zero: back after every request).
+    pub upstream_hold: Duration,
     /// Accept a PROXY protocol v2 header at the start of connections from `trusted_proxies`.
     pub proxy_protocol: bool,
     /// Outlier detection (`None`: off).
@@ -142,6 +145,7 @@ impl Default for ProxyOptions {
             trusted_proxies: Vec::new(),
             request_id: true,
             h1_fast_path: true,
+            upstream_hold: Duration::from_secs(1),
             proxy_protocol: false,
             circuit_breaker: None,
         }
@@ -629,6 +633,12 @@ impl VhostProxy {
     /// Whether h2c (prior knowledge) is served on the plain-HTTP listener.
     pub fn h2c(&self) -> bool {
         self.options.h2c
+    }
+
+    /// How long an idle client connection keeps its backend connections on the HTTP/1.1 fast
+    /// path: `upstream_hold`, at most the upstream idle timeout.
+    pub fn upstream_hold(&self) -> Duration {
+        self.options.upstream_hold.min(self.options.idle_timeout)
     }
 
     /// The ACME challenges this proxy answers, if ACME is on.

@@ -59,6 +59,7 @@ pub fn proxy_options(config: &vhost_config::Config) -> vhost_pingora::ProxyOptio
         trusted_proxies: proxy.trusted_proxies.clone(),
         request_id: proxy.request_id,
         h1_fast_path: proxy.h1_fast_path,
+        upstream_hold: Duration::from_millis(proxy.upstream_hold_ms),
         proxy_protocol: proxy.proxy_protocol,
         circuit_breaker: proxy.circuit_breaker,
         ..vhost_pingora::ProxyOptions::default()
