@@ -88,6 +88,16 @@ def stop_all():
             p.kill()
 
 
+def tls_version(port):
+    """The TLS version a server on `port` negotiates with OpenSSL's default offer."""
+    out = subprocess.run(["openssl", "s_client", "-brief", "-connect", f"127.0.0.1:{port}"],
+                         input="", capture_output=True, text=True, timeout=60)
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("Protocol version:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def wait_http(port, proc, deadline=180.0):
     """Waits until `port` answers a request for the bench host (valgrind starts slowly)."""
     end = time.time() + deadline
@@ -217,6 +227,10 @@ def main():
     ap.add_argument("--binary", default=str(ROOT / "target/release/pingora-vhost"))
     ap.add_argument("--keep", help="keep the callgrind files in this directory")
     ap.add_argument("--no-nginx", action="store_true", help="measure pingora-vhost only")
+    ap.add_argument("--nginx-tls", choices=["1.3", "default"], default="1.3",
+                    help="nginx's HTTPS protocols: '1.3' (TLS 1.2 and 1.3, so it speaks TLS 1.3 "
+                         "with h2load like pingora-vhost) or 'default' (nginx 1.22's own "
+                         "default: TLS 1.2 only, as the shared tool)")
     args = ap.parse_args()
     schemes = [s for s in args.schemes.split(",") if s]
 
@@ -238,13 +252,14 @@ error_log {work}/backend.err; events {{ worker_connections 4000; }}
 http {{ access_log off; keepalive_requests 1000000; {temps}
   server {{ listen 127.0.0.1:{p['backend']}; location / {{ return 200 "hello, world\\n"; }} }} }}
 """)
+        protocols = "ssl_protocols TLSv1.2 TLSv1.3;" if args.nginx_tls == "1.3" else ""
         (work / "nginx.conf").write_text(f"""
 daemon off; master_process off; worker_processes 1; pid {work}/nginx.pid;
 error_log {work}/nginx.err; events {{ worker_connections 4000; }}
 http {{ access_log off; keepalive_requests 1000000; {temps}
   upstream be {{ server 127.0.0.1:{p['backend']}; keepalive 256; keepalive_requests 1000000; }}
   server {{ listen 127.0.0.1:{p['nginx']}; listen 127.0.0.1:{p['nginx_tls']} ssl;
-    ssl_certificate {work}/cert.pem; ssl_certificate_key {work}/key.pem;
+    ssl_certificate {work}/cert.pem; ssl_certificate_key {work}/key.pem; {protocols}
     ssl_session_cache off; ssl_session_tickets off;
     location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }}
   }} }}
@@ -267,16 +282,21 @@ http {{ access_log off; keepalive_requests 1000000; {temps}
         wait_http(p["backend"], backend)
 
         rows = {}
+        tls = {}
         if not args.no_nginx:
             cg = Callgrind("nginx", ["nginx", "-p", str(work), "-c", str(work / "nginx.conf")],
                            work)
             wait_http(p["nginx"], cg.proc)
+            if "https" in schemes:
+                tls["nginx"] = tls_version(p["nginx_tls"])
             rows["nginx"] = measure(cg, {"http": p["nginx"], "https": p["nginx_tls"]}, schemes,
                                     args.n1, args.n2, args.conns, 0)
             cg.stop()
         cg = Callgrind("pingora-vhost",
                        [args.binary, "--config", str(work / "pingora-vhost.toml")], work)
         wait_http(p["http"], cg.proc)
+        if "https" in schemes:
+            tls["pingora-vhost"] = tls_version(p["https"])
         rows["pingora-vhost"] = measure(cg, {"http": p["http"], "https": p["https"]}, schemes,
                                         args.n1, args.n2, args.conns, args.top)
         cg.stop()
@@ -287,6 +307,9 @@ http {{ access_log off; keepalive_requests 1000000; {temps}
 
     print(f"\nuser-space instructions per proxied keep-alive request "
           f"(callgrind, h2load --h1 -c {args.conns}, ({args.n2} - {args.n1}) requests)\n")
+    if tls:
+        print("HTTPS negotiated with h2load's offer: " +
+              ", ".join(f"{name} {version}" for name, version in tls.items()) + "\n")
     print(f"| scheme | nginx | pingora-vhost | × nginx | target |")
     print(f"|---|---:|---:|---:|---:|")
     for scheme in schemes:

@@ -328,11 +328,12 @@ fn clients_that_give_up_do_not_flood_the_log() {
         &one_domain(&backend, ""),
         false,
     );
-    // 100 clients send a request and hang up while the backend is still working on it...
+    // 100 clients send a request and hang up while the backend is still working on it (for a
+    // minute: they are counted only if the proxy watches the client connection meanwhile)...
     let waiting: Vec<TcpStream> = (0..100)
         .map(|_| {
             let mut s = raw_connect(proxy.http);
-            s.write_all(b"GET /slow/5000 HTTP/1.1\r\nHost: one.test\r\n\r\n")
+            s.write_all(b"GET /slow/60000 HTTP/1.1\r\nHost: one.test\r\n\r\n")
                 .unwrap();
             s
         })

@@ -68,6 +68,10 @@ pub(crate) enum Served {
     Declined(Stream, HttpPersistentSettings),
 }
 
+/// How long an answer may take before the client connection is watched for the client
+/// leaving (Pingora watches from the start; a quick answer makes the watch a wasted read).
+const PROBE_AFTER: Duration = Duration::from_millis(100);
+
 /// The fast path of one listener (see the module docs).
 pub(crate) struct FastPath {
     proxy: VhostProxy,
@@ -114,6 +118,7 @@ impl FastPath {
             pool: &self.upstream,
             held: None,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            probe: Box::pin(tokio::time::sleep(Duration::ZERO)),
             keep: !self.hold.is_zero(),
         }
     }
@@ -257,7 +262,14 @@ impl FastPath {
             return (false, Some(e));
         }
         let (server_reuse, client_reuse, error) = self
-            .exchange(session, &mut client, &peer, ctx, upstream.timer.as_mut())
+            .exchange(
+                session,
+                &mut client,
+                &peer,
+                ctx,
+                upstream.timer.as_mut(),
+                upstream.probe.as_mut(),
+            )
             .await;
         if client_reuse {
             // As Pingora's release: only a connection whose exchange ended cleanly and that
@@ -287,6 +299,7 @@ impl FastPath {
         peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut timer: Pin<&mut Sleep>,
+        mut probe: Pin<&mut Sleep>,
     ) -> (bool, bool, Option<Box<Error>>) {
         // The client session's own timeouts stay off: `timed` applies the peer's.
         let (read_timeout, write_timeout) = (peer.options.read_timeout, peer.options.write_timeout);
@@ -325,6 +338,13 @@ impl FastPath {
         }
         let head_request = session.req_header().method == Method::HEAD;
         let mut header_done = false;
+        // Until the answer's head: a client that leaves meanwhile is noticed (as Pingora does),
+        // once the answer takes longer than `PROBE_AFTER` (the probe is a read on the client
+        // connection — on TLS a whole `SSL_read` — wasted on every quick answer).
+        let mut probing = false;
+        probe
+            .as_mut()
+            .reset(tokio::time::Instant::now() + PROBE_AFTER);
         loop {
             let read = timed(
                 timer.as_mut(),
@@ -336,14 +356,18 @@ impl FastPath {
             let task = if header_done {
                 read.await
             } else {
-                // Waiting for the answer: notice a client that leaves meanwhile (as Pingora).
-                tokio::select! {
-                    biased;
-                    task = read => task,
-                    closed = session.downstream_session.read_body_or_idle(true) => match closed {
-                        Err(e) => return (false, false, Some(e.into_down())),
-                        Ok(_) => continue,
-                    },
+                let mut read = std::pin::pin!(read);
+                loop {
+                    tokio::select! {
+                        biased;
+                        task = &mut read => break task,
+                        () = probe.as_mut(), if !probing => probing = true,
+                        closed = session.downstream_session.read_body_or_idle(true), if probing => {
+                            if let Err(e) = closed {
+                                return (false, false, Some(e.into_down()));
+                            }
+                        }
+                    }
                 }
             };
             let task = match task {
@@ -440,11 +464,11 @@ impl FastPath {
     }
 }
 
-/// What one client connection keeps for the backend side of its fast-path requests: one
-/// timer for backend reads and writes (pushed later for each use, instead of a timer
-/// registration per read and write), and the backend connection of its last request — at most
-/// one, so a client connection never holds more than one backend descriptor (the budget
-/// `max_connections` is derived with). That connection goes back to the pool when the next
+/// What one client connection keeps for the backend side of its fast-path requests: two
+/// timers (backend reads and writes; watching the client while an answer takes long), pushed
+/// later for each use instead of a timer registration per read and write, and the backend
+/// connection of its last request — at most one, so a client connection never holds more than
+/// one backend descriptor (the budget `max_connections` is derived with). That connection goes back to the pool when the next
 /// request goes to another backend, when the client connection has been idle for the hold time
 /// ([`Self::release`]), or when it ends (drop).
 pub(crate) struct ConnUpstream<'a> {
@@ -452,6 +476,8 @@ pub(crate) struct ConnUpstream<'a> {
     held: Option<HeldUpstream>,
     /// Bounds each backend read and write (see [`timed`]).
     timer: Pin<Box<Sleep>>,
+    /// When to start watching the client while waiting for an answer (see `PROBE_AFTER`).
+    probe: Pin<Box<Sleep>>,
     /// Keep a connection at all (`false`: straight back to the pool).
     keep: bool,
 }

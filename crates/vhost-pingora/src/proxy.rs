@@ -870,6 +870,142 @@ impl ProxyHttp for VhostProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        VhostProxy::request_filter(self, session, ctx).await
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        VhostProxy::upstream_peer(self, session, ctx).await
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut pingora_http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        VhostProxy::upstream_request_filter(self, session, upstream, ctx).await
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        VhostProxy::response_filter(self, session, upstream_response, ctx).await
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        upstream_trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if grpc_failed(upstream_trailers) {
+            ctx.grpc_error = true;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if is_local_failure(&e) {
+            // This host is out of descriptors or ports: nothing the backend did, and another
+            // backend would fail the same way. Not counted, not retried: 503.
+            ctx.local = Some(LocalReason::Overloaded);
+            return Error::because(
+                ErrorType::HTTPStatus(503),
+                "cannot connect to the backend: this host is out of resources",
+                e,
+            );
+        }
+        if let Some(addr) = peer.address().as_inet() {
+            ctx.failed.push(*addr);
+        }
+        if let Some(backend) = ctx.backend() {
+            self.record_outcome(ctx, backend, true);
+        }
+        ctx.trial = false;
+        if let (Some(backend), Some(table)) = (ctx.backend(), &ctx.table) {
+            self.metrics.connect_failure(table, backend);
+            let threshold = self.options.passive_failure_threshold;
+            if backend.health().record_connect_failure(threshold) {
+                tracing::warn!(
+                    backend = backend.id().as_str(),
+                    from = "up",
+                    to = "down",
+                    reason = %format!("{threshold} consecutive connection failures"),
+                    "backend ejected (passive health check)"
+                );
+            }
+        }
+        if ctx.attempts <= self.options.max_retries {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        VhostProxy::fail_to_proxy(self, session, e, ctx).await
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _e: &Error) -> bool {
+        // `logging` reports every failed request itself, at a level that fits its cause.
+        true
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        _e: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        // Retries are counted in metrics; a dead backend is logged once when it is ejected.
+        true
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        VhostProxy::connected_to_upstream(self, _session, _reused, _peer, _fd, _digest, ctx).await
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        VhostProxy::logging(self, session, e, ctx).await
+    }
+}
+
+/// The filters' bodies, called by the `ProxyHttp` implementation above (Pingora's path, one boxed
+/// future each: `async_trait`) and directly by the HTTP/1.1 fast path (`fast.rs`), whose
+/// future holds them inline: no allocation and copy per filter and request. (Inherent methods
+/// take precedence over the trait's methods of the same name.)
+impl VhostProxy {
+    pub(crate) async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
         if !session.is_http2() {
             crate::conn::head_parsed(session.stream());
             if !self.options.client_keepalive {
@@ -1075,7 +1211,7 @@ impl ProxyHttp for VhostProxy {
         }
     }
 
-    async fn upstream_peer(
+    pub(crate) async fn upstream_peer(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
@@ -1116,7 +1252,7 @@ impl ProxyHttp for VhostProxy {
         self.peer_for(session, backend)
     }
 
-    async fn upstream_request_filter(
+    pub(crate) async fn upstream_request_filter(
         &self,
         session: &mut Session,
         upstream: &mut pingora_http::RequestHeader,
@@ -1172,7 +1308,7 @@ impl ProxyHttp for VhostProxy {
         Ok(())
     }
 
-    async fn response_filter(
+    pub(crate) async fn response_filter(
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
@@ -1216,62 +1352,7 @@ impl ProxyHttp for VhostProxy {
         Ok(())
     }
 
-    fn upstream_response_trailer_filter(
-        &self,
-        _session: &mut Session,
-        upstream_trailers: &mut http::HeaderMap,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        if grpc_failed(upstream_trailers) {
-            ctx.grpc_error = true;
-        }
-        Ok(())
-    }
-
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        peer: &HttpPeer,
-        ctx: &mut RequestCtx,
-        mut e: Box<Error>,
-    ) -> Box<Error> {
-        if is_local_failure(&e) {
-            // This host is out of descriptors or ports: nothing the backend did, and another
-            // backend would fail the same way. Not counted, not retried: 503.
-            ctx.local = Some(LocalReason::Overloaded);
-            return Error::because(
-                ErrorType::HTTPStatus(503),
-                "cannot connect to the backend: this host is out of resources",
-                e,
-            );
-        }
-        if let Some(addr) = peer.address().as_inet() {
-            ctx.failed.push(*addr);
-        }
-        if let Some(backend) = ctx.backend() {
-            self.record_outcome(ctx, backend, true);
-        }
-        ctx.trial = false;
-        if let (Some(backend), Some(table)) = (ctx.backend(), &ctx.table) {
-            self.metrics.connect_failure(table, backend);
-            let threshold = self.options.passive_failure_threshold;
-            if backend.health().record_connect_failure(threshold) {
-                tracing::warn!(
-                    backend = backend.id().as_str(),
-                    from = "up",
-                    to = "down",
-                    reason = %format!("{threshold} consecutive connection failures"),
-                    "backend ejected (passive health check)"
-                );
-            }
-        }
-        if ctx.attempts <= self.options.max_retries {
-            e.set_retry(true);
-        }
-        e
-    }
-
-    async fn fail_to_proxy(
+    pub(crate) async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
@@ -1296,23 +1377,7 @@ impl ProxyHttp for VhostProxy {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _e: &Error) -> bool {
-        // `logging` reports every failed request itself, at a level that fits its cause.
-        true
-    }
-
-    fn suppress_proxy_warn_log(
-        &self,
-        _session: &Session,
-        _ctx: &RequestCtx,
-        _e: &Error,
-        _context: ProxyWarnLogContext,
-    ) -> bool {
-        // Retries are counted in metrics; a dead backend is logged once when it is ejected.
-        true
-    }
-
-    async fn connected_to_upstream(
+    pub(crate) async fn connected_to_upstream(
         &self,
         _session: &mut Session,
         _reused: bool,
@@ -1327,7 +1392,12 @@ impl ProxyHttp for VhostProxy {
         Ok(())
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    pub(crate) async fn logging(
+        &self,
+        session: &mut Session,
+        e: Option<&Error>,
+        ctx: &mut RequestCtx,
+    ) {
         ctx.logged = true;
         if !session.is_http2() {
             // Framing is settled now (an upgrade was decided by the response): tell the
