@@ -521,8 +521,10 @@ fn streamed_chunks_reach_the_client_one_by_one_over_http_and_https() {
     }
 }
 
-/// A backend that answers every request with the head it received (request line and header
-/// names, lowercased and sorted, one per line) and drains a `Content-Length` body.
+/// A backend that answers every request with the head it received (request line, then the
+/// fields as `name: value` with the name lowercased, sorted, one per line; a generated
+/// `x-request-id` shown as `<id>`, as it differs per request) and drains a `Content-Length`
+/// body.
 fn echo_head_backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     raw_backend(rt, |mut s| async move {
@@ -540,7 +542,14 @@ fn echo_head_backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
                 if k == "content-length" {
                     length = v.trim().parse().unwrap_or(0);
                 }
-                names.push(k);
+                let v = v.trim();
+                // A generated id (a UUID) differs per request.
+                let v = if k == "x-request-id" && v.len() == 36 {
+                    "<id>"
+                } else {
+                    v
+                };
+                names.push(format!("{k}: {v}"));
             }
             names.sort();
             while data.len() < end + length {
@@ -611,8 +620,13 @@ fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
         vhost_toml("echo.test", "a", ""),
         backends_toml(&[("e1", backend.to_string(), "\"a\"")]),
     );
-    let requests: [&[u8]; 6] = [
+    let requests: [&[u8]; 8] = [
         b"GET /a?b=c HTTP/1.1\r\nHost: echo.test\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: X-T\r\nProxy-Authorization: Basic eDp5\r\nProxy-Connection: keep-alive\r\nX-Keep: 1\r\n\r\n",
+        // Forwarded fields from the client: the chain extended, the others replaced, a sane
+        // request id kept.
+        b"GET /f HTTP/1.1\r\nHost: echo.test\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: ftp\r\nX-Forwarded-Host: elsewhere\r\nX-Request-Id: given-1\r\nX-Keep: a\r\nx-keep: b\r\n\r\n",
+        // Two request ids: neither kept.
+        b"GET /g HTTP/1.1\r\nHost: echo.test\r\nX-Request-Id: one\r\nX-Request-Id: two\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: echo.test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\r\n",
         b"POST /p HTTP/1.1\r\nHost: echo.test\r\nTE: trailers\r\nContent-Length: 5\r\n\r\nhello",
         b"GET / HTTP/1.0\r\nHost: echo.test\r\nConnection: keep-alive\r\nX-Keep: 1\r\n\r\n",
@@ -652,9 +666,12 @@ fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
         }
         seen.push(answers);
     }
+    eprintln!("SEEN {seen:#?}");
     assert_eq!(seen[0], seen[1], "fast path vs Pingora's path");
     let first = &seen[0][0].1;
     assert!(first.starts_with("GET /a?b=c HTTP/1.1\n"), "{first}");
+    let field =
+        |answer: &str, name: &str| answer.lines().any(|l| l.starts_with(&format!("{name}:")));
     for gone in [
         "connection",
         "keep-alive",
@@ -663,10 +680,7 @@ fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
         "proxy-authorization",
         "proxy-connection",
     ] {
-        assert!(
-            !first.lines().any(|l| l == gone),
-            "{gone} forwarded: {first}"
-        );
+        assert!(!field(first, gone), "{gone} forwarded: {first}");
     }
     for kept in [
         "host",
@@ -676,22 +690,42 @@ fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
         "x-forwarded-host",
         "x-request-id",
     ] {
-        assert!(first.lines().any(|l| l == kept), "{kept} missing: {first}");
+        assert!(field(first, kept), "{kept} missing: {first}");
     }
+    let forwarded = &seen[0][1].1;
+    for line in [
+        "x-forwarded-for: 10.0.0.1, 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: echo.test",
+        "x-request-id: given-1",
+        "x-keep: a",
+        "x-keep: b",
+    ] {
+        assert!(forwarded.lines().any(|l| l == line), "{line}: {forwarded}");
+    }
+    assert_eq!(
+        forwarded
+            .lines()
+            .filter(|l| l.starts_with("x-forwarded-"))
+            .count(),
+        3
+    );
+    let ids: Vec<&str> = seen[0][2]
+        .1
+        .lines()
+        .filter(|l| l.starts_with("x-request-id:"))
+        .collect();
+    assert_eq!(ids, ["x-request-id: <id>"], "{}", seen[0][2].1);
+    assert!(!field(&seen[0][3].1, "x-secret"), "{}", seen[0][3].1);
     assert!(
-        !seen[0][1].1.lines().any(|l| l == "x-secret"),
+        seen[0][4].1.starts_with("POST /p HTTP/1.1\n"),
         "{}",
-        seen[0][1].1
+        seen[0][4].1
     );
     assert!(
-        seen[0][2].1.starts_with("POST /p HTTP/1.1\n"),
+        seen[0][5].1.starts_with("GET / HTTP/1.1\n"),
         "{}",
-        seen[0][2].1
-    );
-    assert!(
-        seen[0][3].1.starts_with("GET / HTTP/1.1\n"),
-        "{}",
-        seen[0][3].1
+        seen[0][5].1
     );
 }
 

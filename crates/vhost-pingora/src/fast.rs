@@ -23,7 +23,7 @@
 //! when the client connection has been idle for `[proxy] upstream_hold_ms`, and when the client
 //! connection ends.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use http::header::{self, HeaderName};
 use http::{Method, Version};
@@ -33,17 +33,17 @@ use pingora_core::protocols::http::authority::validate_request_authority;
 use pingora_core::protocols::http::v1::client::HttpSession as ClientV1;
 use pingora_core::protocols::http::HttpTask;
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::{Stream, UniqueID};
+use pingora_core::protocols::Stream;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, Result, RetryType};
 use pingora_http::RequestHeader;
 use pingora_proxy::{ProxyHttp, Session};
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Sleep;
 
-use crate::proxy::{RequestCtx, VhostProxy};
+use crate::proxy::{Forwarded, RequestCtx, VhostProxy};
 
 /// Hop-by-hop fields Pingora's default upstream policy removes from every request.
 const HOP_BY_HOP: [HeaderName; 10] = [
@@ -246,31 +246,41 @@ impl FastPath {
                 }
             },
         };
-        let mut client = ClientV1::new_with_options(stream, &*peer);
+        // (No digest: `VhostProxy::connected_to_upstream` does not read it, and the head may
+        // be written before a client session exists.)
         if let Err(e) = self
             .proxy
-            .connected_to_upstream(
-                session,
-                reused,
-                &peer,
-                client.id(),
-                Some(client.digest()),
-                ctx,
-            )
+            .connected_to_upstream(session, reused, &peer, stream.id(), None, ctx)
             .await
         {
             return (false, Some(e));
         }
-        let (server_reuse, client_reuse, error) = self
-            .exchange(
-                session,
-                &mut client,
-                &peer,
-                ctx,
-                upstream.timer.as_mut(),
-                upstream.probe.as_mut(),
-            )
+        let sent = self
+            .send_head(session, stream, &peer, ctx, upstream.timer.as_mut())
             .await;
+        let (mut client, (server_reuse, client_reuse, error)) = match sent {
+            Ok(mut client) => {
+                let outcome = self
+                    .forward_answer(
+                        session,
+                        &mut client,
+                        &peer,
+                        ctx,
+                        upstream.timer.as_mut(),
+                        upstream.probe.as_mut(),
+                    )
+                    .await;
+                (client, outcome)
+            }
+            Err((unused, e)) => {
+                // Nothing went out on it: as good as before.
+                if let Some(stream) = unused {
+                    upstream.keep(key, stream, peer.idle_timeout());
+                }
+                let e = self.proxy.error_while_proxy(&peer, session, e, ctx, reused);
+                return (false, Some(e));
+            }
+        };
         if client_reuse {
             // As Pingora's release: only a connection whose exchange ended cleanly and that
             // both sides keep alive.
@@ -290,9 +300,91 @@ impl FastPath {
         (server_reuse, error)
     }
 
-    /// Sends the request head and forwards the response. Returns (client connection reusable,
+    /// Sends the request head: written straight from the client's parsed head and the
+    /// forwarded fields ([`write_head`]) — or, for a `HEAD` request (the client session must know
+    /// the method to frame the answer) and a domain with request header rules, edited as a
+    /// Pingora head by `upstream_request_filter` and written by the client session. On failure,
+    /// the connection if nothing was written on it.
+    async fn send_head(
+        &self,
+        session: &mut Session,
+        mut stream: Stream,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        timer: Pin<&mut Sleep>,
+    ) -> std::result::Result<ClientV1, (Option<Stream>, Box<Error>)> {
+        // The client session's own timeouts stay off: `timed` applies the peer's.
+        let write_timeout = peer.options.write_timeout;
+        let rules = ctx
+            .route()
+            .is_some_and(|r| r.vhost().request_headers.is_some());
+        let client_head = session.req_header();
+        if client_head.method != Method::HEAD && client_head.has_case() && !rules {
+            // No authority check after the filters here: this head keeps the client's `Host` and
+            // target, which nothing changed since Pingora's parser checked them
+            // (`validate_request` runs `validate_request_authority` on every request head).
+            debug_assert!(check_authority(session.req_header()).is_ok());
+            let head = match self
+                .proxy
+                .forwarded(session, ctx)
+                .and_then(|fwd| write_head(session.req_header(), &fwd))
+            {
+                Ok(head) => head,
+                Err(e) => return Err((Some(stream), e)),
+            };
+            let write = async {
+                stream.write_all(&head).await?;
+                stream.flush().await
+            };
+            let write = async {
+                write.await.map_err(|e| {
+                    Error::because(ErrorType::WriteError, "while writing request headers", e)
+                })
+            };
+            let written = timed(
+                timer,
+                write_timeout,
+                write,
+                ErrorType::WriteTimedout,
+                "while writing the request to the backend (timeout)",
+            );
+            if let Err(e) = written.await {
+                return Err((None, e.into_up()));
+            }
+            return Ok(ClientV1::new_with_options(stream, peer));
+        }
+        let mut req = upstream_head(session.req_header());
+        if let Err(e) = self
+            .proxy
+            .upstream_request_filter(session, &mut req, ctx)
+            .await
+        {
+            return Err((Some(stream), e));
+        }
+        if let Err(e) = check_authority(&req) {
+            return Err((Some(stream), e));
+        }
+        let mut client = ClientV1::new_with_options(stream, peer);
+        let write = async {
+            client.write_request_header(Box::new(req)).await?;
+            client.finish_body().await
+        };
+        let written = timed(
+            timer,
+            write_timeout,
+            write,
+            ErrorType::WriteTimedout,
+            "while writing the request to the backend (timeout)",
+        );
+        if let Err(e) = written.await {
+            return Err((None, e.into_up()));
+        }
+        Ok(client)
+    }
+
+    /// Forwards the answer to the request just sent. Returns (client connection reusable,
     /// backend connection reusable, error).
-    async fn exchange(
+    async fn forward_answer(
         &self,
         session: &mut Session,
         client: &mut ClientV1,
@@ -301,41 +393,7 @@ impl FastPath {
         mut timer: Pin<&mut Sleep>,
         mut probe: Pin<&mut Sleep>,
     ) -> (bool, bool, Option<Box<Error>>) {
-        // The client session's own timeouts stay off: `timed` applies the peer's.
-        let (read_timeout, write_timeout) = (peer.options.read_timeout, peer.options.write_timeout);
-        let mut req = upstream_head(session.req_header());
-        if let Err(e) = self
-            .proxy
-            .upstream_request_filter(session, &mut req, ctx)
-            .await
-        {
-            return (false, true, Some(e));
-        }
-        if req
-            .headers
-            .get(header::HOST)
-            .is_some_and(|h| h.as_bytes().contains(&b'@'))
-        {
-            let e = Error::explain(ErrorType::InvalidHTTPHeader, "userinfo in Host header");
-            return (false, true, Some(e.into_in()));
-        }
-        if let Err(e) = validate_request_authority(&req) {
-            return (false, true, Some(e.into_in()));
-        }
-        let write = async {
-            client.write_request_header(Box::new(req)).await?;
-            client.finish_body().await
-        };
-        let written = timed(
-            timer.as_mut(),
-            write_timeout,
-            write,
-            ErrorType::WriteTimedout,
-            "while writing the request to the backend (timeout)",
-        );
-        if let Err(e) = written.await {
-            return (false, false, Some(e.into_up()));
-        }
+        let read_timeout = peer.options.read_timeout;
         let head_request = session.req_header().method == Method::HEAD;
         let mut header_done = false;
         // Until the answer's head: a client that leaves meanwhile is noticed (as Pingora does),
@@ -649,6 +707,88 @@ fn upstream_head(client: &RequestHeader) -> RequestHeader {
         req.remove_header("close");
     }
     req
+}
+
+/// Pingora's checks of a request's authority after the filters: no userinfo in `Host`, `Host`
+/// and target consistent.
+fn check_authority(req: &RequestHeader) -> Result<()> {
+    if req
+        .headers
+        .get(header::HOST)
+        .is_some_and(|h| h.as_bytes().contains(&b'@'))
+    {
+        let e = Error::explain(ErrorType::InvalidHTTPHeader, "userinfo in Host header");
+        return Err(e.into_in());
+    }
+    validate_request_authority(req).map_err(|e| e.into_in())
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The request head for the backend, written from the client's head as Pingora parsed it and
+/// the forwarded fields — the same head `upstream_head` and `upstream_request_filter` make and
+/// Pingora's client session writes, without building it as a header map first: the request
+/// line with HTTP/1.1; the client's fields in their order and case, less the hop-by-hop ones
+/// (and a field named by `Connection: close`) and those the forwarded fields replace; then
+/// `x-forwarded-for`, `x-request-id`, `x-forwarded-proto`, `Host` (when missing) and
+/// `x-forwarded-host`, under the names Pingora writes for them. Only for heads that keep their
+/// names' case (Pingora's HTTP/1 parser keeps it).
+fn write_head(client: &RequestHeader, fwd: &Forwarded) -> Result<BytesMut> {
+    let path = client.raw_path();
+    // Pingora refuses to write these (and its parser never lets them through).
+    if path.iter().any(|b| matches!(b, 0 | b'\n' | b'\r' | b' ')) {
+        return Err(Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "request-line contains forbidden delimiter bytes",
+        ));
+    }
+    let close = client
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), b"close"));
+    let replaced = |name: &HeaderName| {
+        (name == X_FORWARDED_FOR && (fwd.for_.is_some() || fwd.drop_client_chain))
+            || (name == X_REQUEST_ID && fwd.request_id.is_some())
+            || name == X_FORWARDED_PROTO
+            || (name == X_FORWARDED_HOST && fwd.host.is_some())
+    };
+    let mut head = BytesMut::with_capacity(512);
+    head.put_slice(client.method.as_str().as_bytes());
+    head.put_u8(b' ');
+    head.put_slice(path);
+    head.put_slice(b" HTTP/1.1\r\n");
+    let mut field = |name: &[u8], value: &[u8]| {
+        head.put_slice(name);
+        head.put_slice(b": ");
+        head.put_slice(value);
+        head.put_slice(b"\r\n");
+    };
+    // Both maps list the fields in the same order (Pingora relies on it to write them).
+    for ((name, _), (case, value)) in client.headers.iter().zip(client.case_header_iter()) {
+        let hop = HOP_BY_HOP.contains(name) || (close && name == "close");
+        if !hop && !replaced(name) {
+            field(case.as_slice(), value.as_bytes());
+        }
+    }
+    if let Some(chain) = &fwd.for_ {
+        field(b"x-forwarded-for", chain.as_bytes());
+    }
+    if let Some(id) = &fwd.request_id {
+        field(b"x-request-id", id.as_bytes());
+    }
+    field(b"x-forwarded-proto", fwd.proto.as_bytes());
+    if let Some(host) = &fwd.host {
+        if !client.headers.contains_key(header::HOST) {
+            field(b"Host", host.as_bytes());
+        }
+        field(b"x-forwarded-host", host.as_bytes());
+    }
+    head.put_slice(b"\r\n");
+    Ok(head)
 }
 
 /// Whether `value` lists `token` (ignoring case).

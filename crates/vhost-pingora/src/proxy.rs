@@ -99,6 +99,24 @@ pub struct ProxyOptions {
     pub circuit_breaker: Option<CircuitBreaker>,
 }
 
+/// The fields a request gets on its way to the backend (see [`VhostProxy::forwarded`]), written
+/// under lowercase names as Pingora writes fields inserted by name.
+#[derive(Debug)]
+pub(crate) struct Forwarded {
+    /// Leave out the client's `X-Forwarded-For` fields (from a peer not trusted to send one).
+    pub(crate) drop_client_chain: bool,
+    /// `x-forwarded-for`, replacing the client's fields (`None`: no client address known).
+    pub(crate) for_: Option<HeaderValue>,
+    /// `x-request-id`, replacing the client's fields (`None`: ids are off, or the client's own
+    /// is kept).
+    pub(crate) request_id: Option<HeaderValue>,
+    /// `x-forwarded-proto`, replacing the client's fields.
+    pub(crate) proto: HeaderValue,
+    /// `x-forwarded-host`, replacing the client's fields; also the `Host` when the request has
+    /// none (an HTTP/2 request's authority).
+    pub(crate) host: Option<HeaderValue>,
+}
+
 /// Cookie and header names of canaries (see docs/canary.md).
 #[derive(Debug, Clone)]
 pub struct CanaryOptions {
@@ -1258,16 +1276,59 @@ impl VhostProxy {
         upstream: &mut pingora_http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let fwd = self.forwarded(session, ctx)?;
+        if fwd.drop_client_chain {
+            upstream.remove_header(&X_FORWARDED_FOR);
+        }
+        if let Some(chain) = fwd.for_ {
+            upstream.insert_header("x-forwarded-for", chain)?;
+        }
+        if let Some(id) = fwd.request_id {
+            upstream.insert_header("x-request-id", id)?;
+        }
+        if let Some(rules) = ctx.route().and_then(|r| r.vhost().request_headers.as_ref()) {
+            let values = template_values(ctx);
+            apply_rules!(upstream, rules, &values);
+        }
+        upstream.insert_header("x-forwarded-proto", fwd.proto)?;
+        if let Some(host) = fwd.host {
+            if upstream.headers.get(header::HOST).is_none() {
+                upstream.insert_header(header::HOST, host.clone())?;
+            }
+            upstream.insert_header("x-forwarded-host", host)?;
+        }
+        Ok(())
+    }
+
+    /// What a request's head gets on its way to the backend besides its own fields (before
+    /// a domain's header rules, which `upstream_request_filter` applies in between): the one
+    /// decision both the head-editing filter and the fast path's head writer follow.
+    pub(crate) fn forwarded(&self, session: &Session, ctx: &RequestCtx) -> Result<Forwarded> {
+        let req = session.req_header();
+        let mut fwd = Forwarded {
+            drop_client_chain: false,
+            for_: None,
+            // A kept client id is already the request's only `X-Request-Id`.
+            request_id: ctx.request_id.clone().filter(|_| !ctx.request_id_given),
+            proto: HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
+            // The host routing used (see `request_host`); a Host header's value is shared
+            // (reference-counted), not copied.
+            host: match req.uri.authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+                None => req.headers.get(header::HOST).cloned(),
+            },
+        };
         if let Some(ip) = ctx.peer {
             // With trusted proxies configured, a chain from anyone else is not passed on.
-            if !self.options.trusted_proxies.is_empty()
-                && !any_contains(&self.options.trusted_proxies, ip)
-            {
-                upstream.remove_header(&X_FORWARDED_FOR);
-            }
+            fwd.drop_client_chain = !self.options.trusted_proxies.is_empty()
+                && !any_contains(&self.options.trusted_proxies, ip);
             let mut buf = [0u8; 48];
             let ip = format_ip(ip, &mut buf);
-            let forwarded_for = match upstream.headers.get(X_FORWARDED_FOR) {
+            let prev = req
+                .headers
+                .get(X_FORWARDED_FOR)
+                .filter(|_| !fwd.drop_client_chain);
+            let chain = match prev {
                 Some(prev) => {
                     let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
                     v.extend_from_slice(prev.as_bytes());
@@ -1278,34 +1339,9 @@ impl VhostProxy {
                 None => HeaderValue::from_bytes(ip),
             }
             .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "x-forwarded-for", e))?;
-            upstream.insert_header("x-forwarded-for", forwarded_for)?;
+            fwd.for_ = Some(chain);
         }
-        // A kept client id is already the request's only `X-Request-Id`.
-        if let Some(id) = ctx.request_id.as_ref().filter(|_| !ctx.request_id_given) {
-            upstream.insert_header("x-request-id", id.clone())?;
-        }
-        if let Some(rules) = ctx.route().and_then(|r| r.vhost().request_headers.as_ref()) {
-            let values = template_values(ctx);
-            apply_rules!(upstream, rules, &values);
-        }
-        upstream.insert_header(
-            "x-forwarded-proto",
-            HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
-        )?;
-        // The host routing used (see `request_host`); a Host header's value is shared
-        // (reference-counted), not copied.
-        let req = session.req_header();
-        let host = match req.uri.authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => req.headers.get(header::HOST).cloned(),
-        };
-        if let Some(host) = host {
-            if upstream.headers.get(header::HOST).is_none() {
-                upstream.insert_header(header::HOST, host.clone())?;
-            }
-            upstream.insert_header("x-forwarded-host", host)?;
-        }
-        Ok(())
+        Ok(fwd)
     }
 
     pub(crate) async fn response_filter(
