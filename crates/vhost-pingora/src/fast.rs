@@ -5,9 +5,15 @@
 //! already arrived to [`FastPath::serve`] instead of Pingora's `process_new_http`. It runs the
 //! same [`VhostProxy`] filters in the same order (`request_filter`, `upstream_peer`,
 //! `fail_to_connect`, `connected_to_upstream`, `upstream_request_filter`, `response_filter`,
-//! `fail_to_proxy`, `logging`) on Pingora's own session types — its HTTP/1 parser and
-//! serialiser, its upstream connection pool, its timeouts — but drives the two halves directly
+//! `fail_to_proxy`, `logging`) on Pingora's own session types — its HTTP/1 parser, its client
+//! and server sessions, its upstream connection pool — but drives the two halves directly
 //! instead of through two task channels and a boxed ~10 KB request future.
+//!
+//! The request head for the backend is written by [`write_head`] from the client's head as
+//! Pingora parsed it and the fields [`VhostProxy::forwarded`] decides (the same decision
+//! `upstream_request_filter` applies to a header map), instead of being cloned into a header
+//! map, edited and serialised; `HEAD` requests and domains with request header rules take the
+//! header-map way.
 //!
 //! It takes only what it can forward exactly as Pingora would, and declines before any filter
 //! ran (the caller replays the same bytes into Pingora's path): requests with a body, upgrades,
@@ -324,11 +330,8 @@ impl FastPath {
             // target, which nothing changed since Pingora's parser checked them
             // (`validate_request` runs `validate_request_authority` on every request head).
             debug_assert!(check_authority(session.req_header()).is_ok());
-            let head = match self
-                .proxy
-                .forwarded(session, ctx)
-                .and_then(|fwd| write_head(session.req_header(), &fwd))
-            {
+            let fwd = self.proxy.forwarded(session, ctx);
+            let head = match write_head(session.req_header(), &fwd) {
                 Ok(head) => head,
                 Err(e) => return Err((Some(stream), e)),
             };
@@ -761,34 +764,43 @@ fn write_head(client: &RequestHeader, fwd: &Forwarded) -> Result<BytesMut> {
     head.put_u8(b' ');
     head.put_slice(path);
     head.put_slice(b" HTTP/1.1\r\n");
-    let mut field = |name: &[u8], value: &[u8]| {
-        head.put_slice(name);
-        head.put_slice(b": ");
-        head.put_slice(value);
-        head.put_slice(b"\r\n");
-    };
     // Both maps list the fields in the same order (Pingora relies on it to write them).
     for ((name, _), (case, value)) in client.headers.iter().zip(client.case_header_iter()) {
         let hop = HOP_BY_HOP.contains(name) || (close && name == "close");
         if !hop && !replaced(name) {
-            field(case.as_slice(), value.as_bytes());
+            put_field(&mut head, case.as_slice(), &[value.as_bytes()]);
         }
     }
     if let Some(chain) = &fwd.for_ {
-        field(b"x-forwarded-for", chain.as_bytes());
+        // The client's value and the address, as `ForwardedFor::value` joins them.
+        let name = b"x-forwarded-for";
+        match chain.parts() {
+            (Some(prev), ip) => put_field(&mut head, name, &[prev, b", ", ip]),
+            (None, ip) => put_field(&mut head, name, &[ip]),
+        }
     }
     if let Some(id) = &fwd.request_id {
-        field(b"x-request-id", id.as_bytes());
+        put_field(&mut head, b"x-request-id", &[id.as_bytes()]);
     }
-    field(b"x-forwarded-proto", fwd.proto.as_bytes());
+    put_field(&mut head, b"x-forwarded-proto", &[fwd.proto.as_bytes()]);
     if let Some(host) = &fwd.host {
         if !client.headers.contains_key(header::HOST) {
-            field(b"Host", host.as_bytes());
+            put_field(&mut head, b"Host", &[host.as_bytes()]);
         }
-        field(b"x-forwarded-host", host.as_bytes());
+        put_field(&mut head, b"x-forwarded-host", &[host.as_bytes()]);
     }
     head.put_slice(b"\r\n");
     Ok(head)
+}
+
+/// Appends the field `name: value` (the value given in pieces) to a head.
+fn put_field(head: &mut BytesMut, name: &[u8], value: &[&[u8]]) {
+    head.put_slice(name);
+    head.put_slice(b": ");
+    for piece in value {
+        head.put_slice(piece);
+    }
+    head.put_slice(b"\r\n");
 }
 
 /// Whether `value` lists `token` (ignoring case).

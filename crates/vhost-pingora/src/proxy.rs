@@ -106,7 +106,7 @@ pub(crate) struct Forwarded {
     /// Leave out the client's `X-Forwarded-For` fields (from a peer not trusted to send one).
     pub(crate) drop_client_chain: bool,
     /// `x-forwarded-for`, replacing the client's fields (`None`: no client address known).
-    pub(crate) for_: Option<HeaderValue>,
+    pub(crate) for_: Option<ForwardedFor>,
     /// `x-request-id`, replacing the client's fields (`None`: ids are off, or the client's own
     /// is kept).
     pub(crate) request_id: Option<HeaderValue>,
@@ -115,6 +115,42 @@ pub(crate) struct Forwarded {
     /// `x-forwarded-host`, replacing the client's fields; also the `Host` when the request has
     /// none (an HTTP/2 request's authority).
     pub(crate) host: Option<HeaderValue>,
+}
+
+/// An `X-Forwarded-For` value: the chain the client sent (if believed) and the address it came
+/// from, kept apart so that a head writer can copy them without building a field value.
+#[derive(Debug)]
+pub(crate) struct ForwardedFor {
+    /// The client's first `X-Forwarded-For` field, as `upstream_request_filter` always extended.
+    prev: Option<HeaderValue>,
+    /// The client address in text form (`ip[..len]`).
+    ip: [u8; 48],
+    len: usize,
+}
+
+impl ForwardedFor {
+    /// The value's two parts: the chain so far (if any) and the address appended to it.
+    pub(crate) fn parts(&self) -> (Option<&[u8]>, &[u8]) {
+        (
+            self.prev.as_ref().map(HeaderValue::as_bytes),
+            &self.ip[..self.len],
+        )
+    }
+
+    /// The value as one field value: `prev, ip` or `ip`.
+    pub(crate) fn value(&self) -> Result<HeaderValue> {
+        let value = match self.parts() {
+            (Some(prev), ip) => {
+                let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+                v.extend_from_slice(prev);
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(ip);
+                HeaderValue::from_bytes(&v)
+            }
+            (None, ip) => HeaderValue::from_bytes(ip),
+        };
+        value.map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "x-forwarded-for", e))
+    }
 }
 
 /// Cookie and header names of canaries (see docs/canary.md).
@@ -1276,12 +1312,12 @@ impl VhostProxy {
         upstream: &mut pingora_http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let fwd = self.forwarded(session, ctx)?;
+        let fwd = self.forwarded(session, ctx);
         if fwd.drop_client_chain {
             upstream.remove_header(&X_FORWARDED_FOR);
         }
-        if let Some(chain) = fwd.for_ {
-            upstream.insert_header("x-forwarded-for", chain)?;
+        if let Some(chain) = &fwd.for_ {
+            upstream.insert_header("x-forwarded-for", chain.value()?)?;
         }
         if let Some(id) = fwd.request_id {
             upstream.insert_header("x-request-id", id)?;
@@ -1303,7 +1339,7 @@ impl VhostProxy {
     /// What a request's head gets on its way to the backend besides its own fields (before
     /// a domain's header rules, which `upstream_request_filter` applies in between): the one
     /// decision both the head-editing filter and the fast path's head writer follow.
-    pub(crate) fn forwarded(&self, session: &Session, ctx: &RequestCtx) -> Result<Forwarded> {
+    pub(crate) fn forwarded(&self, session: &Session, ctx: &RequestCtx) -> Forwarded {
         let req = session.req_header();
         let mut fwd = Forwarded {
             drop_client_chain: false,
@@ -1322,26 +1358,22 @@ impl VhostProxy {
             // With trusted proxies configured, a chain from anyone else is not passed on.
             fwd.drop_client_chain = !self.options.trusted_proxies.is_empty()
                 && !any_contains(&self.options.trusted_proxies, ip);
+            let mut chain = ForwardedFor {
+                prev: req
+                    .headers
+                    .get(X_FORWARDED_FOR)
+                    .filter(|_| !fwd.drop_client_chain)
+                    .cloned(),
+                ip: [0u8; 48],
+                len: 0,
+            };
             let mut buf = [0u8; 48];
-            let ip = format_ip(ip, &mut buf);
-            let prev = req
-                .headers
-                .get(X_FORWARDED_FOR)
-                .filter(|_| !fwd.drop_client_chain);
-            let chain = match prev {
-                Some(prev) => {
-                    let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
-                    v.extend_from_slice(prev.as_bytes());
-                    v.extend_from_slice(b", ");
-                    v.extend_from_slice(ip);
-                    HeaderValue::from_bytes(&v)
-                }
-                None => HeaderValue::from_bytes(ip),
-            }
-            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "x-forwarded-for", e))?;
+            let text = format_ip(ip, &mut buf);
+            chain.len = text.len();
+            chain.ip[..text.len()].copy_from_slice(text);
             fwd.for_ = Some(chain);
         }
-        Ok(fwd)
+        fwd
     }
 
     pub(crate) async fn response_filter(
