@@ -1055,6 +1055,9 @@ impl ProxyHttp for VhostProxy {
 /// future holds them inline: no allocation and copy per filter and request. (Inherent methods
 /// take precedence over the trait's methods of the same name.)
 impl VhostProxy {
+    /// Routes the request (host → route → side → backend) or answers it locally (unknown
+    /// host, ACME challenge, access list, rate limit, redirect, misdirected, no backend);
+    /// `Ok(true)`: answered.
     pub(crate) async fn request_filter(
         &self,
         session: &mut Session,
@@ -1265,6 +1268,8 @@ impl VhostProxy {
         }
     }
 
+    /// The backend chosen in `request_filter` (another one of the tag after a failed connect)
+    /// as a Pingora peer.
     pub(crate) async fn upstream_peer(
         &self,
         session: &mut Session,
@@ -1306,6 +1311,8 @@ impl VhostProxy {
         self.peer_for(session, backend)
     }
 
+    /// Applies [`Self::forwarded`] and the domain's request header rules to the head sent to
+    /// the backend.
     pub(crate) async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -1376,6 +1383,7 @@ impl VhostProxy {
         fwd
     }
 
+    /// The answer's `X-Request-Id`, response header rules, canary cookie and served tag.
     pub(crate) async fn response_filter(
         &self,
         session: &mut Session,
@@ -1420,6 +1428,7 @@ impl VhostProxy {
         Ok(())
     }
 
+    /// Answers a request that failed before or while it was proxied (status from the error).
     pub(crate) async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -1445,6 +1454,8 @@ impl VhostProxy {
         }
     }
 
+    /// A connection to the backend is ready (new or reused): the backend counts as reachable.
+    /// The digest is not read (the fast path passes none).
     pub(crate) async fn connected_to_upstream(
         &self,
         _session: &mut Session,
@@ -1460,6 +1471,7 @@ impl VhostProxy {
         Ok(())
     }
 
+    /// Metrics, health accounting and the access log of a finished request.
     pub(crate) async fn logging(
         &self,
         session: &mut Session,
