@@ -571,40 +571,6 @@ fn echo_head_backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
     })
 }
 
-/// A loopback backend whose every connection `serve` handles; its address.
-fn raw_backend<F, Fut>(rt: &tokio::runtime::Runtime, serve: F) -> std::net::SocketAddr
-where
-    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(serve(s));
-        }
-    });
-    addr
-}
-
-/// Reads from `s` into `data` until it holds a whole request head; the head's length (blank
-/// line included), or `None` when the peer closes first.
-async fn read_head(s: &mut tokio::net::TcpStream, data: &mut Vec<u8>) -> Option<usize> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 2048];
-    loop {
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Some(end + 4);
-        }
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => data.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 /// What the backend receives is the same whichever path a request takes (the HTTP/1.1 fast path
 /// or Pingora's general one, `h1_fast_path = false`): hop-by-hop fields and the fields the
 /// `Connection` header names are removed, the forwarding headers added, HTTP/1.1 spoken — for
@@ -818,21 +784,19 @@ fn conn_number(s: &mut std::net::TcpStream) -> String {
 #[test]
 fn backend_connections_stay_with_the_client_connection_between_requests() {
     let rt = runtime();
-    let config = |backend: std::net::SocketAddr| {
-        format!(
+    // A proxy with `extra` in `[proxy]` in front of a fresh numbering backend.
+    let start = |extra: &str, close_after: bool| {
+        let backend = numbering_backend(&rt, close_after);
+        let body = format!(
             "[health_check]\ninterval_secs = 3600\n\n{}{}",
             vhost_toml("hold.test", "a", ""),
             backends_toml(&[("n1", backend.to_string(), "\"a\"")]),
-        )
+        );
+        ProxyProcess::start(tempfile::tempdir().unwrap(), extra, &body, false)
     };
 
     // Held: A and B, one after the other, each on its own backend connection throughout.
-    let proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
-        "upstream_hold_ms = 60000",
-        &config(numbering_backend(&rt, false)),
-        false,
-    );
+    let proxy = start("upstream_hold_ms = 60000", false);
     let (mut a, mut b) = (raw_connect(proxy.http), raw_connect(proxy.http));
     let first = [conn_number(&mut a), conn_number(&mut b)];
     assert_ne!(first[0], first[1], "B got the connection A keeps");
@@ -844,12 +808,7 @@ fn backend_connections_stay_with_the_client_connection_between_requests() {
     // Not held: B takes the connection A just gave back to the pool. (One thread: a
     // connection goes back after its answer is written, before the thread reads another
     // request.)
-    let proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
-        "upstream_hold_ms = 0\nthreads = 1",
-        &config(numbering_backend(&rt, false)),
-        false,
-    );
+    let proxy = start("upstream_hold_ms = 0\nthreads = 1", false);
     let (mut a, mut b) = (raw_connect(proxy.http), raw_connect(proxy.http));
     let n = conn_number(&mut a);
     assert_eq!(conn_number(&mut b), n, "pooled connection not reused");
@@ -858,12 +817,7 @@ fn backend_connections_stay_with_the_client_connection_between_requests() {
 
     // A short hold: once A has been idle long enough, a new client (each kept open, so it
     // keeps what it got) gets A's connection from the pool.
-    let proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
-        "upstream_hold_ms = 50",
-        &config(numbering_backend(&rt, false)),
-        false,
-    );
+    let proxy = start("upstream_hold_ms = 50", false);
     let mut a = raw_connect(proxy.http);
     let n = conn_number(&mut a);
     let deadline = std::time::Instant::now() + DEADLINE;
@@ -885,12 +839,7 @@ fn backend_connections_stay_with_the_client_connection_between_requests() {
 
     // The backend closes every connection after one answer: each kept connection is found
     // closed (or fails and is retried), never an error for the client.
-    let proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
-        "upstream_hold_ms = 60000",
-        &config(numbering_backend(&rt, true)),
-        false,
-    );
+    let proxy = start("upstream_hold_ms = 60000", true);
     let mut a = raw_connect(proxy.http);
     let mut numbers: Vec<u32> = (0..5)
         .map(|_| conn_number(&mut a).parse().unwrap())

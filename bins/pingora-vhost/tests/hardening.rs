@@ -263,27 +263,13 @@ fn a_backend_that_stalls_mid_body_is_cut_off_after_the_read_timeout() {
     use std::io::Read;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = runtime();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut data = Vec::new();
-                while !data.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => data.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-                    .await;
-                // Never the rest; hold the connection until the proxy gives up on it.
-                let _ = s.read(&mut buf).await;
-            });
+    let addr = raw_backend(&rt, |mut s| async move {
+        if read_head(&mut s, &mut Vec::new()).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+                .await;
+            // Never the rest; hold the connection until the proxy gives up on it.
+            let _ = s.read(&mut [0u8; 64]).await;
         }
     });
     let body = format!(

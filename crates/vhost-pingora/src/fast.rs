@@ -252,15 +252,7 @@ impl FastPath {
                 }
             },
         };
-        // (No digest: `VhostProxy::connected_to_upstream` does not read it, and the head may
-        // be written before a client session exists.)
-        if let Err(e) = self
-            .proxy
-            .connected_to_upstream(session, reused, &peer, stream.id(), None, ctx)
-            .await
-        {
-            return (false, Some(e));
-        }
+        self.proxy.backend_connected(ctx);
         let sent = self
             .send_head(session, stream, &peer, ctx, upstream.timer.as_mut())
             .await;
@@ -335,24 +327,14 @@ impl FastPath {
                 Ok(head) => head,
                 Err(e) => return Err((Some(stream), e)),
             };
+            let write_error =
+                |e| Error::because(ErrorType::WriteError, "while writing request headers", e);
             let write = async {
-                stream.write_all(&head).await?;
-                stream.flush().await
+                stream.write_all(&head).await.map_err(write_error)?;
+                stream.flush().await.map_err(write_error)
             };
-            let write = async {
-                write.await.map_err(|e| {
-                    Error::because(ErrorType::WriteError, "while writing request headers", e)
-                })
-            };
-            let written = timed(
-                timer,
-                write_timeout,
-                write,
-                ErrorType::WriteTimedout,
-                "while writing the request to the backend (timeout)",
-            );
-            if let Err(e) = written.await {
-                return Err((None, e.into_up()));
+            if let Err(e) = timed_write(timer, write_timeout, write).await {
+                return Err((None, e));
             }
             return Ok(ClientV1::new_with_options(stream, peer));
         }
@@ -372,15 +354,8 @@ impl FastPath {
             client.write_request_header(Box::new(req)).await?;
             client.finish_body().await
         };
-        let written = timed(
-            timer,
-            write_timeout,
-            write,
-            ErrorType::WriteTimedout,
-            "while writing the request to the backend (timeout)",
-        );
-        if let Err(e) = written.await {
-            return Err((None, e.into_up()));
+        if let Err(e) = timed_write(timer, write_timeout, write).await {
+            return Err((None, e));
         }
         Ok(client)
     }
@@ -636,6 +611,24 @@ async fn timed<T>(
         out = fut => out,
         () = timer => Err(Error::explain(kind, what)),
     }
+}
+
+/// Writing the request to the backend, within the peer's write timeout (see [`timed`]); errors
+/// are the backend's.
+async fn timed_write<T>(
+    timer: Pin<&mut Sleep>,
+    limit: Option<Duration>,
+    write: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    timed(
+        timer,
+        limit,
+        write,
+        ErrorType::WriteTimedout,
+        "while writing the request to the backend (timeout)",
+    )
+    .await
+    .map_err(|e| e.into_up())
 }
 
 /// Writes a chunk of the response body to the client.

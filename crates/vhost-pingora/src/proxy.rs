@@ -1042,7 +1042,8 @@ impl ProxyHttp for VhostProxy {
         _digest: Option<&Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        VhostProxy::connected_to_upstream(self, _session, _reused, _peer, _fd, _digest, ctx).await
+        self.backend_connected(ctx);
+        Ok(())
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -1454,21 +1455,12 @@ impl VhostProxy {
         }
     }
 
-    /// A connection to the backend is ready (new or reused): the backend counts as reachable.
-    /// The digest is not read (the fast path passes none).
-    pub(crate) async fn connected_to_upstream(
-        &self,
-        _session: &mut Session,
-        _reused: bool,
-        _peer: &HttpPeer,
-        _fd: std::os::unix::io::RawFd,
-        _digest: Option<&Digest>,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
+    /// A connection to the backend is ready (new or reused): the backend counts as reachable
+    /// (`connected_to_upstream`).
+    pub(crate) fn backend_connected(&self, ctx: &RequestCtx) {
         if let Some(backend) = ctx.backend() {
             backend.health().record_connect_success();
         }
-        Ok(())
     }
 
     /// Metrics, health accounting and the access log of a finished request.

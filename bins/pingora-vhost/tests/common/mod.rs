@@ -531,6 +531,40 @@ pub fn raw_connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// A loopback backend whose every connection `serve` handles; its address.
+pub fn raw_backend<F, Fut>(rt: &tokio::runtime::Runtime, serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
+/// Reads from `s` into `data` until it holds a whole request head; the head's length (blank
+/// line included), or `None` when the peer closes first.
+pub async fn read_head(s: &mut tokio::net::TcpStream, data: &mut Vec<u8>) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(end + 4);
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// Reads one HTTP/1.1 response with a `Content-Length` body: (status, head, body).
 pub fn read_response(s: &mut impl std::io::Read) -> (u16, String, String) {
     let mut data = Vec::new();
