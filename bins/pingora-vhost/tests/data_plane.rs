@@ -816,8 +816,11 @@ fn backend_connections_stay_with_the_client_connection_between_requests() {
     drop(proxy);
 
     // A short hold: once A has been idle long enough, a new client (each kept open, so it
-    // keeps what it got) gets A's connection from the pool.
-    let proxy = start("upstream_hold_ms = 50", false);
+    // keeps what it got) gets A's connection from the pool. (One thread: with two, Pingora's
+    // pool can drop a connection it hands out — its idle watcher's lock guard wakes the taker
+    // before letting go of its `Arc`, and the taker's `Arc::try_unwrap` fails — and A's
+    // connection would never come back.)
+    let proxy = start("upstream_hold_ms = 50\nthreads = 1", false);
     let mut a = raw_connect(proxy.http);
     let n = conn_number(&mut a);
     let deadline = std::time::Instant::now() + DEADLINE;
@@ -830,8 +833,9 @@ fn backend_connections_stay_with_the_client_connection_between_requests() {
         probes.push(probe);
         assert!(
             std::time::Instant::now() < deadline,
-            "A's connection never went back to the pool ({} probes)",
-            probes.len()
+            "A's connection ({n}) never went back to the pool ({} probes); proxy log:\n{}",
+            probes.len(),
+            proxy.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
