@@ -94,7 +94,6 @@ fn serve(path: &std::path::Path, upgrade: bool) -> Result<(), Failure> {
 
 #[allow(clippy::print_stderr)]
 fn main() -> ExitCode {
-    vhost_server::memory::release_freed_pages_promptly();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Demo { dir, http_port }) => demo(dir, http_port),

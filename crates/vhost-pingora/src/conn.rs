@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use metrics::{counter, gauge, Counter, Gauge};
@@ -148,6 +149,20 @@ pub struct Connections {
     rejected: Counter,
     closed: [Counter; 5],
     rejected_log: LogLimiter,
+    /// The runtimes of the threads that accepted connections: Pingora's proxy threads (each
+    /// runs a runtime of its own), learned from the first connection each one admits. For
+    /// upkeep that must happen on those threads ([`Connections::run_on_workers`]).
+    workers: ArcSwap<Vec<(std::thread::ThreadId, tokio::runtime::Handle)>>,
+    /// Tells this set from others in the same process (for [`WORKER_OF`]).
+    id: usize,
+}
+
+/// The next [`Connections::id`].
+static NEXT_CONNECTIONS_ID: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// The [`Connections`] (id) this thread is registered with as a worker; 0: none.
+    static WORKER_OF: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 impl std::fmt::Debug for Connections {
@@ -171,7 +186,44 @@ impl Connections {
             closed: CloseReason::ALL
                 .map(|r| counter!("proxy_connections_closed_total", "reason" => r.as_str())),
             rejected_log: LogLimiter::new(Duration::from_secs(60)),
+            workers: ArcSwap::default(),
+            id: NEXT_CONNECTIONS_ID.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// Runs `task` once on each thread that has accepted connections so far (on its own
+    /// runtime: Pingora's proxy threads do not share one), without waiting for it. For upkeep
+    /// that only the thread itself can do, such as asking its allocator to give back what it
+    /// keeps. A runtime that has shut down just drops it.
+    pub fn run_on_workers(&self, task: fn()) {
+        for (_, handle) in self.workers.load().iter() {
+            drop(handle.spawn(async move { task() }));
+        }
+    }
+
+    /// How many threads have accepted connections so far.
+    pub fn workers(&self) -> usize {
+        self.workers.load().len()
+    }
+
+    /// Learns the calling thread's runtime, once per thread (a thread-local check otherwise).
+    fn register_worker(&self) {
+        if WORKER_OF.with(std::cell::Cell::get) == self.id {
+            return;
+        }
+        WORKER_OF.with(|w| w.set(self.id));
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let thread = std::thread::current().id();
+        // Single writer per thread, rare (once per thread): a copy-on-write update.
+        self.workers.rcu(|workers| {
+            let mut workers = Vec::clone(workers);
+            if !workers.iter().any(|(t, _)| *t == thread) {
+                workers.push((thread, handle.clone()));
+            }
+            workers
+        });
     }
 
     /// The limits.
@@ -191,6 +243,7 @@ impl Connections {
     }
 
     fn admit(self: &Arc<Self>) -> Option<Slot> {
+        self.register_worker();
         let previous = self.open.fetch_add(1, Ordering::AcqRel);
         self.peak.fetch_max(previous + 1, Ordering::Relaxed);
         if previous >= self.limits.max_connections {
@@ -434,8 +487,10 @@ impl VhostApp {
                         keepalive_off,
                         first_bytes,
                     );
+                    // Boxed: inline, the request's future (≈ 14 KB, sized by its largest
+                    // state) would stay in every connection's task while it sits idle.
                     match until_head(
-                        self.fast.serve(session, keepalive_off, &mut upstream),
+                        Box::pin(self.fast.serve(session, keepalive_off, &mut upstream)),
                         shared,
                         Some(deadline),
                     )
@@ -1418,5 +1473,68 @@ mod tests {
         let mut req = b"POST / HTTP/1.1\r\nContent-Length: 2000\r\n\r\n".to_vec();
         req.extend_from_slice(&long);
         assert_eq!(head_end(1024, &[&req]), Ok(Some(41)));
+    }
+
+    thread_local! {
+        static IS_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    /// Runs of [`count_on_worker`] on a thread marked as a worker.
+    static RAN_ON_WORKERS: AtomicUsize = AtomicUsize::new(0);
+
+    fn count_on_worker() {
+        if IS_WORKER.with(std::cell::Cell::get) {
+            RAN_ON_WORKERS.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn upkeep_runs_once_on_each_thread_that_accepted_connections() {
+        let conns = Connections::new(ConnLimits::default());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Two threads with a runtime each (as Pingora's proxy threads), each admitting three
+        // connections, then idling until told to stop.
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let conns = Arc::clone(&conns);
+                let mut stop_rx = stop_rx.clone();
+                std::thread::spawn(move || {
+                    IS_WORKER.with(|w| w.set(true));
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async move {
+                        let slots: Vec<_> = (0..3).map(|_| conns.admit().unwrap()).collect();
+                        drop(slots);
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    });
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while conns.workers() < 2 {
+            assert!(Instant::now() < deadline, "workers never registered");
+            std::thread::yield_now();
+        }
+        // A connection admitted outside any runtime registers nothing.
+        drop(conns.admit().unwrap());
+        assert_eq!(conns.workers(), 2);
+        conns.run_on_workers(count_on_worker);
+        while RAN_ON_WORKERS.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "upkeep did not run on both threads"
+            );
+            std::thread::yield_now();
+        }
+        stop_tx.send_replace(true);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            RAN_ON_WORKERS.load(Ordering::SeqCst),
+            2,
+            "ran more than once"
+        );
     }
 }

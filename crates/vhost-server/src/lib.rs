@@ -17,7 +17,7 @@ pub mod acme;
 pub mod checks;
 pub mod demo;
 mod error;
-pub mod memory;
+mod memory;
 pub mod metrics;
 mod notify;
 mod publish;

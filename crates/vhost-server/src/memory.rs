@@ -1,14 +1,22 @@
 //! Giving memory back to the system after a wave of client connections has come and gone.
 //!
-//! Rust allocations go to mimalloc. By default it returns a freed page to the system only after
-//! a delay *and* on a later allocation by the same thread — so a proxy that goes quiet after a
-//! burst keeps the burst's memory. [`release_freed_pages_promptly`] makes it return pages as
-//! soon as they are entirely free; under a steady load pages are reused and this costs nothing
-//! (measured: docs/performance.md).
+//! Where it sits: a background task on the `vhost-admin` runtime looks at the proxy's
+//! connection counts every few seconds ([`trim_after_waves`]); what it asks of the allocators
+//! happens on the proxy threads themselves.
+//!
+//! Rust allocations go to mimalloc, with its default purge delays: a page that became free is
+//! given back to the system only after a while, so that under load a freed page is reused
+//! instead of given back and faulted in again on the next request (measured: a purge delay of
+//! 0 cost ≈ 0.9 page faults per request, docs/performance.md). But a purge happens only when
+//! some thread allocates later, and the free pages of a thread are that thread's to give back:
+//! after a wave the proxy threads sit idle and would keep the wave's memory. So when the
+//! connections seen open have dropped by a quarter (or to none) since the last look, the task
+//! asks every proxy thread to collect its free pages and purge them at once
+//! ([`vhost_pingora::Connections::run_on_workers`]).
 //!
 //! OpenSSL allocates with the C library's `malloc`; glibc keeps what thousands of closed TLS
-//! connections freed in its arenas unless asked to trim them. [`trim_after_waves`] asks — only
-//! after at least [`WAVE`] connections closed since the last look, so a steady load never pays.
+//! connections freed in its arenas unless asked to trim them. The task asks — only after at
+//! least [`WAVE`] connections closed since the last look, so a steady load never pays.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use vhost_pingora::Connections;
 
-/// Connections that must have closed since the previous look before memory is trimmed.
+/// Connections that must have closed since the previous look before glibc's arenas are trimmed.
 const WAVE: usize = 1024;
 
 /// How often the open-connection count is looked at.
@@ -32,6 +40,15 @@ pub(crate) async fn trim_after_waves(conns: Arc<Connections>, mut stop: watch::R
         }
         let peak = conns.take_peak();
         let open = conns.open();
+        if quieter(peak, open) {
+            conns.run_on_workers(collect_this_thread);
+            tracing::debug!(
+                peak,
+                open,
+                workers = conns.workers(),
+                "fewer connections: proxy threads give their free pages back"
+            );
+        }
         if peak.saturating_sub(open) >= WAVE {
             trim();
             tracing::debug!(
@@ -43,20 +60,21 @@ pub(crate) async fn trim_after_waves(conns: Arc<Connections>, mut stop: watch::R
     }
 }
 
-/// mimalloc option ids (v3, `mi_option_e` in mimalloc.h; checked by a test).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-const MI_OPTION_ARENA_PURGE_MULT: libmimalloc_sys::mi_option_t = 24;
+/// Whether the proxy got quieter since the last look: the most connections open at once since
+/// then was `peak`, now `open` are — at least a quarter of them (and at least one) gone.
+fn quieter(peak: usize, open: usize) -> bool {
+    let gone = peak.saturating_sub(open);
+    gone > 0 && gone >= peak / 4
+}
 
-/// Makes mimalloc return pages to the system as soon as they are free (no purge delay), instead
-/// of waiting for a later allocation on the thread that freed them. Call once, early, in a
-/// binary whose global allocator is mimalloc (it configures mimalloc's options either way).
+/// Asks mimalloc to give the calling thread's free pages back and to purge every arena's free
+/// memory now, without waiting for the purge delay.
 #[allow(unsafe_code)]
-pub fn release_freed_pages_promptly() {
-    // SAFETY: mi_option_set stores an integer in mimalloc's option table; it takes no pointers
-    // and may be called at any time.
+fn collect_this_thread() {
+    // SAFETY: mi_collect takes no pointers; it works on the calling thread's own heap and on
+    // the arenas, which mimalloc synchronises itself.
     unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_PURGE_MULT, 0);
+        libmimalloc_sys::mi_collect(true);
     }
 }
 
@@ -80,16 +98,13 @@ mod tests {
     use super::*;
 
     #[test]
-    #[allow(unsafe_code)]
-    fn the_option_ids_name_the_purge_options() {
-        // SAFETY: reads an integer from mimalloc's option table.
-        let (delay, mult) = unsafe {
-            (
-                libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY),
-                libmimalloc_sys::mi_option_get(MI_OPTION_ARENA_PURGE_MULT),
-            )
-        };
-        // mimalloc v3's defaults for purge_delay and arena_purge_mult.
-        assert_eq!((delay, mult), (1000, 1));
+    fn a_quarter_of_the_connections_gone_is_quieter() {
+        assert!(!quieter(0, 0), "nothing happened");
+        assert!(!quieter(100, 100), "steady");
+        assert!(!quieter(100, 76), "under a quarter gone");
+        assert!(quieter(100, 75));
+        assert!(quieter(3, 0));
+        assert!(quieter(1, 0), "the last one gone");
+        assert!(!quieter(5000, 4000), "churn under load");
     }
 }
