@@ -699,15 +699,12 @@ fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
 /// chunks, so the client connection carries the next request (on both paths).
 #[test]
 fn a_close_delimited_answer_keeps_the_client_connection() {
-    use tokio::io::AsyncWriteExt;
     let rt = runtime();
-    let backend = raw_backend(&rt, |mut s| async move {
-        if read_head(&mut s, &mut Vec::new()).await.is_some() {
-            let _ = s
-                .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
-                .await;
-        }
-    });
+    let backend = canned_backend(
+        &rt,
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+        false,
+    );
     let body = format!(
         "[health_check]\ninterval_secs = 3600\n\n{}{}",
         vhost_toml("close.test", "a", ""),

@@ -11,9 +11,13 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn one_domain(backend: &TestBackend, extra: &str) -> String {
+    one_domain_at(backend.addr, extra)
+}
+
+/// `one.test` with `extra` in its section, served by the one backend `b1` at `addr`.
+fn one_domain_at(addr: impl std::fmt::Display, extra: &str) -> String {
     format!(
-        "[[virtual_hosts]]\ndomain = \"one.test\"\nenabled_backends_tag = \"a\"\n{extra}\n\n[[backends]]\nid = \"b1\"\naddress = \"{}\"\ntags = [\"a\"]\n",
-        backend.addr
+        "[[virtual_hosts]]\ndomain = \"one.test\"\nenabled_backends_tag = \"a\"\n{extra}\n\n[[backends]]\nid = \"b1\"\naddress = \"{addr}\"\ntags = [\"a\"]\n"
     )
 }
 
@@ -261,19 +265,16 @@ fn a_backend_that_does_not_answer_in_time_gets_504() {
 #[test]
 fn a_backend_that_stalls_mid_body_is_cut_off_after_the_read_timeout() {
     use std::io::Read;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = runtime();
-    let addr = raw_backend(&rt, |mut s| async move {
-        if read_head(&mut s, &mut Vec::new()).await.is_some() {
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-                .await;
-            // Never the rest; hold the connection until the proxy gives up on it.
-            let _ = s.read(&mut [0u8; 64]).await;
-        }
-    });
+    // Never the rest of the body; the connection held until the proxy gives up on it.
+    let addr = canned_backend(
+        &rt,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+        true,
+    );
     let body = format!(
-        "[[virtual_hosts]]\ndomain = \"one.test\"\nenabled_backends_tag = \"a\"\n\n[[backends]]\nid = \"b1\"\naddress = \"{addr}\"\ntags = [\"a\"]\n[health_check]\ninterval_secs = 3600\n"
+        "{}[health_check]\ninterval_secs = 3600\n",
+        one_domain_at(addr, "")
     );
     for fast in ["true", "false"] {
         let proxy = ProxyProcess::start(

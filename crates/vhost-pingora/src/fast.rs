@@ -49,7 +49,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Sleep;
 
-use crate::proxy::{Forwarded, RequestCtx, VhostProxy};
+use crate::proxy::{
+    Forwarded, RequestCtx, VhostProxy, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
+    X_REQUEST_ID,
+};
 
 /// Hop-by-hop fields Pingora's default upstream policy removes from every request.
 const HOP_BY_HOP: [HeaderName; 10] = [
@@ -694,12 +697,7 @@ fn upstream_head(client: &RequestHeader) -> RequestHeader {
     }
     // `Connection: close` names a field `close` (the only other option taken is `keep-alive`,
     // removed above).
-    if client
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v.as_bytes(), b"close"))
-    {
+    if names_close(client) {
         req.remove_header("close");
     }
     req
@@ -719,11 +717,6 @@ fn check_authority(req: &RequestHeader) -> Result<()> {
     validate_request_authority(req).map_err(|e| e.into_in())
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
 /// The request head for the backend, written from the client's head as Pingora parsed it and
 /// the forwarded fields — the same head `upstream_head` and `upstream_request_filter` make and
 /// Pingora's client session writes, without building it as a header map first: the request
@@ -741,11 +734,7 @@ fn write_head(client: &RequestHeader, fwd: &Forwarded) -> Result<BytesMut> {
             "request-line contains forbidden delimiter bytes",
         ));
     }
-    let close = client
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v.as_bytes(), b"close"));
+    let close = names_close(client);
     let replaced = |name: &HeaderName| {
         (name == X_FORWARDED_FOR && (fwd.for_.is_some() || fwd.drop_client_chain))
             || (name == X_REQUEST_ID && fwd.request_id.is_some())
@@ -794,6 +783,15 @@ fn put_field(head: &mut BytesMut, name: &[u8], value: &[&[u8]]) {
         head.put_slice(piece);
     }
     head.put_slice(b"\r\n");
+}
+
+/// Whether the request's `Connection` fields list `close` (which, as a connection option,
+/// also names a field `close` that is not passed on).
+fn names_close(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), b"close"))
 }
 
 /// Whether `value` lists `token` (ignoring case).

@@ -38,8 +38,10 @@ use crate::policy::{
 };
 
 // Header names looked up on every request, parsed once (a `&str` key is parsed per lookup).
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
@@ -1375,10 +1377,7 @@ impl VhostProxy {
                 ip: [0u8; 48],
                 len: 0,
             };
-            let mut buf = [0u8; 48];
-            let text = format_ip(ip, &mut buf);
-            chain.len = text.len();
-            chain.ip[..text.len()].copy_from_slice(text);
+            chain.len = format_ip(ip, &mut chain.ip).len();
             fwd.for_ = Some(chain);
         }
         fwd

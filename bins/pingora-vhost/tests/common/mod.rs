@@ -549,6 +549,25 @@ where
     addr
 }
 
+/// A loopback backend that answers the first request of each connection with the raw bytes
+/// `answer`; with `hold`, it then keeps the connection open until the proxy closes it (an
+/// answer it never finishes), otherwise it closes it (an answer whose end is the close).
+pub fn canned_backend(
+    rt: &tokio::runtime::Runtime,
+    answer: &'static [u8],
+    hold: bool,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raw_backend(rt, move |mut s| async move {
+        if read_head(&mut s, &mut Vec::new()).await.is_some() {
+            let _ = s.write_all(answer).await;
+            if hold {
+                let _ = s.read(&mut [0u8; 64]).await;
+            }
+        }
+    })
+}
+
 /// Reads from `s` into `data` until it holds a whole request head; the head's length (blank
 /// line included), or `None` when the peer closes first.
 pub async fn read_head(s: &mut tokio::net::TcpStream, data: &mut Vec<u8>) -> Option<usize> {
