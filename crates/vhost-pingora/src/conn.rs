@@ -36,7 +36,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use metrics::{counter, gauge, Counter, Gauge};
-use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
@@ -479,8 +479,10 @@ impl VhostApp {
                 .filter(|b| self.fast.open() && has_whole_head(b))
                 .cloned();
             let reused = 'request: {
-                if let Some(replay) = fast {
-                    let mut session = pingora_proxy::Session::new_h1(stream);
+                if let Some(mut replay) = fast {
+                    // The session parses the head from its prefix over a stand-in stream; the
+                    // fast path writes the answer to the connection's stream itself.
+                    let mut session = pingora_proxy::Session::new_h1(HeadStream::stand_in(&stream));
                     prepare_session(
                         &mut session.downstream_session,
                         settings.take(),
@@ -489,17 +491,28 @@ impl VhostApp {
                     );
                     // Boxed: inline, the request's future (6.4 KB, sized by its largest
                     // state) took ≈ 14 KB of every connection's task even while it sat idle.
-                    match until_head(
-                        Box::pin(self.fast.serve(session, keepalive_off, &mut upstream)),
-                        shared,
-                        Some(deadline),
-                    )
-                    .await
-                    {
-                        Outcome::Done(Served::Done(Some(reused))) => break 'request reused,
-                        Outcome::Done(Served::Done(None)) => return,
-                        Outcome::Done(Served::Declined(declined, kept)) => {
-                            stream = declined;
+                    let serve = self
+                        .fast
+                        .serve(session, &mut stream, keepalive_off, &mut upstream);
+                    match until_head(Box::pin(serve), shared, Some(deadline)).await {
+                        Outcome::Done(Served::Keep {
+                            mut settings,
+                            head_len,
+                            extra,
+                        }) => {
+                            // What followed the head (and a byte read while watching the
+                            // client) starts the next request.
+                            let mut next = replay.split_off(head_len.min(replay.len()));
+                            if let Some(byte) = extra {
+                                next.extend_from_slice(&[byte]);
+                            }
+                            if !next.is_empty() {
+                                settings.set_pipelined_prefix(next);
+                            }
+                            break 'request ReusedHttpStream::new(stream, Some(settings));
+                        }
+                        Outcome::Done(Served::Close) => return,
+                        Outcome::Done(Served::Declined(kept)) => {
                             settings = Some(kept);
                             first_bytes = Some(replay);
                         }
@@ -725,9 +738,13 @@ impl ConnShared {
 
 /// The connection state behind a session's stream, if [`VhostApp`] serves it.
 fn shared_of(stream: Option<&Stream>) -> Option<&ConnShared> {
-    stream
-        .and_then(|s| (**s).as_any().downcast_ref::<ConnStream>())
-        .and_then(|c| c.shared.as_deref())
+    let any = (**stream?).as_any();
+    match any.downcast_ref::<ConnStream>() {
+        Some(c) => c.shared.as_deref(),
+        None => any
+            .downcast_ref::<HeadStream>()
+            .and_then(|h| h.shared.as_deref()),
+    }
 }
 
 /// The client a PROXY protocol header named for this connection, if any.
@@ -1190,6 +1207,137 @@ impl Peek for ConnStream {
         self.inner.try_peek(buf).await
     }
 }
+
+/// The stream under a fast-path session (see [`crate::fast`]): the request head is parsed by
+/// Pingora's session from its pipelined prefix — this stream is never read — while the
+/// connection's real stream stays with the keep-alive loop, so that the fast path can write the
+/// answer to it directly. What the session writes itself (a local answer, an error page) is
+/// kept here and copied to the real stream when the request ends ([`HeadStream::written`]).
+/// Everything the proxy logic asks of the connection (digests, PROXY protocol client, its
+/// [`ConnShared`]) comes from the real stream.
+#[derive(Debug)]
+pub(crate) struct HeadStream {
+    shared: Option<Arc<ConnShared>>,
+    id: UniqueIDType,
+    ssl: Option<Arc<SslDigest>>,
+    alpn: Option<ALPN>,
+    timing: Vec<Option<TimingDigest>>,
+    proxy: Option<Arc<ProxyDigest>>,
+    socket: Option<Arc<SocketDigest>>,
+    /// What the session wrote.
+    out: Vec<u8>,
+    /// The session tried to read: the head in its prefix was not complete after all.
+    wanted_more: bool,
+}
+
+impl HeadStream {
+    /// A stand-in for `real` (a connection's [`ConnStream`]).
+    pub(crate) fn stand_in(real: &Stream) -> Stream {
+        let shared = (**real)
+            .as_any()
+            .downcast_ref::<ConnStream>()
+            .and_then(|c| c.shared.clone());
+        Box::new(Self {
+            shared,
+            id: real.id(),
+            ssl: real.get_ssl_digest(),
+            alpn: real.selected_alpn_proto(),
+            timing: real.get_timing_digest(),
+            proxy: real.get_proxy_digest(),
+            socket: real.get_socket_digest(),
+            out: Vec::new(),
+            wanted_more: false,
+        })
+    }
+
+    /// Whether the session under `stream` (a stand-in) tried to read past its prefix.
+    pub(crate) fn wanted_more(stream: Option<&Stream>) -> bool {
+        stream
+            .and_then(|s| (**s).as_any().downcast_ref::<Self>())
+            .is_some_and(|h| h.wanted_more)
+    }
+
+    /// What the session wrote to the stand-in `stream`.
+    pub(crate) fn written(stream: Stream) -> Vec<u8> {
+        stream
+            .into_any()
+            .downcast::<Self>()
+            .map(|h| h.out)
+            .unwrap_or_default()
+    }
+}
+
+impl AsyncRead for HeadStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // End of stream: the fast path declines and the head goes to Pingora's path.
+        self.get_mut().wanted_more = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for HeadStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeadStream {
+    async fn shutdown(&mut self) {}
+}
+
+impl UniqueID for HeadStream {
+    fn id(&self) -> UniqueIDType {
+        self.id
+    }
+}
+
+impl Ssl for HeadStream {
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.ssl.clone()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.alpn.clone()
+    }
+}
+
+impl GetTimingDigest for HeadStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.timing.clone()
+    }
+}
+
+impl GetProxyDigest for HeadStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.proxy.clone()
+    }
+}
+
+impl GetSocketDigest for HeadStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.socket.clone()
+    }
+}
+
+impl Peek for HeadStream {}
 
 #[async_trait]
 impl ServerApp for VhostApp {

@@ -7,7 +7,20 @@
 //! `fail_to_connect`, `connected_to_upstream`, `upstream_request_filter`, `response_filter`,
 //! `fail_to_proxy`, `logging`) on Pingora's own session types — its HTTP/1 parser, its client
 //! and server sessions, its upstream connection pool — but drives the two halves directly
-//! instead of through two task channels and a boxed ~10 KB request future.
+//! instead of through two task channels and a boxed ~10 KB request future. (`VhostProxy` keeps
+//! Pingora's no-op body filters and `upstream_response_filter`: they are not called here.)
+//!
+//! The server session parses the client's head from the bytes the loop already read, over a
+//! stand-in stream ([`HeadStream`]); the connection's real stream stays with the loop and the
+//! answer is written to it here: the backend's head as Pingora's client session parsed it,
+//! written by [`answer_head`] with the proxy's edits (`x-request-id`, and the server session's
+//! own `Date` and `Connection`) — not copied into a header map, edited with inserts and
+//! serialised by the server session — and the body as the client session reads it, framed by
+//! [`BodyOut`] as the server session's body writer would (`Content-Length`, chunked, until
+//! close). Domains whose answers need more edits (header rules, a bucket cookie, the served
+//! tag) run `response_filter` on a copy of the head. What the session writes itself (local
+//! answers, error pages) goes to the stand-in and is copied to the connection when the request
+//! ends.
 //!
 //! The request head for the backend is written by [`write_head`] from the client's head as
 //! Pingora parsed it and the fields [`VhostProxy::forwarded`] decides (the same decision
@@ -29,26 +42,28 @@
 //! when the client connection has been idle for `[proxy] upstream_hold_ms`, and when the client
 //! connection ends.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use futures_util::FutureExt as _;
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Version};
-use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
+use pingora_core::apps::HttpPersistentSettings;
 use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::http::authority::validate_request_authority;
+use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::v1::client::HttpSession as ClientV1;
-use pingora_core::protocols::http::HttpTask;
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::Stream;
+use pingora_core::protocols::{Shutdown, Stream};
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, Result, RetryType};
-use pingora_http::RequestHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, Session};
+use std::fmt::Write as _;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Sleep;
 
+use crate::conn::HeadStream;
 use crate::proxy::{
     Forwarded, RequestCtx, VhostProxy, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
     X_REQUEST_ID,
@@ -70,11 +85,21 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 
 /// How [`FastPath::serve`] ended.
 pub(crate) enum Served {
-    /// The request was served (or failed); the connection if it can carry another request.
-    Done(Option<ReusedHttpStream>),
-    /// Not for the fast path: the connection and its settings, to replay the same head into
-    /// Pingora's path.
-    Declined(Stream, HttpPersistentSettings),
+    /// The request was served (or failed) and the connection carries another one.
+    Keep {
+        /// The next session's settings (keep-alive, pipelining) as this one left them.
+        settings: HttpPersistentSettings,
+        /// The length of this request's head at the start of the bytes the session was given:
+        /// what follows it is the start of the next request.
+        head_len: usize,
+        /// A byte of the next request read while watching the client during a slow answer.
+        extra: Option<u8>,
+    },
+    /// The request was served (or failed); the connection is done.
+    Close,
+    /// Not for the fast path: the session's settings, to replay the same head into Pingora's
+    /// path on the connection (untouched: nothing was read from it or written to it).
+    Declined(HttpPersistentSettings),
 }
 
 /// How long an answer may take before the client connection is watched for the client
@@ -137,8 +162,9 @@ impl FastPath {
         self.proxy.http1_only()
     }
 
-    /// Serves the request at the start of `session` (whose pipelined prefix holds its whole
-    /// head), or declines it untouched.
+    /// Serves the request whose whole head is the start of `session`'s pipelined prefix, or
+    /// declines it untouched. The session runs on a [`HeadStream`] stand-in; `client` is the
+    /// connection's real stream, to which the answer is written.
     /// The caller set the session up (settings, prefix). `keepalive_off`: the service is
     /// draining — applied after the head is read, since reading it re-derives keep-alive from
     /// the request's own headers.
@@ -147,28 +173,35 @@ impl FastPath {
     pub(crate) async fn serve(
         &self,
         mut session: Session,
+        client: &mut Stream,
         keepalive_off: bool,
         upstream: &mut ConnUpstream<'_>,
     ) -> Served {
-        match session.downstream_session.read_request().await {
+        let read = session.downstream_session.read_request().await;
+        if HeadStream::wanted_more(session.downstream_session.stream()) {
+            // Pingora's parser needs more than the bytes that looked like a whole head.
+            return Served::Declined(HttpPersistentSettings::for_session(
+                &session.downstream_session,
+            ));
+        }
+        match read {
             Ok(true) => {}
-            Ok(false) => return Served::Done(None),
+            Ok(false) => return Served::Close,
             Err(mut e) => {
                 e.as_down();
                 if matches!(e.etype, ErrorType::InvalidHTTPHeader) {
                     let _ = session.downstream_session.respond_error(400).await;
                 }
                 session.downstream_session.shutdown().await;
-                return Served::Done(None);
+                written_out(session, client).await;
+                Shutdown::shutdown(&mut **client).await;
+                return Served::Close;
             }
         }
         if !eligible(&mut session) {
-            let settings = HttpPersistentSettings::for_session(&session.downstream_session);
-            return match *session.downstream_session {
-                ServerSession::H1(h1) => Served::Declined(h1.into_inner(), settings),
-                // Never: the caller only hands HTTP/1 sessions.
-                _ => Served::Done(None),
-            };
+            return Served::Declined(HttpPersistentSettings::for_session(
+                &session.downstream_session,
+            ));
         }
         if keepalive_off {
             session.set_keepalive(None);
@@ -177,18 +210,21 @@ impl FastPath {
         match self.proxy.request_filter(&mut session, &mut ctx).await {
             Ok(true) => {
                 self.proxy.logging(&mut session, None, &mut ctx).await;
-                return Served::Done(finish(session).await);
+                return end(session, client, None).await;
             }
             Ok(false) => {}
-            Err(e) => return Served::Done(self.failed(session, &mut ctx, e).await),
+            Err(e) => return self.failed(session, client, &mut ctx, e).await,
         }
         let mut server_reuse = false;
         let mut error = None;
+        let mut extra = None;
         for _ in 0..self.max_retries {
-            let (reuse, e) = self.proxy_once(&mut session, &mut ctx, upstream).await;
+            let (reuse, e) = self
+                .proxy_once(&mut session, client, &mut ctx, upstream, &mut extra)
+                .await;
             server_reuse = reuse;
             match e {
-                Some(e) if may_retry(&e) && session.response_written().is_none() => {
+                Some(e) if may_retry(&e) && !ctx.answered() => {
                     error = Some(e);
                 }
                 e => {
@@ -207,9 +243,10 @@ impl FastPath {
             session.downstream_session.on_proxy_failure(e);
         }
         if server_reuse {
-            Served::Done(finish(session).await)
+            end(session, client, extra).await
         } else {
-            Served::Done(None)
+            written_out(session, client).await;
+            Served::Close
         }
     }
 
@@ -217,16 +254,18 @@ impl FastPath {
     async fn failed(
         &self,
         mut session: Session,
+        client: &mut Stream,
         ctx: &mut RequestCtx,
         e: Box<Error>,
-    ) -> Option<ReusedHttpStream> {
+    ) -> Served {
         let res = self.proxy.fail_to_proxy(&mut session, &e, ctx).await;
         self.proxy.logging(&mut session, Some(&e), ctx).await;
         session.downstream_session.on_proxy_failure(e);
         if res.can_reuse_downstream {
-            finish(session).await
+            end(session, client, None).await
         } else {
-            None
+            written_out(session, client).await;
+            Served::Close
         }
     }
 
@@ -235,8 +274,10 @@ impl FastPath {
     async fn proxy_once(
         &self,
         session: &mut Session,
+        client: &mut Stream,
         ctx: &mut RequestCtx,
         upstream: &mut ConnUpstream<'_>,
+        extra: &mut Option<u8>,
     ) -> (bool, Option<Box<Error>>) {
         let peer = match self.proxy.upstream_peer(session, ctx).await {
             Ok(peer) => peer,
@@ -259,19 +300,20 @@ impl FastPath {
         let sent = self
             .send_head(session, stream, &peer, ctx, upstream.timer.as_mut())
             .await;
-        let (mut client, (server_reuse, client_reuse, error)) = match sent {
-            Ok(mut client) => {
+        let (mut backend, (server_reuse, client_reuse, error)) = match sent {
+            Ok(mut backend) => {
                 let outcome = self
                     .forward_answer(
                         session,
-                        &mut client,
+                        client,
+                        &mut backend,
                         &peer,
                         ctx,
                         upstream.timer.as_mut(),
-                        upstream.probe.as_mut(),
+                        (upstream.probe.as_mut(), extra),
                     )
                     .await;
-                (client, outcome)
+                (backend, outcome)
             }
             Err((unused, e)) => {
                 // Nothing went out on it: as good as before.
@@ -285,14 +327,14 @@ impl FastPath {
         if client_reuse {
             // As Pingora's release: only a connection whose exchange ended cleanly and that
             // both sides keep alive.
-            client.respect_keepalive();
-            if let Some(stream) = client.reuse().await {
+            backend.respect_keepalive();
+            if let Some(stream) = backend.reuse().await {
                 upstream.keep(key, stream, peer.idle_timeout());
             }
         }
         let error = error.map(|e| {
             let mut e = self.proxy.error_while_proxy(&peer, session, e, ctx, reused);
-            if session.response_written().is_some() {
+            if ctx.answered() {
                 // Part of an answer is out: another attempt would send a second one.
                 e.set_retry(false);
             }
@@ -363,141 +405,189 @@ impl FastPath {
         Ok(client)
     }
 
-    /// Forwards the answer to the request just sent. Returns (client connection reusable,
-    /// backend connection reusable, error).
+    /// Forwards the answer to the request just sent, writing it to the client connection
+    /// itself: the backend's head as Pingora's client session parsed it (not copied) with the
+    /// proxy's edits ([`answer_head`]), then the body pieces as that session reads them (not
+    /// copied either), framed as Pingora's server session would ([`BodyOut`]). Returns (client
+    /// connection reusable, backend connection reusable, error).
+    #[allow(clippy::too_many_arguments)]
     async fn forward_answer(
         &self,
         session: &mut Session,
-        client: &mut ClientV1,
+        client: &mut Stream,
+        backend: &mut ClientV1,
         peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut timer: Pin<&mut Sleep>,
-        mut probe: Pin<&mut Sleep>,
+        (mut probe, extra): (Pin<&mut Sleep>, &mut Option<u8>),
     ) -> (bool, bool, Option<Box<Error>>) {
         let read_timeout = peer.options.read_timeout;
         let head_request = session.req_header().method == Method::HEAD;
-        let mut header_done = false;
         // Until the answer's head: a client that leaves meanwhile is noticed (as Pingora does),
         // once the answer takes longer than `PROBE_AFTER` (the probe is a read on the client
         // connection — on TLS a whole `SSL_read` — wasted on every quick answer).
-        let mut probing = false;
+        let mut watch = ClientWatch::Waiting;
         probe
             .as_mut()
             .reset(tokio::time::Instant::now() + PROBE_AFTER);
-        loop {
+        let mut buf = BytesMut::with_capacity(512);
+        let mut out = loop {
             let read = timed(
                 timer.as_mut(),
                 read_timeout,
-                client.read_response_task(),
+                backend.read_response(),
                 ErrorType::ReadTimedout,
                 "while reading the backend's answer (timeout)",
             );
-            let task = if header_done {
-                read.await
-            } else {
+            let read = {
                 let mut read = std::pin::pin!(read);
+                let mut byte = [0u8; 1];
                 loop {
                     tokio::select! {
                         biased;
-                        task = &mut read => break task,
-                        () = probe.as_mut(), if !probing => probing = true,
-                        closed = session.downstream_session.read_body_or_idle(true), if probing => {
-                            if let Err(e) = closed {
-                                return (false, false, Some(e.into_down()));
+                        read = &mut read => break read,
+                        () = probe.as_mut(), if watch == ClientWatch::Waiting => {
+                            watch = if extra.is_none() {
+                                ClientWatch::Reading
+                            } else {
+                                ClientWatch::Done
+                            };
+                        }
+                        got = client.read(&mut byte), if watch == ClientWatch::Reading => {
+                            // As Pingora's idle probe: after one byte of a pipelined request
+                            // the client is not read again during this request.
+                            watch = ClientWatch::Done;
+                            match got {
+                                // Pipelined: the start of the next request.
+                                Ok(n) if n > 0 => *extra = Some(byte[0]),
+                                _ => {
+                                    session.set_keepalive(None);
+                                    let e = Error::explain(
+                                        ErrorType::ConnectionClosed,
+                                        "Prematurely before response header is sent",
+                                    );
+                                    return (false, false, Some(e.into_down()));
+                                }
                             }
                         }
                     }
                 }
             };
-            let task = match task {
-                Ok(task) => task,
-                Err(e) => return (false, false, Some(e.into_up())),
+            if let Err(e) = read {
+                return (false, false, Some(e.into_up()));
+            }
+            // Asked after every head, as Pingora's `read_response_task` does.
+            let body_done = backend.is_body_done();
+            let Some(head) = backend.resp_header() else {
+                let e =
+                    Error::explain(ErrorType::InvalidHTTPHeader, "no response from the backend");
+                return (false, false, Some(e.into_up()));
             };
-            match task {
-                HttpTask::Header(mut head, end) => {
-                    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
-                        let e = Error::explain(
-                            ErrorType::InvalidHTTPHeader,
-                            "101 answer to a request that asked for no upgrade",
-                        );
-                        return (false, false, Some(e.into_up()));
-                    }
-                    if head.status.is_informational() {
-                        if let Err(e) = session.downstream_session.write_response_header(head).await
-                        {
-                            return (false, false, Some(e.into_down()));
-                        }
-                        continue;
-                    }
-                    // A close-delimited answer goes on as chunked, so the client connection
-                    // survives it (Pingora does the same).
-                    let no_body = head_request || matches!(head.status.as_u16(), 204 | 304);
-                    if !no_body
-                        && !end
-                        && head.headers.get(header::TRANSFER_ENCODING).is_none()
-                        && head.headers.get(header::CONTENT_LENGTH).is_none()
-                    {
+            if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                let e = Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "101 answer to a request that asked for no upgrade",
+                );
+                return (false, false, Some(e.into_up()));
+            }
+            if head.status.is_informational() {
+                // Passed on as it is, at once (Pingora's server session writes 1xx heads
+                // without its `Date` and `Connection`).
+                buf.clear();
+                if let Err(e) = answer_head(head, None, &mut buf) {
+                    return (false, false, Some(e));
+                }
+                if let Err(e) = write_client(client, &buf, true).await {
+                    return (false, false, Some(e));
+                }
+                continue;
+            }
+            // A close-delimited answer goes on as chunked, so the client connection survives
+            // it (as Pingora's proxy does).
+            let no_body = head_request || matches!(head.status.as_u16(), 204 | 304);
+            let chunked = !no_body
+                && !body_done
+                && head.headers.get(header::TRANSFER_ENCODING).is_none()
+                && head.headers.get(header::CONTENT_LENGTH).is_none();
+            let status = head.status.as_u16();
+            let keepalive = session
+                .downstream_session
+                .as_http1()
+                .is_some_and(|h| h.will_keepalive());
+            buf.clear();
+            let written = match self.proxy.answer_edit(ctx) {
+                Some(request_id) => {
+                    let edit = Edit {
+                        chunked,
+                        request_id,
+                        keepalive,
+                        date: get_cached_date(),
+                    };
+                    answer_head(head, Some(&edit), &mut buf)
+                        .map(|()| body_out(head, chunked, no_body))
+                }
+                None => {
+                    // The response filter's other edits: on a copy of the head.
+                    let mut head = Box::new(head.clone());
+                    if chunked {
                         head.set_version(Version::HTTP_11);
                         if let Err(e) = head.insert_header(header::TRANSFER_ENCODING, "chunked") {
                             return (false, false, Some(e));
                         }
                     }
-                    if let Err(e) = self
-                        .proxy
-                        .upstream_response_filter(session, &mut head, ctx)
-                        .await
-                    {
-                        return (false, false, Some(e));
-                    }
                     if let Err(e) = self.proxy.response_filter(session, &mut head, ctx).await {
                         return (false, false, Some(e));
                     }
-                    if let Err(e) = session.downstream_session.write_response_header(head).await {
-                        return (false, false, Some(e.into_down()));
-                    }
-                    header_done = true;
-                    if end {
-                        break;
-                    }
+                    let edit = Edit {
+                        chunked: false,
+                        request_id: None,
+                        keepalive,
+                        date: get_cached_date(),
+                    };
+                    answer_head(&head, Some(&edit), &mut buf)
+                        .map(|()| body_out(&head, false, no_body))
                 }
-                HttpTask::Body(mut data, end) => {
-                    match self
-                        .proxy
-                        .upstream_response_body_filter(session, &mut data, end, ctx)
-                    {
-                        Ok(Some(delay)) => tokio::time::sleep(delay).await,
-                        Ok(None) => {}
+            };
+            let out = match written {
+                Ok(out) => out,
+                Err(e) => return (false, false, Some(e)),
+            };
+            if matches!(out, BodyOut::UntilClose) {
+                // As Pingora: a close-delimited answer ends the client connection.
+                session.set_keepalive(None);
+            }
+            // Pingora flushes a head without a length (its body may come slowly) and a head
+            // without a body.
+            let flush = !matches!(out, BodyOut::Length { .. }) || out.finished();
+            if let Err(e) = write_client(client, &buf, flush).await {
+                return (false, false, Some(e));
+            }
+            ctx.set_answered(status);
+            break out;
+        };
+        while !backend.is_body_done() {
+            let piece = timed(
+                timer.as_mut(),
+                read_timeout,
+                backend.read_body_ref(),
+                ErrorType::ReadTimedout,
+                "while reading the backend's answer (timeout)",
+            )
+            .await;
+            match piece {
+                Ok(Some(data)) if !data.is_empty() => {
+                    match out.write(client, data, &mut buf).await {
+                        Ok(n) => ctx.add_answered_bytes(n),
                         Err(e) => return (false, false, Some(e)),
                     }
-                    match self
-                        .proxy
-                        .response_body_filter(session, &mut data, end, ctx)
-                    {
-                        Ok(Some(delay)) => tokio::time::sleep(delay).await,
-                        Ok(None) => {}
-                        Err(e) => return (false, false, Some(e)),
-                    }
-                    if let Some(data) = data.filter(|d| !d.is_empty()) {
-                        if let Err(e) = write_body(session, data).await {
-                            return (false, false, Some(e));
-                        }
-                    }
-                    if end {
-                        break;
-                    }
                 }
-                HttpTask::Done => break,
-                HttpTask::Failed(e) => return (false, false, Some(e)),
-                // HTTP/1: no trailers, no upgraded bodies (no upgrade was asked for).
-                HttpTask::Trailer(_) | HttpTask::UpgradedBody(..) => break,
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return (false, false, Some(e.into_up())),
             }
         }
-        if !header_done {
-            let e = Error::explain(ErrorType::InvalidHTTPHeader, "no response from the backend");
-            return (false, false, Some(e.into_up()));
-        }
-        if let Err(e) = session.downstream_session.finish_body().await {
-            return (false, true, Some(e.into_down()));
+        if let Err(e) = out.finish(client).await {
+            return (false, true, Some(e));
         }
         (true, true, None)
     }
@@ -632,15 +722,6 @@ async fn timed_write<T>(
     )
     .await
     .map_err(|e| e.into_up())
-}
-
-/// Writes a chunk of the response body to the client.
-async fn write_body(session: &mut Session, data: Bytes) -> Result<()> {
-    session
-        .downstream_session
-        .write_response_body(data, false)
-        .await
-        .map_err(|e| e.into_down())
 }
 
 /// Whether `e` allows another attempt. An undecided "only if the connection was reused" never
@@ -801,16 +882,316 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// Ends the exchange with the client; the connection if it can carry another request.
-async fn finish(session: Session) -> Option<ReusedHttpStream> {
-    let settings = HttpPersistentSettings::for_session(&session.downstream_session);
-    session
-        .downstream_session
-        .finish()
-        .await
-        .ok()
-        .flatten()
-        .map(|s| ReusedHttpStream::from_reusable_stream(s, settings))
+/// Ends a request whose client connection can carry another one (as Pingora's `finish` for
+/// a request without a body): what the session wrote goes out, then the connection is kept if
+/// both sides keep it alive.
+async fn end(mut session: Session, client: &mut Stream, extra: Option<u8>) -> Served {
+    let ds = &mut session.downstream_session;
+    let finished = ds.finish_body().await.is_ok();
+    let keep = finished && ds.as_http1().is_some_and(|h| h.will_keepalive());
+    let head_len = ds.as_http1().map_or(0, |h| h.get_headers_raw_bytes().len());
+    let settings = HttpPersistentSettings::for_session(ds);
+    if !written_out(session, client).await {
+        return Served::Close;
+    }
+    if keep {
+        Served::Keep {
+            settings,
+            head_len,
+            extra,
+        }
+    } else {
+        Shutdown::shutdown(&mut **client).await;
+        Served::Close
+    }
+}
+
+/// Writes to the client what the session wrote to its stand-in stream (a local answer, an
+/// error page), and flushes. Whether that worked.
+async fn written_out(session: Session, client: &mut Stream) -> bool {
+    let ServerSession::H1(h1) = *session.downstream_session else {
+        return false;
+    };
+    let out = HeadStream::written(h1.into_inner());
+    let write = async {
+        if !out.is_empty() {
+            client.write_all(&out).await?;
+        }
+        client.flush().await
+    };
+    write.await.is_ok()
+}
+
+/// Writes `bytes` to the client (and flushes if asked); errors are the client's.
+async fn write_client(client: &mut Stream, bytes: &[u8], flush: bool) -> Result<()> {
+    let write = async {
+        client.write_all(bytes).await?;
+        if flush {
+            client.flush().await?;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    write.await.map_err(|e| {
+        Error::because(ErrorType::WriteError, "while writing the answer", e).into_down()
+    })
+}
+
+/// Watching the client while waiting for the answer's head (see `PROBE_AFTER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientWatch {
+    /// Not yet: the answer may still come quickly.
+    Waiting,
+    /// Reading one byte: the end of the connection, or the start of a pipelined request.
+    Reading,
+    /// No more reads during this request.
+    Done,
+}
+
+/// The proxy's edits to a final answer's head that [`answer_head`] makes while writing it.
+struct Edit<'a> {
+    /// Add `Transfer-Encoding: chunked` (and answer in HTTP/1.1): a close-delimited answer.
+    chunked: bool,
+    /// The `x-request-id` to set.
+    request_id: Option<&'a HeaderValue>,
+    /// The client connection stays open (`Connection: keep-alive`, else `close`).
+    keepalive: bool,
+    /// The `Date` (Pingora's, cached per second).
+    date: HeaderValue,
+}
+
+/// Writes an answer's head for the client as Pingora's HTTP/1 server session does
+/// (`prepare_response_header`, `http_resp_header_to_buf`) after the proxy's edits — which a
+/// header map would make with `insert_header`: the status line with the answer's version and
+/// reason; the answer's fields in their order and case, values of one name together; a field
+/// the edits set (`x-request-id`, then the session's `Date` and `Connection`) written once, in
+/// place of the first of the answer's own, or after all of them (`Transfer-Encoding` first).
+/// `edit` is `None` for a 1xx head, written as it is.
+fn answer_head(head: &ResponseHeader, edit: Option<&Edit<'_>>, buf: &mut BytesMut) -> Result<()> {
+    let chunked = edit.is_some_and(|e| e.chunked);
+    let version = if chunked {
+        Version::HTTP_11
+    } else {
+        head.version
+    };
+    let version: &[u8] = match version {
+        Version::HTTP_09 => b"HTTP/0.9 ",
+        Version::HTTP_10 => b"HTTP/1.0 ",
+        Version::HTTP_11 => b"HTTP/1.1 ",
+        _ => {
+            return Err(Error::explain(
+                ErrorType::WriteError,
+                "serializing response header",
+            ))
+        }
+    };
+    buf.put_slice(version);
+    buf.put_slice(head.status.as_str().as_bytes());
+    buf.put_u8(b' ');
+    if let Some(reason) = head.get_reason_phrase() {
+        buf.put_slice(reason.as_bytes());
+    }
+    buf.put_slice(b"\r\n");
+    let Some(edit) = edit else {
+        for ((name, value), (case, _)) in head.headers.iter().zip(head.case_header_iter()) {
+            put_field(
+                buf,
+                case_or_name(case.as_slice(), name),
+                &[value.as_bytes()],
+            );
+        }
+        buf.put_slice(b"\r\n");
+        return Ok(());
+    };
+    let date = &edit.date;
+    let connection: &[u8] = if edit.keepalive {
+        b"keep-alive"
+    } else {
+        b"close"
+    };
+    let (mut id_done, mut date_done, mut connection_done) =
+        (edit.request_id.is_none(), false, false);
+    let mut cases = head.case_header_iter();
+    for (name, value) in head.headers.iter() {
+        let case = cases.next().map_or(&b""[..], |(c, _)| c.as_slice());
+        if name == header::DATE {
+            if !std::mem::replace(&mut date_done, true) {
+                put_field(buf, b"Date", &[date.as_bytes()]);
+            }
+        } else if name == header::CONNECTION {
+            if !std::mem::replace(&mut connection_done, true) {
+                put_field(buf, b"Connection", &[connection]);
+            }
+        } else if name == X_REQUEST_ID && edit.request_id.is_some() {
+            if let Some(id) = edit
+                .request_id
+                .filter(|_| !std::mem::replace(&mut id_done, true))
+            {
+                put_field(buf, b"x-request-id", &[id.as_bytes()]);
+            }
+        } else {
+            put_field(buf, case_or_name(case, name), &[value.as_bytes()]);
+        }
+    }
+    if chunked {
+        put_field(buf, b"Transfer-Encoding", &[b"chunked"]);
+    }
+    if let Some(id) = edit.request_id.filter(|_| !id_done) {
+        put_field(buf, b"x-request-id", &[id.as_bytes()]);
+    }
+    if !date_done {
+        put_field(buf, b"Date", &[date.as_bytes()]);
+    }
+    if !connection_done {
+        put_field(buf, b"Connection", &[connection]);
+    }
+    buf.put_slice(b"\r\n");
+    Ok(())
+}
+
+/// A field's name as received, or (a head built without case, which Pingora's parser never
+/// makes) its lower-case name.
+fn case_or_name<'a>(case: &'a [u8], name: &'a HeaderName) -> &'a [u8] {
+    if case.is_empty() {
+        name.as_str().as_bytes()
+    } else {
+        case
+    }
+}
+
+/// How the body of an answer with `head` goes to the client (Pingora's server session: no body
+/// for `HEAD`, 204 and 304; chunked if the last transfer coding is; else `Content-Length`; else
+/// until the connection closes). `chunked`: the fast edit adds `Transfer-Encoding: chunked`.
+fn body_out(head: &ResponseHeader, chunked: bool, no_body: bool) -> BodyOut {
+    if no_body {
+        return BodyOut::Length {
+            total: 0,
+            written: 0,
+        };
+    }
+    let last_coding = head
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .map(|v| {
+            let v = v.as_bytes();
+            v.iter()
+                .rposition(|b| *b == b',')
+                .map_or(v, |i| &v[i + 1..])
+                .trim_ascii()
+        });
+    if chunked || last_coding.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
+        return BodyOut::Chunked;
+    }
+    match content_length(&head.headers) {
+        Some(total) => BodyOut::Length { total, written: 0 },
+        None => BodyOut::UntilClose,
+    }
+}
+
+/// The framing `Content-Length` of an answer (Pingora's rule: every value, and every item of a
+/// comma-separated value, the same decimal number).
+fn content_length(headers: &http::HeaderMap) -> Option<usize> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|b| *b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let n: usize = std::str::from_utf8(item).ok()?.parse().ok()?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        }
+    }
+    length
+}
+
+/// Pingora's error for an answer that ended before its `Content-Length`.
+const PREMATURE_BODY_END: ErrorType = ErrorType::new("PrematureBodyEnd");
+
+/// How an answer's body is framed for the client, and how much of it went out (the modes of
+/// Pingora's HTTP/1 body writer, with its flushes).
+#[derive(Debug, Clone, Copy)]
+enum BodyOut {
+    /// At most `total` bytes (zero: no body).
+    Length { total: usize, written: usize },
+    /// Chunked: each piece a chunk, flushed.
+    Chunked,
+    /// Until the connection closes: each piece flushed.
+    UntilClose,
+}
+
+impl BodyOut {
+    /// Whether all of a length-framed body went out.
+    fn finished(&self) -> bool {
+        matches!(self, Self::Length { total, written } if written >= total)
+    }
+
+    /// Writes a piece of the body; returns how many of its bytes went out (a length-framed
+    /// body takes no more than its length).
+    async fn write(
+        &mut self,
+        client: &mut Stream,
+        data: &[u8],
+        buf: &mut BytesMut,
+    ) -> Result<usize> {
+        match self {
+            Self::Length { total, written } => {
+                let n = data.len().min(total.saturating_sub(*written));
+                if n == 0 {
+                    return Ok(0);
+                }
+                *written += n;
+                let done = *written >= *total;
+                write_client(client, &data[..n], done).await?;
+                Ok(n)
+            }
+            Self::Chunked => {
+                buf.clear();
+                let _ = write!(ChunkSize(buf), "{:X}\r\n", data.len());
+                let write = async {
+                    client.write_all(buf).await?;
+                    client.write_all(data).await?;
+                    client.write_all(b"\r\n").await?;
+                    client.flush().await
+                };
+                write.await.map_err(|e| {
+                    Error::because(ErrorType::WriteError, "while writing body", e).into_down()
+                })?;
+                Ok(data.len())
+            }
+            Self::UntilClose => {
+                write_client(client, data, true).await?;
+                Ok(data.len())
+            }
+        }
+    }
+
+    /// Ends the body: the last chunk, or an error if fewer bytes than its length went out.
+    async fn finish(&mut self, client: &mut Stream) -> Result<()> {
+        match *self {
+            Self::Length { total, written } if written < total => Err(Error::explain(
+                PREMATURE_BODY_END,
+                format!("Content-length: {total} bytes written: {written}"),
+            )
+            .into_down()),
+            Self::Chunked => write_client(client, b"0\r\n\r\n", true).await,
+            _ => write_client(client, b"", true).await,
+        }
+    }
+}
+
+/// `fmt::Write` into a byte buffer (a chunk's size line).
+struct ChunkSize<'a>(&'a mut BytesMut);
+
+impl std::fmt::Write for ChunkSize<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.put_slice(s.as_bytes());
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -863,6 +1244,159 @@ mod tests {
         client.append_header("Close", "kept").unwrap();
         let up = upstream_head(&client);
         assert_eq!(up.headers.get("close").unwrap(), "kept");
+    }
+
+    /// The head Pingora's server session writes for `head` after the same edits, made as the
+    /// proxy and the session make them (header-map inserts), serialised by Pingora.
+    fn pingora_wire(head: &ResponseHeader, edit: Option<&Edit<'_>>) -> String {
+        let mut head = head.clone();
+        if let Some(edit) = edit {
+            if edit.chunked {
+                head.set_version(Version::HTTP_11);
+                head.insert_header(header::TRANSFER_ENCODING, "chunked")
+                    .unwrap();
+            }
+            if let Some(id) = edit.request_id {
+                head.insert_header("x-request-id", id.clone()).unwrap();
+            }
+            head.insert_header(header::DATE, edit.date.clone()).unwrap();
+            let connection = if edit.keepalive {
+                "keep-alive"
+            } else {
+                "close"
+            };
+            head.insert_header(header::CONNECTION, connection).unwrap();
+        }
+        let version = match head.version {
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        let mut wire = format!(
+            "{version} {} {}\r\n",
+            head.status.as_str(),
+            head.get_reason_phrase().unwrap_or("")
+        )
+        .into_bytes();
+        head.header_to_h1_wire(&mut wire);
+        wire.extend_from_slice(b"\r\n");
+        String::from_utf8(wire).unwrap()
+    }
+
+    #[test]
+    fn answer_heads_are_written_as_pingora_writes_them_after_the_same_edits() {
+        let layouts: &[&[(&str, &str)]] = &[
+            &[
+                ("Server", "nginx"),
+                ("date", "Mon, 01 Jan 2024 00:00:00 GMT"),
+                ("Content-Type", "text/plain"),
+                ("Content-Length", "13"),
+                ("connection", "close"),
+            ],
+            &[
+                ("Set-Cookie", "a=1"),
+                ("X-Other", "x"),
+                ("set-cookie", "b=2"),
+                ("X-Request-Id", "theirs"),
+                ("Date", "d1"),
+                ("x-request-id", "theirs too"),
+                ("DATE", "d2"),
+                ("Connection", "keep-alive"),
+                ("CONNECTION", "x"),
+            ],
+            &[],
+            &[("Content-Length", "0"), ("Keep-Alive", "timeout=5")],
+        ];
+        let id = HeaderValue::from_static("0123-abcd");
+        let date = HeaderValue::from_static("Sun, 29 Nov 2026 05:00:00 GMT");
+        for fields in layouts {
+            for (version, reason) in [(Version::HTTP_11, None), (Version::HTTP_10, Some("Fine"))] {
+                let mut head = ResponseHeader::build(203, None).unwrap();
+                head.set_version(version);
+                head.set_reason_phrase(reason).unwrap();
+                for (name, value) in *fields {
+                    head.append_header((*name).to_owned(), *value).unwrap();
+                }
+                let mut got = BytesMut::new();
+                answer_head(&head, None, &mut got).unwrap();
+                assert_eq!(
+                    std::str::from_utf8(&got).unwrap(),
+                    pingora_wire(&head, None)
+                );
+                for chunked in [false, true] {
+                    for request_id in [None, Some(&id)] {
+                        for keepalive in [true, false] {
+                            let edit = Edit {
+                                chunked,
+                                request_id,
+                                keepalive,
+                                date: date.clone(),
+                            };
+                            let mut got = BytesMut::new();
+                            answer_head(&head, Some(&edit), &mut got).unwrap();
+                            assert_eq!(
+                                std::str::from_utf8(&got).unwrap(),
+                                pingora_wire(&head, Some(&edit)),
+                                "{fields:?} chunked={chunked} id={request_id:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn answer_bodies_are_framed_as_pingora_frames_them() {
+        let head = |fields: &[(&str, &str)]| {
+            let mut head = ResponseHeader::build(200, None).unwrap();
+            for (name, value) in fields {
+                head.append_header((*name).to_owned(), *value).unwrap();
+            }
+            head
+        };
+        let length = |n| BodyOut::Length {
+            total: n,
+            written: 0,
+        };
+        // (the answer's fields, chunked added, no body)
+        type Case<'a> = (&'a [(&'a str, &'a str)], bool, bool);
+        let cases: &[Case<'_>] = &[
+            (&[("Content-Length", "13")], false, false),
+            (
+                &[("Content-Length", "13, 13"), ("content-length", "13")],
+                false,
+                false,
+            ),
+            (
+                &[("Content-Length", "13"), ("Transfer-Encoding", "chunked")],
+                false,
+                false,
+            ),
+            (&[("Transfer-Encoding", "gzip, Chunked ")], false, false),
+            (&[("Transfer-Encoding", "chunked, gzip")], false, false),
+            (&[("Content-Length", "12, 13")], false, false),
+            (&[("Content-Length", "+13")], false, false),
+            (&[], true, false),
+            (&[("Content-Length", "13")], false, true),
+        ];
+        let expected = [
+            length(13),
+            length(13),
+            BodyOut::Chunked,
+            BodyOut::Chunked,
+            BodyOut::UntilClose,
+            BodyOut::UntilClose,
+            BodyOut::UntilClose,
+            BodyOut::Chunked,
+            length(0),
+        ];
+        for ((fields, chunked, no_body), want) in cases.iter().zip(expected) {
+            let got = body_out(&head(fields), *chunked, *no_body);
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "{fields:?}");
+        }
+        assert!(length(0).finished());
+        assert!(!length(1).finished());
+        assert!(!BodyOut::Chunked.finished());
     }
 
     #[test]

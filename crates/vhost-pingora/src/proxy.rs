@@ -355,6 +355,11 @@ pub struct RequestCtx {
     trial: bool,
     /// Counts this request in its backend's in-flight requests (limits and breaker on).
     slot: Option<InFlight>,
+    /// The status of an answer the HTTP/1.1 fast path wrote to the client itself (not through
+    /// Pingora's session, whose `response_written` then knows nothing of it).
+    answered: Option<u16>,
+    /// Body bytes of that answer written so far.
+    answered_bytes: usize,
 }
 
 /// One request in flight to a backend; leaves the count when dropped.
@@ -513,6 +518,21 @@ fn backend_label(backend: Option<&BackendEntry>, local: Option<LocalReason>) -> 
 }
 
 impl RequestCtx {
+    /// The fast path wrote the head of an answer with `status` to the client itself.
+    pub(crate) fn set_answered(&mut self, status: u16) {
+        self.answered = Some(status);
+    }
+
+    /// Whether the fast path already wrote an answer's head to the client.
+    pub(crate) fn answered(&self) -> bool {
+        self.answered.is_some()
+    }
+
+    /// Counts `n` body bytes of the fast path's answer.
+    pub(crate) fn add_answered_bytes(&mut self, n: usize) {
+        self.answered_bytes += n;
+    }
+
     /// The matched route, if any.
     pub fn route(&self) -> Option<&Route> {
         self.table.as_ref()?.route(self.route?)
@@ -1383,6 +1403,18 @@ impl VhostProxy {
         fwd
     }
 
+    /// What [`Self::response_filter`] would do to a non-101 HTTP/1 answer, when that is no more
+    /// than setting `X-Request-Id`: `Some(the id to set, if any)`. `None`: it does more (header
+    /// rules, a bucket cookie, the served tag) and the answer has to go through it.
+    pub(crate) fn answer_edit<'c>(&self, ctx: &'c RequestCtx) -> Option<Option<&'c HeaderValue>> {
+        let route = ctx.route();
+        let more = ctx.issue_bucket.is_some()
+            || route.is_some_and(|r| r.vhost().response_headers.is_some())
+            || (self.options.canary.expose_served_tag
+                && route.is_some_and(|r| r.canary().is_some()));
+        (!more).then_some(ctx.request_id.as_ref())
+    }
+
     /// The answer's `X-Request-Id`, response header rules, canary cookie and served tag.
     pub(crate) async fn response_filter(
         &self,
@@ -1439,7 +1471,8 @@ impl VhostProxy {
         if ctx.local.is_none() {
             ctx.local = reason;
         }
-        if code > 0 {
+        // An answer the fast path already started cannot be replaced by an error page.
+        if code > 0 && ctx.answered.is_none() {
             let mut resp = pingora_core::protocols::http::ServerSession::generate_error(code);
             if code == 503 {
                 let _ = resp.insert_header(header::RETRY_AFTER, self.options.retry_after_secs);
@@ -1491,7 +1524,9 @@ impl VhostProxy {
             };
             crate::conn::request_framed(session.stream(), body_len);
         }
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let status = ctx
+            .answered
+            .unwrap_or_else(|| session.response_written().map_or(0, |r| r.status.as_u16()));
         let elapsed = ctx.start.map_or(Duration::ZERO, |s| s.elapsed());
         if self.options.circuit_breaker.is_some() {
             let reached = matches!(
@@ -1537,7 +1572,11 @@ impl VhostProxy {
                 method: req.method.as_str(),
                 path: req.uri.path_and_query().map_or("/", |p| p.as_str()),
                 status,
-                bytes: session.body_bytes_sent(),
+                bytes: if ctx.answered.is_some() {
+                    ctx.answered_bytes
+                } else {
+                    session.body_bytes_sent()
+                },
                 elapsed,
                 client: ctx.client,
                 local: ctx.local.map_or("", LocalReason::as_str),
