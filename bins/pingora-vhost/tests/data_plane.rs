@@ -695,6 +695,185 @@ fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
     );
 }
 
+/// Backend answers by request path, for comparing what clients get (see below).
+fn answer_for(path: &str) -> (&'static [u8], bool) {
+    match path {
+        // Fields of one name apart, a lower-case `date` and `connection`, `Keep-Alive`.
+        "/a" => (b"HTTP/1.1 200 OK\r\nServer: t\r\ndate: Mon, 01 Jan 2024 00:00:00 GMT\r\nSet-Cookie: a=1\r\nX-Other: x\r\nset-cookie: b=2\r\nconnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 5\r\n\r\nhello", false),
+        // A reason of its own and the backend's own request id.
+        "/b" => (b"HTTP/1.1 201 Made It\r\nX-Request-Id: theirs\r\nContent-Length: 2\r\n\r\nok", false),
+        "/c" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-After: 1\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", false),
+        // Close-delimited, from an HTTP/1.0 backend.
+        "/d" => (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end", true),
+        "/e" => (b"HTTP/1.1 204 No Content\r\nDate: x\r\nDate: y\r\n\r\n", false),
+        "/f" => (b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nabc", false),
+        "/g" => (b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", false),
+        // More bytes than its length.
+        "/h" => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabcd", true),
+        _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
+    }
+}
+
+/// Reads one whole answer (after any 1xx heads) as raw bytes: `Date` values and generated
+/// request ids masked.
+fn read_raw_answer(s: &mut std::net::TcpStream, head_request: bool) -> String {
+    use std::io::Read;
+    let mut out = String::new();
+    loop {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.read(&mut byte).unwrap(),
+                1,
+                "{out}{}",
+                String::from_utf8_lossy(&head)
+            );
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        for line in head.split_inclusive("\r\n") {
+            let masked = match line.split_once(": ") {
+                Some((name, _)) if name.eq_ignore_ascii_case("date") => {
+                    format!("{name}: <date>\r\n")
+                }
+                Some((name, v)) if name.eq_ignore_ascii_case("x-request-id") && v.len() == 38 => {
+                    format!("{name}: <id>\r\n")
+                }
+                _ => line.to_owned(),
+            };
+            out.push_str(&masked);
+        }
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let field = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+        };
+        let mut body = Vec::new();
+        if head_request || status == 204 || status == 304 {
+        } else if field("transfer-encoding").is_some_and(|v| v.ends_with("chunked")) {
+            while !body.ends_with(b"\r\n0\r\n\r\n") && body != b"0\r\n\r\n" {
+                assert_eq!(s.read(&mut byte).unwrap(), 1, "{out}");
+                body.push(byte[0]);
+            }
+        } else if let Some(n) = field("content-length") {
+            body = vec![0u8; n.parse().unwrap()];
+            s.read_exact(&mut body).unwrap();
+        } else {
+            s.read_to_end(&mut body).unwrap();
+        }
+        if field("transfer-encoding").is_some() && !body.is_empty() {
+            // Chunk boundaries are the writer's business (Pingora's path batches pieces that
+            // arrive together): compare the content.
+            let text = String::from_utf8(body).unwrap();
+            let mut rest = text.as_str();
+            out.push_str("<chunks:");
+            while let Some((size, after)) = rest.split_once("\r\n") {
+                let size = usize::from_str_radix(size, 16).unwrap();
+                out.push_str(&after[..size]);
+                rest = &after[size + 2..];
+            }
+            out.push('>');
+            return out;
+        }
+        out.push_str(&String::from_utf8_lossy(&body));
+        return out;
+    }
+}
+
+/// The fast path writes answers itself; clients must get byte for byte what Pingora's path
+/// sends them (but for the `Date` and the generated request id): fields of one name kept
+/// together, `Date` and `Connection` replaced where the backend had them, the request id
+/// replacing the backend's, 1xx heads passed on, a close-delimited answer re-chunked, an
+/// HTTP/1.0 answer kept HTTP/1.0, a body cut at its length. (Chunked bodies are compared by
+/// content: Pingora's path may join pieces that arrive together into one chunk.)
+#[test]
+fn the_fast_path_and_pingoras_path_send_clients_the_same_answer() {
+    use std::io::Write;
+    use tokio::io::AsyncWriteExt;
+    let rt = runtime();
+    let backend = raw_backend(&rt, |mut s| async move {
+        let mut data = Vec::new();
+        while let Some(end) = read_head(&mut s, &mut data).await {
+            let head = String::from_utf8_lossy(&data[..end]).into_owned();
+            data.drain(..end);
+            let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+            let (answer, close) = answer_for(&path);
+            let answer = if head.starts_with("HEAD") {
+                let end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                &answer[..end]
+            } else {
+                answer
+            };
+            if s.write_all(answer).await.is_err() || close {
+                return;
+            }
+        }
+    });
+    let body = format!(
+        "[health_check]\ninterval_secs = 3600\n\n{}{}",
+        vhost_toml("answers.test", "a", ""),
+        backends_toml(&[("e1", backend.to_string(), "\"a\"")]),
+    );
+    let requests = [
+        "GET /a", "GET /b", "GET /c", "GET /d", "GET /e", "GET /f", "GET /g", "GET /h", "HEAD /a",
+        "HEAD /c",
+    ];
+    let mut seen: Vec<Vec<String>> = Vec::new();
+    for fast in ["true", "false"] {
+        let proxy = ProxyProcess::start(
+            tempfile::tempdir().unwrap(),
+            &format!("h1_fast_path = {fast}"),
+            &body,
+            false,
+        );
+        let mut answers = Vec::new();
+        for request in requests {
+            let mut s = raw_connect(proxy.http);
+            write!(s, "{request} HTTP/1.1\r\nHost: answers.test\r\n\r\n").unwrap();
+            answers.push(format!(
+                "{request}\n{}",
+                read_raw_answer(&mut s, request.starts_with("HEAD"))
+            ));
+        }
+        seen.push(answers);
+    }
+    for (fast, pingora) in seen[0].iter().zip(&seen[1]) {
+        assert_eq!(fast, pingora, "fast path vs Pingora's path");
+    }
+    let answers = &seen[0];
+    assert!(answers[0].contains("\r\nDate: <date>\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nX-Other: x\r\nConnection: keep-alive\r\n"), "{}", answers[0]);
+    assert!(
+        answers[1].contains("HTTP/1.1 201 Made It\r\nx-request-id: <id>\r\n"),
+        "{}",
+        answers[1]
+    );
+    assert!(
+        answers[2].ends_with("\r\n\r\n<chunks:abcde>"),
+        "{}",
+        answers[2]
+    );
+    assert!(
+        answers[3].contains("HTTP/1.1 200 OK\r\n")
+            && answers[3].contains("Transfer-Encoding: chunked\r\n"),
+        "{}",
+        answers[3]
+    );
+    assert!(answers[5].contains("HTTP/1.0 200 OK\r\n"), "{}", answers[5]);
+    assert!(
+        answers[6]
+            .contains("HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\nx-request-id: <id>\r\n\r\nHTTP/1.1 200 OK\r\n"),
+        "{}",
+        answers[6]
+    );
+    assert!(answers[7].ends_with("\r\n\r\nab"), "{}", answers[7]);
+}
+
 /// An answer whose end is the backend closing (no length, no chunks) reaches the client in
 /// chunks, so the client connection carries the next request (on both paths).
 #[test]

@@ -175,6 +175,64 @@ fn pipelined_requests_are_answered_in_order_on_the_same_connection() {
     assert!(body.contains("/fourth"), "{body}");
 }
 
+/// While an answer takes long (over 100 ms) the proxy watches the client connection; the next
+/// request's first bytes read then are kept for it, not lost (over plain HTTP and TLS).
+#[test]
+fn a_request_pipelined_during_a_slow_answer_is_answered_next() {
+    let rt = runtime();
+    let backend = TestBackend::start(&rt, "b1");
+    let proxy = ProxyProcess::start(
+        tempfile::tempdir().unwrap(),
+        "",
+        &one_domain(&backend, ""),
+        false,
+    );
+    let mut s = raw_connect(proxy.http);
+    let before = backend.hits();
+    s.write_all(b"GET /slow/400 HTTP/1.1\r\nHost: one.test\r\n\r\n")
+        .unwrap();
+    // Sent once the first request is with the backend, so that the proxy reads it while it
+    // waits for the answer (not together with the first).
+    wait_until("the slow request to reach the backend", || {
+        backend.hits() > before
+    });
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: one.test\r\n\r\n")
+        .unwrap();
+    for path in ["/slow/400", "/next"] {
+        let (status, _, body) = read_response(&mut s);
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["path"], path);
+        // A lost first byte would leave a request for method `ET`.
+        assert_eq!(v["method"], "GET");
+    }
+}
+
+/// A client that closes its side while the backend takes long is noticed: no answer, the
+/// connection closed, counted as a client that went away.
+#[test]
+fn a_client_leaving_during_a_slow_answer_is_noticed() {
+    let rt = runtime();
+    let backend = TestBackend::start(&rt, "b1");
+    let proxy = ProxyProcess::start(
+        tempfile::tempdir().unwrap(),
+        "",
+        &one_domain(&backend, ""),
+        false,
+    );
+    let mut s = raw_connect(proxy.http);
+    s.write_all(b"GET /slow/3000 HTTP/1.1\r\nHost: one.test\r\n\r\n")
+        .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    // Not noticed, the answer would come after 3 s.
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut got);
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    wait_until("the request to be counted as a client gone", || {
+        metric(proxy.metrics, "proxy_client_errors_total") >= 1.0
+    });
+}
+
 #[test]
 fn a_connection_flood_is_refused_past_max_connections_and_backends_stay_healthy() {
     let rt = runtime();

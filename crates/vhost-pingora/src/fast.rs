@@ -491,10 +491,32 @@ impl FastPath {
                 return (false, false, Some(e.into_up()));
             }
             if head.status.is_informational() {
-                // Passed on as it is, at once (Pingora's server session writes 1xx heads
-                // without its `Date` and `Connection`).
+                // Passed on at once, with the response filter's edits (Pingora's path runs the
+                // filters on 1xx heads too) and without the session's `Date` and `Connection`.
                 buf.clear();
-                if let Err(e) = answer_head(head, None, &mut buf) {
+                let written = match self.proxy.answer_edit(ctx) {
+                    Some(request_id) => {
+                        let edit = Edit {
+                            chunked: false,
+                            request_id,
+                            session: None,
+                        };
+                        answer_head(head, &edit, &mut buf)
+                    }
+                    None => {
+                        let mut head = Box::new(head.clone());
+                        if let Err(e) = self.proxy.response_filter(session, &mut head, ctx).await {
+                            return (false, false, Some(e));
+                        }
+                        let edit = Edit {
+                            chunked: false,
+                            request_id: None,
+                            session: None,
+                        };
+                        answer_head(&head, &edit, &mut buf)
+                    }
+                };
+                if let Err(e) = written {
                     return (false, false, Some(e));
                 }
                 if let Err(e) = write_client(client, &buf, true).await {
@@ -520,11 +542,12 @@ impl FastPath {
                     let edit = Edit {
                         chunked,
                         request_id,
-                        keepalive,
-                        date: get_cached_date(),
+                        session: Some(SessionFields {
+                            keepalive,
+                            date: get_cached_date(),
+                        }),
                     };
-                    answer_head(head, Some(&edit), &mut buf)
-                        .map(|()| body_out(head, chunked, no_body))
+                    answer_head(head, &edit, &mut buf).map(|()| body_out(head, chunked, no_body))
                 }
                 None => {
                     // The response filter's other edits: on a copy of the head.
@@ -541,11 +564,12 @@ impl FastPath {
                     let edit = Edit {
                         chunked: false,
                         request_id: None,
-                        keepalive,
-                        date: get_cached_date(),
+                        session: Some(SessionFields {
+                            keepalive,
+                            date: get_cached_date(),
+                        }),
                     };
-                    answer_head(&head, Some(&edit), &mut buf)
-                        .map(|()| body_out(&head, false, no_body))
+                    answer_head(&head, &edit, &mut buf).map(|()| body_out(&head, false, no_body))
                 }
             };
             let out = match written {
@@ -947,12 +971,18 @@ enum ClientWatch {
     Done,
 }
 
-/// The proxy's edits to a final answer's head that [`answer_head`] makes while writing it.
+/// The edits to an answer's head that [`answer_head`] makes while writing it.
 struct Edit<'a> {
     /// Add `Transfer-Encoding: chunked` (and answer in HTTP/1.1): a close-delimited answer.
     chunked: bool,
-    /// The `x-request-id` to set.
+    /// The `x-request-id` to set (the response filter's edit, also on 1xx heads).
     request_id: Option<&'a HeaderValue>,
+    /// The server session's own fields, on final heads only.
+    session: Option<SessionFields>,
+}
+
+/// The fields Pingora's HTTP/1 server session sets on every final answer.
+struct SessionFields {
     /// The client connection stays open (`Connection: keep-alive`, else `close`).
     keepalive: bool,
     /// The `Date` (Pingora's, cached per second).
@@ -963,12 +993,11 @@ struct Edit<'a> {
 /// (`prepare_response_header`, `http_resp_header_to_buf`) after the proxy's edits — which a
 /// header map would make with `insert_header`: the status line with the answer's version and
 /// reason; the answer's fields in their order and case, values of one name together; a field
-/// the edits set (`x-request-id`, then the session's `Date` and `Connection`) written once, in
-/// place of the first of the answer's own, or after all of them (`Transfer-Encoding` first).
-/// `edit` is `None` for a 1xx head, written as it is.
-fn answer_head(head: &ResponseHeader, edit: Option<&Edit<'_>>, buf: &mut BytesMut) -> Result<()> {
-    let chunked = edit.is_some_and(|e| e.chunked);
-    let version = if chunked {
+/// the edits set (`x-request-id`, then on a final head the session's `Date` and `Connection`)
+/// written once, in place of the first of the answer's own, or after all of them
+/// (`Transfer-Encoding` first).
+fn answer_head(head: &ResponseHeader, edit: &Edit<'_>, buf: &mut BytesMut) -> Result<()> {
+    let version = if edit.chunked {
         Version::HTTP_11
     } else {
         head.version
@@ -991,58 +1020,51 @@ fn answer_head(head: &ResponseHeader, edit: Option<&Edit<'_>>, buf: &mut BytesMu
         buf.put_slice(reason.as_bytes());
     }
     buf.put_slice(b"\r\n");
-    let Some(edit) = edit else {
-        for ((name, value), (case, _)) in head.headers.iter().zip(head.case_header_iter()) {
-            put_field(
-                buf,
-                case_or_name(case.as_slice(), name),
-                &[value.as_bytes()],
-            );
-        }
-        buf.put_slice(b"\r\n");
-        return Ok(());
-    };
-    let date = &edit.date;
-    let connection: &[u8] = if edit.keepalive {
+    let session = edit.session.as_ref();
+    let connection: &[u8] = if session.is_some_and(|s| s.keepalive) {
         b"keep-alive"
     } else {
         b"close"
     };
-    let (mut id_done, mut date_done, mut connection_done) =
-        (edit.request_id.is_none(), false, false);
+    // Done (or not to be set at all).
+    let mut id_done = edit.request_id.is_none();
+    let (mut date_done, mut connection_done) = (session.is_none(), session.is_none());
     let mut cases = head.case_header_iter();
     for (name, value) in head.headers.iter() {
         let case = cases.next().map_or(&b""[..], |(c, _)| c.as_slice());
-        if name == header::DATE {
-            if !std::mem::replace(&mut date_done, true) {
-                put_field(buf, b"Date", &[date.as_bytes()]);
-            }
+        let replaced = if name == header::DATE {
+            session.map(|s| (&mut date_done, &b"Date"[..], s.date.as_bytes()))
         } else if name == header::CONNECTION {
-            if !std::mem::replace(&mut connection_done, true) {
-                put_field(buf, b"Connection", &[connection]);
-            }
-        } else if name == X_REQUEST_ID && edit.request_id.is_some() {
-            if let Some(id) = edit
-                .request_id
-                .filter(|_| !std::mem::replace(&mut id_done, true))
-            {
-                put_field(buf, b"x-request-id", &[id.as_bytes()]);
-            }
+            session.map(|_| (&mut connection_done, &b"Connection"[..], connection))
+        } else if name == X_REQUEST_ID {
+            edit.request_id
+                .map(|id| (&mut id_done, &b"x-request-id"[..], id.as_bytes()))
         } else {
-            put_field(buf, case_or_name(case, name), &[value.as_bytes()]);
+            None
+        };
+        match replaced {
+            // The first value of the name is replaced; the others go.
+            Some((done, name, value)) => {
+                if !std::mem::replace(done, true) {
+                    put_field(buf, name, &[value]);
+                }
+            }
+            None => put_field(buf, case_or_name(case, name), &[value.as_bytes()]),
         }
     }
-    if chunked {
+    if edit.chunked {
         put_field(buf, b"Transfer-Encoding", &[b"chunked"]);
     }
     if let Some(id) = edit.request_id.filter(|_| !id_done) {
         put_field(buf, b"x-request-id", &[id.as_bytes()]);
     }
-    if !date_done {
-        put_field(buf, b"Date", &[date.as_bytes()]);
-    }
-    if !connection_done {
-        put_field(buf, b"Connection", &[connection]);
+    if let Some(s) = session {
+        if !date_done {
+            put_field(buf, b"Date", &[s.date.as_bytes()]);
+        }
+        if !connection_done {
+            put_field(buf, b"Connection", &[connection]);
+        }
     }
     buf.put_slice(b"\r\n");
     Ok(())
@@ -1248,19 +1270,20 @@ mod tests {
 
     /// The head Pingora's server session writes for `head` after the same edits, made as the
     /// proxy and the session make them (header-map inserts), serialised by Pingora.
-    fn pingora_wire(head: &ResponseHeader, edit: Option<&Edit<'_>>) -> String {
+    fn pingora_wire(head: &ResponseHeader, edit: &Edit<'_>) -> String {
         let mut head = head.clone();
-        if let Some(edit) = edit {
-            if edit.chunked {
-                head.set_version(Version::HTTP_11);
-                head.insert_header(header::TRANSFER_ENCODING, "chunked")
-                    .unwrap();
-            }
-            if let Some(id) = edit.request_id {
-                head.insert_header("x-request-id", id.clone()).unwrap();
-            }
-            head.insert_header(header::DATE, edit.date.clone()).unwrap();
-            let connection = if edit.keepalive {
+        if edit.chunked {
+            head.set_version(Version::HTTP_11);
+            head.insert_header(header::TRANSFER_ENCODING, "chunked")
+                .unwrap();
+        }
+        if let Some(id) = edit.request_id {
+            head.insert_header("x-request-id", id.clone()).unwrap();
+        }
+        if let Some(session) = &edit.session {
+            head.insert_header(header::DATE, session.date.clone())
+                .unwrap();
+            let connection = if session.keepalive {
                 "keep-alive"
             } else {
                 "close"
@@ -1316,27 +1339,23 @@ mod tests {
                 for (name, value) in *fields {
                     head.append_header((*name).to_owned(), *value).unwrap();
                 }
-                let mut got = BytesMut::new();
-                answer_head(&head, None, &mut got).unwrap();
-                assert_eq!(
-                    std::str::from_utf8(&got).unwrap(),
-                    pingora_wire(&head, None)
-                );
                 for chunked in [false, true] {
                     for request_id in [None, Some(&id)] {
-                        for keepalive in [true, false] {
+                        for session in [None, Some(true), Some(false)] {
                             let edit = Edit {
                                 chunked,
                                 request_id,
-                                keepalive,
-                                date: date.clone(),
+                                session: session.map(|keepalive| SessionFields {
+                                    keepalive,
+                                    date: date.clone(),
+                                }),
                             };
                             let mut got = BytesMut::new();
-                            answer_head(&head, Some(&edit), &mut got).unwrap();
+                            answer_head(&head, &edit, &mut got).unwrap();
                             assert_eq!(
                                 std::str::from_utf8(&got).unwrap(),
-                                pingora_wire(&head, Some(&edit)),
-                                "{fields:?} chunked={chunked} id={request_id:?}"
+                                pingora_wire(&head, &edit),
+                                "{fields:?} chunked={chunked} id={request_id:?} {session:?}"
                             );
                         }
                     }

@@ -175,6 +175,7 @@ impl TestBackend {
                             };
                             let body = serde_json::json!({
                                 "backend": name,
+                                "method": req.method().as_str(),
                                 "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
                                 "host": header("host"),
                                 "x-forwarded-for": header("x-forwarded-for"),
