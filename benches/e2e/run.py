@@ -6,7 +6,10 @@ proxying to it, driven with the same load by wrk (keep-alive HTTP/1.1, 64 connec
 keep-alive; new TLS connections per second) and oha (fixed-rate latency), targets interleaved over
 several rounds. Servers run on core 0, the load generator on core 1 (taskset). Prints a table of
 medians: rps, p50/p99 latency, CPU-seconds per 10k requests of the proxy processes, and ratios to
-nginx and to direct. Every process it starts is stopped by PID at the end.
+nginx and to direct. Every process it starts is stopped by PID at the end. "nginx, same headers"
+is nginx doing the header work pingora-vhost does by default (Host passed on, X-Forwarded-For,
+-Proto, -Host and a request id to the backend, the id on the answer), for the 13-byte keep-alive
+scenarios.
 
 Usage: benches/e2e/run.sh [--rounds N] [--duration S] [--quick]
 """
@@ -205,7 +208,8 @@ def main():
     for f in (cert, key, pem):
         os.chmod(f, 0o644)
 
-    ports = {k: free_port() for k in ["backend", "nginx", "nginx_tls", "haproxy", "haproxy_tls",
+    ports = {k: free_port() for k in ["backend", "nginx", "nginx_tls", "nginx_fwd", "nginx_fwd_tls",
+                                      "haproxy", "haproxy_tls",
                                       "vhost", "vhost_tls", "vhost_admin", "vhost_metrics",
                                       "big", "big_tls", "big_admin", "big_metrics"]}
     backend = start(["nginx", "-c", nginx_conf(d, "backend", f"""
@@ -226,6 +230,23 @@ def main():
     server_name {HOST};
     {tls}
     location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+  # The same, doing the header work pingora-vhost does by default: the client's Host passed on,
+  # X-Forwarded-For/-Proto/-Host and a request id to the backend, the id on the answer.
+  server {{
+    listen 127.0.0.1:{ports['nginx_fwd']};
+    listen 127.0.0.1:{ports['nginx_fwd_tls']} ssl;
+    server_name {HOST};
+    {tls}
+    location / {{
+      proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Request-Id $request_id;
+      add_header X-Request-Id $request_id always;
+    }}
   }}""")])
 
     hap_cfg = write(d / "haproxy.cfg", f"""
@@ -291,6 +312,7 @@ tags = ["a"]
     targets = {
         "direct": (backend, ports["backend"], None),
         "nginx": (nginx, ports["nginx"], ports["nginx_tls"]),
+        "nginx, same headers": (nginx, ports["nginx_fwd"], ports["nginx_fwd_tls"]),
         "haproxy": (haproxy, ports["haproxy"], ports["haproxy_tls"]),
         "pingora-vhost": (vhost, ports["vhost"], ports["vhost_tls"]),
         f"pingora-vhost ({args.domains} domains)": (big, ports["big"], ports["big_tls"]),
@@ -322,6 +344,8 @@ tags = ["a"]
                 if name == "direct" and scen.startswith(("HTTPS", "new TLS")):
                     continue
                 if "domains" in name and not scen.startswith("keep-alive, 13"):
+                    continue
+                if "same headers" in name and not scen.endswith("keep-alive, 13 B"):
                     continue
                 # The proxy process's CPU; for direct, the backend's.
                 cpu_proc = proc

@@ -58,7 +58,9 @@ use pingora_error::{Error, ErrorType, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, Session};
 use std::fmt::Write as _;
+use std::future::Future as _;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Sleep;
@@ -722,12 +724,24 @@ async fn timed<T>(
     let Some(limit) = limit else {
         return fut.await;
     };
-    timer.as_mut().reset(tokio::time::Instant::now() + limit);
-    tokio::select! {
-        biased;
-        out = fut => out,
-        () = timer => Err(Error::explain(kind, what)),
-    }
+    let mut fut = std::pin::pin!(fut);
+    // Most steps are done at the first poll (a request head into the socket buffer, a body
+    // piece that came with the answer's head): the timer is pushed only for a step that waits.
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        if !armed {
+            armed = true;
+            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+        }
+        timer
+            .as_mut()
+            .poll(cx)
+            .map(|()| Err(Error::explain(kind.clone(), what)))
+    })
+    .await
 }
 
 /// Writing the request to the backend, within the peer's write timeout (see [`timed`]); errors
