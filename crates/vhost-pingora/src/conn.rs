@@ -1601,6 +1601,36 @@ mod tests {
         }
     }
 
+    /// A session over a stand-in parses a whole head from its prefix without reading; a prefix
+    /// that only looked whole (empty lines before the request line) makes it read, which the
+    /// fast path takes as its cue to decline; what the session writes is kept.
+    #[test]
+    fn a_stand_in_serves_the_prefix_and_reports_a_read_past_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let stand_in = |prefix: &'static [u8]| {
+            let real: Stream = Box::new(scanner(8192));
+            let mut session = ServerSession::new_http1(HeadStream::stand_in(&real));
+            session.set_pipelined_prefix(BytesMut::from(prefix));
+            session
+        };
+        let mut whole = stand_in(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b");
+        assert!(rt.block_on(whole.read_request()).unwrap());
+        assert!(!HeadStream::wanted_more(whole.stream()));
+        assert_eq!(whole.req_header().uri.path(), "/a");
+        rt.block_on(whole.respond_error(404)).unwrap();
+        let ServerSession::H1(h1) = whole else {
+            panic!("an HTTP/1 session")
+        };
+        let written = HeadStream::written(h1.into_inner());
+        assert!(written.starts_with(b"HTTP/1.1 404 "), "{written:?}");
+
+        let mut partial = stand_in(b"\r\n\r\nGET /a HTTP/1.1\r\nHost: h");
+        let _ = rt.block_on(partial.read_request());
+        assert!(HeadStream::wanted_more(partial.stream()));
+    }
+
     #[test]
     fn empty_lines_before_the_request_line_do_not_end_the_head() {
         assert_eq!(
