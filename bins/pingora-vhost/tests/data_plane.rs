@@ -600,26 +600,14 @@ fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
         b"GET / HTTP/1.1\r\nHost: echo.test\r\nConnection: close\r\nClose: named\r\n\r\n",
     ];
     let mut seen: Vec<Vec<(u16, String)>> = Vec::new();
-    for fast in ["true", "false"] {
-        let proxy = ProxyProcess::start(
-            tempfile::tempdir().unwrap(),
-            &format!("h1_fast_path = {fast}"),
-            &body,
-            false,
-        );
+    on_both_paths("", &body, |proxy, _| {
         let mut answers = Vec::new();
         for request in requests {
             let mut s = raw_connect(proxy.http);
             s.write_all(request).unwrap();
             if request.starts_with(b"HEAD") {
                 // No body on a HEAD answer: what the backend saw is not readable; the status is.
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    assert_eq!(s.read(&mut byte).unwrap(), 1);
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
+                let head = read_response_head(&mut s);
                 assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
                 answers.push((200, String::new()));
                 continue;
@@ -631,7 +619,7 @@ fn the_fast_path_and_pingoras_path_send_backends_the_same_request() {
             let _ = s.read(&mut rest);
         }
         seen.push(answers);
-    }
+    });
     eprintln!("SEEN {seen:#?}");
     assert_eq!(seen[0], seen[1], "fast path vs Pingora's path");
     let first = &seen[0][0].1;
@@ -720,18 +708,7 @@ fn read_raw_answer(s: &mut std::net::TcpStream, head_request: bool) -> String {
     use std::io::Read;
     let mut out = String::new();
     loop {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(
-                s.read(&mut byte).unwrap(),
-                1,
-                "{out}{}",
-                String::from_utf8_lossy(&head)
-            );
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
+        let head = read_response_head(s);
         let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
         for line in head.split_inclusive("\r\n") {
             let masked = match line.split_once(": ") {
@@ -757,6 +734,7 @@ fn read_raw_answer(s: &mut std::net::TcpStream, head_request: bool) -> String {
         let mut body = Vec::new();
         if head_request || status == 204 || status == 304 {
         } else if field("transfer-encoding").is_some_and(|v| v.ends_with("chunked")) {
+            let mut byte = [0u8; 1];
             while !body.ends_with(b"\r\n0\r\n\r\n") && body != b"0\r\n\r\n" {
                 assert_eq!(s.read(&mut byte).unwrap(), 1, "{out}");
                 body.push(byte[0]);
@@ -825,13 +803,7 @@ fn the_fast_path_and_pingoras_path_send_clients_the_same_answer() {
         "HEAD /c",
     ];
     let mut seen: Vec<Vec<String>> = Vec::new();
-    for fast in ["true", "false"] {
-        let proxy = ProxyProcess::start(
-            tempfile::tempdir().unwrap(),
-            &format!("h1_fast_path = {fast}"),
-            &body,
-            false,
-        );
+    on_both_paths("", &body, |proxy, _| {
         let mut answers = Vec::new();
         for request in requests {
             let mut s = raw_connect(proxy.http);
@@ -842,7 +814,7 @@ fn the_fast_path_and_pingoras_path_send_clients_the_same_answer() {
             ));
         }
         seen.push(answers);
-    }
+    });
     for (fast, pingora) in seen[0].iter().zip(&seen[1]) {
         assert_eq!(fast, pingora, "fast path vs Pingora's path");
     }
@@ -889,13 +861,7 @@ fn a_close_delimited_answer_keeps_the_client_connection() {
         vhost_toml("close.test", "a", ""),
         backends_toml(&[("c1", backend.to_string(), "\"a\"")]),
     );
-    for fast in ["true", "false"] {
-        let proxy = ProxyProcess::start(
-            tempfile::tempdir().unwrap(),
-            &format!("h1_fast_path = {fast}"),
-            &body,
-            false,
-        );
+    on_both_paths("", &body, |proxy, fast| {
         let url = proxy.http_url("/");
         rt.block_on(async move {
             let c = client(&[], true);
@@ -912,7 +878,7 @@ fn a_close_delimited_answer_keeps_the_client_connection() {
                 assert_eq!(r.text().await.unwrap(), "until the end", "fast path {fast}");
             }
         });
-    }
+    });
 }
 
 /// A backend that answers every request with the number of the connection it came on (1, 2, …;

@@ -21,18 +21,27 @@ fn one_domain_at(addr: impl std::fmt::Display, extra: &str) -> String {
     )
 }
 
+/// A backend `b1` and a proxy with `proxy_extra` serving `one.test` from it.
+fn one_domain_proxy(
+    rt: &std::sync::Arc<tokio::runtime::Runtime>,
+    proxy_extra: &str,
+) -> (TestBackend, ProxyProcess) {
+    let backend = TestBackend::start(rt, "b1");
+    let proxy = ProxyProcess::start(
+        tempfile::tempdir().unwrap(),
+        proxy_extra,
+        &one_domain(&backend, ""),
+        false,
+    );
+    (backend, proxy)
+}
+
 const GET_ONE: &[u8] = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n";
 
 #[test]
 fn slow_idle_and_oversized_clients_are_cut_off() {
     let rt = runtime();
-    let backend = TestBackend::start(&rt, "b1");
-    let proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
-        "client_header_timeout_ms = 600\nclient_keepalive_timeout_ms = 600\nmax_request_header_bytes = 2048",
-        &one_domain(&backend, ""),
-        false,
-    );
+    let (backend, proxy) = one_domain_proxy(&rt, "client_header_timeout_ms = 600\nclient_keepalive_timeout_ms = 600\nmax_request_header_bytes = 2048");
 
     // A head that trickles in one byte every 100 ms (slowloris) is cut at the header deadline.
     let mut slow = raw_connect(proxy.http);
@@ -152,13 +161,7 @@ fn tls_handshakes_and_idle_tls_connections_are_bounded_too() {
 #[test]
 fn pipelined_requests_are_answered_in_order_on_the_same_connection() {
     let rt = runtime();
-    let backend = TestBackend::start(&rt, "b1");
-    let proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
-        "",
-        &one_domain(&backend, ""),
-        false,
-    );
+    let (_backend, proxy) = one_domain_proxy(&rt, "");
     let mut s = raw_connect(proxy.http);
     s.write_all(b"GET /first HTTP/1.1\r\nHost: one.test\r\n\r\nGET /second HTTP/1.1\r\nHost: one.test\r\n\r\nGET /third HTTP/1.1\r\nHost: one.test\r\n\r\n")
         .unwrap();
@@ -180,13 +183,7 @@ fn pipelined_requests_are_answered_in_order_on_the_same_connection() {
 #[test]
 fn a_request_pipelined_during_a_slow_answer_is_answered_next() {
     let rt = runtime();
-    let backend = TestBackend::start(&rt, "b1");
-    let proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
-        "",
-        &one_domain(&backend, ""),
-        false,
-    );
+    let (backend, proxy) = one_domain_proxy(&rt, "");
     let mut s = raw_connect(proxy.http);
     let before = backend.hits();
     s.write_all(b"GET /slow/400 HTTP/1.1\r\nHost: one.test\r\n\r\n")
@@ -213,13 +210,7 @@ fn a_request_pipelined_during_a_slow_answer_is_answered_next() {
 #[test]
 fn a_client_leaving_during_a_slow_answer_is_noticed() {
     let rt = runtime();
-    let backend = TestBackend::start(&rt, "b1");
-    let proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
-        "",
-        &one_domain(&backend, ""),
-        false,
-    );
+    let (_backend, proxy) = one_domain_proxy(&rt, "");
     let mut s = raw_connect(proxy.http);
     s.write_all(b"GET /slow/3000 HTTP/1.1\r\nHost: one.test\r\n\r\n")
         .unwrap();
@@ -334,13 +325,7 @@ fn a_backend_that_stalls_mid_body_is_cut_off_after_the_read_timeout() {
         "{}[health_check]\ninterval_secs = 3600\n",
         one_domain_at(addr, "")
     );
-    for fast in ["true", "false"] {
-        let proxy = ProxyProcess::start(
-            tempfile::tempdir().unwrap(),
-            &format!("read_timeout_ms = 300\nh1_fast_path = {fast}"),
-            &body,
-            false,
-        );
+    on_both_paths("read_timeout_ms = 300", &body, |proxy, fast| {
         let mut s = raw_connect(proxy.http);
         s.write_all(GET_ONE).unwrap();
         let started = Instant::now();
@@ -359,7 +344,7 @@ fn a_backend_that_stalls_mid_body_is_cut_off_after_the_read_timeout() {
         let got = String::from_utf8_lossy(&got).into_owned();
         assert!(got.starts_with("HTTP/1.1 200 "), "fast path {fast}: {got}");
         assert!(got.ends_with("abc"), "fast path {fast}: {got}");
-    }
+    });
 }
 
 #[test]
@@ -452,13 +437,7 @@ fn shutdown_cuts_what_is_left_at_the_grace_deadline_and_logs_it() {
 #[test]
 fn sigint_is_reported_as_sigint() {
     let rt = runtime();
-    let backend = TestBackend::start(&rt, "b1");
-    let mut proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
-        "",
-        &one_domain(&backend, ""),
-        false,
-    );
+    let (_backend, mut proxy) = one_domain_proxy(&rt, "");
     proxy.signal("INT");
     wait_until("the proxy to exit", || {
         proxy.child.try_wait().unwrap().is_some()
@@ -476,12 +455,9 @@ fn idle_keep_alive_connections_wait_in_the_connection_loop() {
     // ended on the wire. Observable: the idle timeout applies alone (a session started on an
     // unknown boundary would allow the header timeout on top).
     let rt = runtime();
-    let backend = TestBackend::start(&rt, "b1");
-    let proxy = ProxyProcess::start(
-        tempfile::tempdir().unwrap(),
+    let (_backend, proxy) = one_domain_proxy(
+        &rt,
         "client_header_timeout_ms = 8000\nclient_keepalive_timeout_ms = 300",
-        &one_domain(&backend, ""),
-        false,
     );
     let requests: [&[u8]; 3] = [
         GET_ONE,

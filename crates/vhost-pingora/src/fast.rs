@@ -194,7 +194,6 @@ impl FastPath {
                 if matches!(e.etype, ErrorType::InvalidHTTPHeader) {
                     let _ = session.downstream_session.respond_error(400).await;
                 }
-                session.downstream_session.shutdown().await;
                 written_out(session, client).await;
                 Shutdown::shutdown(&mut **client).await;
                 return Served::Close;
@@ -247,8 +246,7 @@ impl FastPath {
         if server_reuse {
             end(session, client, extra).await
         } else {
-            written_out(session, client).await;
-            Served::Close
+            close(session, client).await
         }
     }
 
@@ -266,8 +264,7 @@ impl FastPath {
         if res.can_reuse_downstream {
             end(session, client, None).await
         } else {
-            written_out(session, client).await;
-            Served::Close
+            close(session, client).await
         }
     }
 
@@ -496,29 +493,8 @@ impl FastPath {
                 // Passed on at once, with the response filter's edits (Pingora's path runs the
                 // filters on 1xx heads too) and without the session's `Date` and `Connection`.
                 buf.clear();
-                let written = match self.proxy.answer_edit(ctx) {
-                    Some(request_id) => {
-                        let edit = Edit {
-                            chunked: false,
-                            request_id,
-                            session: None,
-                        };
-                        answer_head(head, &edit, &mut buf)
-                    }
-                    None => {
-                        let mut head = Box::new(head.clone());
-                        if let Err(e) = self.proxy.response_filter(session, &mut head, ctx).await {
-                            return (false, false, Some(e));
-                        }
-                        let edit = Edit {
-                            chunked: false,
-                            request_id: None,
-                            session: None,
-                        };
-                        answer_head(&head, &edit, &mut buf)
-                    }
-                };
-                if let Err(e) = written {
+                let written = self.edited_head(session, ctx, head, false, true, None, &mut buf);
+                if let Err(e) = written.await {
                     return (false, false, Some(e));
                 }
                 if let Err(e) = write_client(client, &buf, true).await {
@@ -539,42 +515,13 @@ impl FastPath {
                 .as_http1()
                 .is_some_and(|h| h.will_keepalive());
             buf.clear();
-            let written = match self.proxy.answer_edit(ctx) {
-                Some(request_id) => {
-                    let edit = Edit {
-                        chunked,
-                        request_id,
-                        session: Some(SessionFields {
-                            keepalive,
-                            date: get_cached_date(),
-                        }),
-                    };
-                    answer_head(head, &edit, &mut buf).map(|()| body_out(head, chunked, no_body))
-                }
-                None => {
-                    // The response filter's other edits: on a copy of the head.
-                    let mut head = Box::new(head.clone());
-                    if chunked {
-                        head.set_version(Version::HTTP_11);
-                        if let Err(e) = head.insert_header(header::TRANSFER_ENCODING, "chunked") {
-                            return (false, false, Some(e));
-                        }
-                    }
-                    if let Err(e) = self.proxy.response_filter(session, &mut head, ctx).await {
-                        return (false, false, Some(e));
-                    }
-                    let edit = Edit {
-                        chunked: false,
-                        request_id: None,
-                        session: Some(SessionFields {
-                            keepalive,
-                            date: get_cached_date(),
-                        }),
-                    };
-                    answer_head(&head, &edit, &mut buf).map(|()| body_out(&head, false, no_body))
-                }
+            let fields = SessionFields {
+                keepalive,
+                date: get_cached_date(),
             };
-            let out = match written {
+            let written =
+                self.edited_head(session, ctx, head, chunked, no_body, Some(fields), &mut buf);
+            let out = match written.await {
                 Ok(out) => out,
                 Err(e) => return (false, false, Some(e)),
             };
@@ -616,6 +563,47 @@ impl FastPath {
             return (false, true, Some(e));
         }
         (true, true, None)
+    }
+
+    /// Writes `head` (an answer's, as the backend session parsed it) into `buf` as the client
+    /// gets it: with the fast edit when `x-request-id` is all the response filter would change
+    /// ([`VhostProxy::answer_edit`]), else through `response_filter` on a copy. `chunked`: a
+    /// close-delimited answer, re-framed; `fields`: the server session's own fields (final
+    /// heads only). Returns how the written head frames the body (see [`body_out`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn edited_head(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        head: &ResponseHeader,
+        chunked: bool,
+        no_body: bool,
+        fields: Option<SessionFields>,
+        buf: &mut BytesMut,
+    ) -> Result<BodyOut> {
+        if let Some(request_id) = self.proxy.answer_edit(ctx) {
+            let edit = Edit {
+                chunked,
+                request_id,
+                session: fields,
+            };
+            answer_head(head, &edit, buf)?;
+            return Ok(body_out(head, chunked, no_body));
+        }
+        let mut head = head.clone();
+        if chunked {
+            // Where Pingora's proxy adds it: before the filters.
+            head.set_version(Version::HTTP_11);
+            head.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        }
+        self.proxy.response_filter(session, &mut head, ctx).await?;
+        let edit = Edit {
+            chunked: false,
+            request_id: None,
+            session: fields,
+        };
+        answer_head(&head, &edit, buf)?;
+        Ok(body_out(&head, false, no_body))
     }
 }
 
@@ -926,22 +914,37 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 async fn end(mut session: Session, client: &mut Stream, extra: Option<u8>) -> Served {
     let ds = &mut session.downstream_session;
     let finished = ds.finish_body().await.is_ok();
-    let keep = finished && ds.as_http1().is_some_and(|h| h.will_keepalive());
-    let head_len = ds.as_http1().map_or(0, |h| h.get_headers_raw_bytes().len());
-    let settings = HttpPersistentSettings::for_session(ds);
+    // Where the next request's bytes start, and its session's settings.
+    let next = ds
+        .as_http1()
+        .filter(|h| finished && h.will_keepalive())
+        .map(|h| {
+            (
+                h.get_headers_raw_bytes().len(),
+                HttpPersistentSettings::for_session(ds),
+            )
+        });
     if !written_out(session, client).await {
         return Served::Close;
     }
-    if keep {
-        Served::Keep {
+    match next {
+        Some((head_len, settings)) => Served::Keep {
             settings,
             head_len,
             extra,
+        },
+        None => {
+            Shutdown::shutdown(&mut **client).await;
+            Served::Close
         }
-    } else {
-        Shutdown::shutdown(&mut **client).await;
-        Served::Close
     }
+}
+
+/// Ends a request whose client connection cannot carry another: what the session wrote goes
+/// out, and the connection is dropped by the caller.
+async fn close(session: Session, client: &mut Stream) -> Served {
+    written_out(session, client).await;
+    Served::Close
 }
 
 /// Writes to the client what the session wrote to its stand-in stream (a local answer, an

@@ -1415,7 +1415,9 @@ impl VhostProxy {
         (!more).then_some(ctx.request_id.as_ref())
     }
 
-    /// The answer's `X-Request-Id`, response header rules, canary cookie and served tag.
+    /// The answer's `X-Request-Id`, response header rules, canary cookie and served tag. (An
+    /// edit added here that `X-Request-Id` does not cover must make [`Self::answer_edit`]
+    /// answer `None`: the fast path writes heads without calling this filter otherwise.)
     pub(crate) async fn response_filter(
         &self,
         session: &mut Session,

@@ -585,8 +585,9 @@ pub async fn read_head(s: &mut tokio::net::TcpStream, data: &mut Vec<u8>) -> Opt
     }
 }
 
-/// Reads one HTTP/1.1 response with a `Content-Length` body: (status, head, body).
-pub fn read_response(s: &mut impl std::io::Read) -> (u16, String, String) {
+/// Reads a response head (blank line included) byte by byte, so that nothing after it is
+/// consumed.
+pub fn read_response_head(s: &mut impl std::io::Read) -> String {
     let mut data = Vec::new();
     let mut byte = [0u8; 1];
     while !data.ends_with(b"\r\n\r\n") {
@@ -598,7 +599,27 @@ pub fn read_response(s: &mut impl std::io::Read) -> (u16, String, String) {
         );
         data.push(byte[0]);
     }
-    let head = String::from_utf8_lossy(&data).into_owned();
+    String::from_utf8_lossy(&data).into_owned()
+}
+
+/// Runs `run` against a proxy started with `proxy_extra` and `body` on the HTTP/1.1 fast path
+/// (`h1_fast_path = true`), then against one on Pingora's general path (`false`); `run` gets the
+/// proxy and the setting's value.
+pub fn on_both_paths(proxy_extra: &str, body: &str, mut run: impl FnMut(&ProxyProcess, &str)) {
+    for fast in ["true", "false"] {
+        let proxy = ProxyProcess::start(
+            tempfile::tempdir().unwrap(),
+            &format!("{proxy_extra}\nh1_fast_path = {fast}"),
+            body,
+            false,
+        );
+        run(&proxy, fast);
+    }
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body: (status, head, body).
+pub fn read_response(s: &mut impl std::io::Read) -> (u16, String, String) {
+    let head = read_response_head(s);
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     let length: usize = head
         .lines()
